@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# End-to-end tests: the real `openai` and `anthropic` Python SDKs against
+# `tollgate run` in front of `tollgate mock`, all on 127.0.0.1.
+#
+# Usage: scripts/e2e.sh [pytest args...]
+#   TOLLGATE_BIN  the binary to test (default: target/debug/tollgate).
+#                 This script does NOT build it; run `cargo build` first.
+#   PYTHON        the interpreter for the venv (default: python3, needs 3.11+).
+#
+# The venv lives at $REPO/.venv; it is reused when its stamp (the sha256 of
+# tests/e2e/requirements.txt) matches and pip reports the pinned versions.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+REQS="$REPO/tests/e2e/requirements.txt"
+VENV="$REPO/.venv"
+STAMP="$VENV/.tollgate-e2e-requirements.sha256"
+PYTHON="${PYTHON:-python3}"
+
+die() { echo "e2e.sh: error: $*" >&2; exit 1; }
+
+BIN="${TOLLGATE_BIN:-target/debug/tollgate}"
+case "$BIN" in /*) ;; *) BIN="$REPO/$BIN" ;; esac
+[ -f "$BIN" ] || die "no binary at $BIN (build it first: cargo build)"
+[ -x "$BIN" ] || die "$BIN is not executable"
+export TOLLGATE_BIN="$BIN"
+
+command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found"
+"$PYTHON" - <<'EOF' || die "Python 3.11 or newer is required"
+import sys
+sys.exit(0 if sys.version_info >= (3, 11) else 1)
+EOF
+
+sha256_of() {
+    "$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$1"
+}
+
+want="$(sha256_of "$REQS")"
+
+# Does the venv hold exactly the pinned versions? (pins are `name==version`)
+venv_matches() {
+    [ -x "$VENV/bin/python" ] || return 1
+    [ -f "$STAMP" ] || return 1
+    [ "$(cat "$STAMP")" = "$want" ] || return 1
+    "$VENV/bin/python" - "$REQS" <<'EOF' >/dev/null 2>&1
+import sys
+from importlib.metadata import version, PackageNotFoundError
+bad = []
+for line in open(sys.argv[1]):
+    line = line.split("#", 1)[0].strip()
+    if not line:
+        continue
+    name, _, pinned = line.partition("==")
+    try:
+        if version(name.strip()) != pinned.strip():
+            bad.append(name)
+    except PackageNotFoundError:
+        bad.append(name)
+sys.exit(1 if bad else 0)
+EOF
+}
+
+if venv_matches; then
+    echo "e2e.sh: reusing $VENV"
+else
+    echo "e2e.sh: creating $VENV"
+    rm -rf "$VENV"
+    "$PYTHON" -m venv "$VENV" || die "could not create the venv (is python3-venv installed?)"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$REQS" \
+        || die "pip install -r $REQS failed"
+    echo "$want" >"$STAMP"
+    venv_matches || { rm -f "$STAMP"; die "installed versions do not match $REQS"; }
+fi
+
+echo "e2e.sh: TOLLGATE_BIN=$TOLLGATE_BIN"
+exec "$VENV/bin/python" -m pytest -q tests/e2e "$@"

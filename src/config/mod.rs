@@ -1,0 +1,266 @@
+//! Configuration: the TOML file (DESIGN §3) is parsed into [`raw`] structs,
+//! validated without I/O into a typed [`Policy`], and shared through
+//! `arc-swap` so a reload swaps the whole policy at once.
+//!
+//! Every error names the key and the line: `file:line: key: reason`.
+
+mod locate;
+pub mod raw;
+mod validate;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+
+pub use validate::hash_key;
+
+/// A config error that points at the offending key.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {key}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub key: String,
+    pub reason: String,
+}
+
+/// Loads, parses and validates a config file.
+pub fn load(path: &Path) -> Result<Policy, ConfigError> {
+    let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
+        line: 0,
+        key: String::new(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    parse(&src, &path.display().to_string(), &|name| std::env::var(name).ok())
+}
+
+/// Parses and validates config text. `env` resolves `*_env` secrets, so tests
+/// and `check` can run without touching the process environment.
+pub fn parse(
+    src: &str,
+    file: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Policy, ConfigError> {
+    let err = |key: String, span: Option<std::ops::Range<usize>>, reason: String| ConfigError {
+        file: file.to_string(),
+        line: span.map(|s| locate::line_of(src, s.start)).unwrap_or(0),
+        key,
+        reason,
+    };
+    let doc = toml::de::DeTable::parse(src)
+        .map_err(|e| err(String::new(), e.span(), e.message().to_string()))?;
+    let de = toml::de::Deserializer::from(doc.clone());
+    let raw: raw::RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let span = e.inner().span().or_else(|| locate::span_of(&doc, &key));
+        err(key, span, e.inner().message().to_string())
+    })?;
+    validate::validate(raw, env).map_err(|(key, reason)| {
+        let span = locate::span_of(&doc, &key);
+        err(key, span, reason)
+    })
+}
+
+/// A secret string whose `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The validated, typed configuration the proxy runs on.
+#[derive(Debug)]
+pub struct Policy {
+    pub server: Server,
+    pub spool: SpoolPolicy,
+    pub tenancy: Tenancy,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub models: HashMap<String, ModelPrice>,
+    pub price_version: String,
+    pub unknown_model: UnknownModel,
+    pub url_item_tokens: u64,
+    pub tenants: HashMap<String, Arc<Tenant>>,
+    /// sha256 digest (raw bytes) of a tenant key -> tenant id.
+    pub keys: HashMap<[u8; 32], String>,
+    pub sinks: Vec<SinkConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub max_request_bytes: u64,
+    pub data_dir: PathBuf,
+    pub source: String,
+    pub admin_token: Option<Secret>,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    Reject,
+    DropOldest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    Always,
+    Interval(Duration),
+    Never,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpoolPolicy {
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+    pub fsync: Fsync,
+    pub segment_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub enum Tenancy {
+    Key,
+    Header(http::HeaderName),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    OpenAi,
+    Anthropic,
+    Generic,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::OpenAi => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::Generic => "generic",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    /// Path prefix without a trailing slash, e.g. `/openai`.
+    pub prefix: String,
+    pub url: http::Uri,
+    pub provider: Provider,
+    /// Header to inject and its value (already formatted, e.g. `Bearer sk-…`).
+    pub credential: Option<(http::HeaderName, Secret)>,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub price_per_call: Decimal,
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone)]
+pub struct ModelPrice {
+    pub input: Decimal,
+    pub cache_read_input: Decimal,
+    pub cache_write_input: Decimal,
+    pub output: Decimal,
+    pub max_output_tokens: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownModel {
+    Allow,
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    Day,
+    Month,
+    Total,
+}
+
+impl Window {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Window::Day => "day",
+            Window::Month => "month",
+            Window::Total => "total",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Budget {
+    pub limit: Decimal,
+    pub window: Window,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+}
+
+#[derive(Debug)]
+pub struct Tenant {
+    pub id: String,
+    pub budget: Option<Budget>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Clone)]
+pub enum SinkKind {
+    File { path: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Unique name; names the sink's cursor in the spool.
+    pub name: String,
+    pub kind: SinkKind,
+}
+
+impl Policy {
+    /// The upstream whose prefix matches `path` at a segment boundary, and the
+    /// rest of the path (always starting with `/`).
+    pub fn route<'p>(&self, path: &'p str) -> Option<(&Arc<Upstream>, &'p str)> {
+        self.upstreams.iter().find_map(|u| {
+            let rest = path.strip_prefix(u.prefix.as_str())?;
+            if rest.is_empty() {
+                Some((u, "/"))
+            } else if rest.starts_with('/') {
+                Some((u, rest))
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Price for a model: exact request model, else exact response model,
+    /// else the longest configured name that prefixes the response model
+    /// (dated snapshots such as `gpt-4o-mini-2024-07-18`).
+    pub fn price(&self, request_model: &str, response_model: &str) -> Option<&ModelPrice> {
+        self.models
+            .get(request_model)
+            .or_else(|| self.models.get(response_model))
+            .or_else(|| {
+                self.models
+                    .iter()
+                    .filter(|(name, _)| {
+                        !response_model.is_empty() && response_model.starts_with(name.as_str())
+                    })
+                    .max_by_key(|(name, _)| name.len())
+                    .map(|(_, p)| p)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests;

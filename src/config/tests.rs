@@ -1,0 +1,98 @@
+use super::*;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "OPENAI_API_KEY" => Some("sk-upstream".into()),
+        "ADMIN" => Some("admintoken".into()),
+        _ => None,
+    }
+}
+
+const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+admin_token_env = "ADMIN"
+
+[[upstreams]]
+name = "openai"
+prefix = "/openai/"
+url = "http://127.0.0.1:9"
+provider = "openai"
+api_key_env = "OPENAI_API_KEY"
+
+[[upstreams]]
+name = "search"
+prefix = "/tools/search"
+url = "https://search.example.com"
+provider = "generic"
+price_per_call = "0.002"
+
+[models."gpt-4.1"]
+input = "2.00"
+output = "8.00"
+
+[[tenants]]
+id = "acme"
+keys = ["sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"]
+budget = { limit = "50.00", window = "month" }
+
+[[sinks]]
+type = "file"
+path = "./events.jsonl"
+"#;
+
+#[test]
+fn parses_the_example() {
+    let p = parse(GOOD, "t.toml", &env).unwrap();
+    let (up, rest) = p.route("/openai/v1/chat/completions").unwrap();
+    assert_eq!(up.name, "openai");
+    assert_eq!(rest, "/v1/chat/completions");
+    assert!(p.route("/openaix/v1").is_none());
+    assert!(p.route("/elsewhere").is_none());
+    let (_, v) = up.credential.as_ref().unwrap();
+    assert_eq!(v.0, "Bearer sk-upstream");
+    assert!(!format!("{p:?}").contains("sk-upstream"), "secrets leak in Debug");
+    let price = p.models.get("gpt-4.1").unwrap();
+    assert_eq!(price.cache_read_input, price.input);
+    let digest = hash_key("test");
+    assert!(p.keys.contains_key(&<[u8; 32]>::try_from(hex::decode(&digest[7..]).unwrap()).unwrap()));
+    assert_eq!(p.sinks[0].name, "file-0");
+}
+
+#[test]
+fn unknown_key_names_key_and_line() {
+    let src = GOOD.replace("provider = \"generic\"", "provider = \"generic\"\ncolour = \"red\"");
+    let e = parse(&src, "t.toml", &env).unwrap_err();
+    assert_eq!(e.line, 20, "{e}");
+    assert!(e.to_string().contains("colour"), "{e}");
+}
+
+#[test]
+fn bad_value_names_key_and_line() {
+    let src = GOOD.replace("window = \"month\"", "window = \"fortnight\"");
+    let e = parse(&src, "t.toml", &env).unwrap_err();
+    assert_eq!(e.key, "tenants[0].budget.window");
+    assert_eq!(e.line, 30, "{e}");
+
+    let src = GOOD.replace("input = \"2.00\"", "input = \"two\"");
+    let e = parse(&src, "t.toml", &env).unwrap_err();
+    assert_eq!(e.key, "models.gpt-4.1.input", "{e}");
+    assert_eq!(e.line, 25, "{e}");
+}
+
+#[test]
+fn missing_secret_is_an_error() {
+    let src = GOOD.replace("\"OPENAI_API_KEY\"", "\"NOPE\"");
+    let e = parse(&src, "t.toml", &env).unwrap_err();
+    assert_eq!(e.key, "upstreams[0].api_key_env");
+    assert_eq!(e.line, 12);
+}
+
+#[test]
+fn prices_dated_snapshots_by_prefix() {
+    let p = parse(GOOD, "t.toml", &env).unwrap();
+    assert!(p.price("gpt-4.1", "").is_some());
+    assert!(p.price("x", "gpt-4.1-2025-04-14").is_some());
+    assert!(p.price("x", "gpt-4o").is_none());
+}

@@ -1,0 +1,410 @@
+//! Pure validation: raw structs in, a typed [`Policy`] out. No I/O besides
+//! reading the environment through the `env` callback for `*_env` secrets.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::raw::{RawConfig, RawSink, RawUpstream};
+use super::*;
+
+/// An error: the key path and the reason.
+type Invalid = (String, String);
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Invalid {
+    (key.into(), reason.into())
+}
+
+/// `sha256:<hex>` of a tenant key, as `tollgate hash-key` prints it.
+pub fn hash_key(key: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(key.trim().as_bytes())))
+}
+
+fn duration(key: &str, s: &str) -> Result<Duration, Invalid> {
+    humantime::parse_duration(s).map_err(|e| invalid(key, format!("invalid duration {s:?}: {e}")))
+}
+
+fn addr(key: &str, s: &str) -> Result<SocketAddr, Invalid> {
+    s.parse()
+        .map_err(|_| invalid(key, format!("invalid socket address {s:?} (want ip:port)")))
+}
+
+pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Policy, Invalid> {
+    let s = &raw.server;
+    let admin_token = match &s.admin_token_env {
+        Some(var) => Some(Secret(env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+            invalid("server.admin_token_env", format!("environment variable {var} is not set"))
+        })?)),
+        None => None,
+    };
+    if s.max_request_bytes == 0 {
+        return Err(invalid("server.max_request_bytes", "must be greater than 0"));
+    }
+    if s.source.is_empty() {
+        return Err(invalid("server.source", "must not be empty"));
+    }
+    let server = Server {
+        listen: addr("server.listen", &s.listen)?,
+        admin_listen: addr("server.admin_listen", &s.admin_listen)?,
+        max_request_bytes: s.max_request_bytes,
+        data_dir: PathBuf::from(&s.data_dir),
+        source: s.source.clone(),
+        admin_token,
+        shutdown_grace: duration("server.shutdown_grace", &s.shutdown_grace)?,
+    };
+
+    let sp = &raw.spool;
+    let spool = SpoolPolicy {
+        max_bytes: sp.max_bytes,
+        when_full: match sp.when_full.as_str() {
+            "reject" => WhenFull::Reject,
+            "drop_oldest" => WhenFull::DropOldest,
+            other => {
+                return Err(invalid(
+                    "spool.when_full",
+                    format!("{other:?}: expected \"reject\" or \"drop_oldest\""),
+                ))
+            }
+        },
+        fsync: match sp.fsync.as_str() {
+            "always" => Fsync::Always,
+            "never" => Fsync::Never,
+            "interval" => Fsync::Interval(duration("spool.fsync_interval", &sp.fsync_interval)?),
+            other => {
+                return Err(invalid(
+                    "spool.fsync",
+                    format!("{other:?}: expected \"interval\", \"always\" or \"never\""),
+                ))
+            }
+        },
+        segment_bytes: sp.segment_bytes.clamp(4096, sp.max_bytes.max(4096)),
+    };
+
+    let tenancy = match raw.tenancy.mode.as_str() {
+        "key" => Tenancy::Key,
+        "header" => Tenancy::Header(
+            http::HeaderName::from_bytes(raw.tenancy.header.to_ascii_lowercase().as_bytes())
+                .map_err(|_| invalid("tenancy.header", "not a valid header name"))?,
+        ),
+        other => {
+            return Err(invalid(
+                "tenancy.mode",
+                format!("{other:?}: expected \"key\" or \"header\""),
+            ))
+        }
+    };
+
+    let mut upstreams = Vec::new();
+    let mut names = HashSet::new();
+    for (i, u) in raw.upstreams.iter().enumerate() {
+        let up = upstream(&format!("upstreams[{i}]"), u, env)?;
+        if !names.insert(up.name.clone()) {
+            return Err(invalid(format!("upstreams[{i}].name"), "duplicate upstream name"));
+        }
+        if upstreams.iter().any(|o: &Arc<Upstream>| o.prefix == up.prefix) {
+            return Err(invalid(format!("upstreams[{i}].prefix"), "duplicate prefix"));
+        }
+        upstreams.push(Arc::new(up));
+    }
+    // Longest prefix first, so `/openai/v2` wins over `/openai`.
+    upstreams.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+
+    let mut models = HashMap::new();
+    for (name, m) in &raw.models {
+        let key = format!("models.{name}");
+        for (field, v) in [("input", m.input), ("output", m.output)] {
+            if v.is_sign_negative() {
+                return Err(invalid(format!("{key}.{field}"), "price must not be negative"));
+            }
+        }
+        models.insert(
+            name.clone(),
+            ModelPrice {
+                input: m.input,
+                cache_read_input: m.cache_read_input.unwrap_or(m.input),
+                cache_write_input: m.cache_write_input.unwrap_or(m.input),
+                output: m.output,
+                max_output_tokens: m.max_output_tokens,
+            },
+        );
+    }
+
+    let unknown_model = match raw.pricing.unknown_model.as_str() {
+        "allow" => UnknownModel::Allow,
+        "reject" => UnknownModel::Reject,
+        other => {
+            return Err(invalid(
+                "pricing.unknown_model",
+                format!("{other:?}: expected \"allow\" or \"reject\""),
+            ))
+        }
+    };
+    let price_version = raw
+        .pricing
+        .version
+        .clone()
+        .unwrap_or_else(|| price_digest(&raw));
+
+    let mut tenants = HashMap::new();
+    let mut keys = HashMap::new();
+    for (i, t) in raw.tenants.iter().enumerate() {
+        let key = format!("tenants[{i}]");
+        if t.id.is_empty() {
+            return Err(invalid(format!("{key}.id"), "must not be empty"));
+        }
+        for (j, k) in t.keys.iter().enumerate() {
+            let digest = k
+                .strip_prefix("sha256:")
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| {
+                    invalid(
+                        format!("{key}.keys[{j}]"),
+                        "expected \"sha256:<64 hex digits>\" (see `tollgate hash-key`)",
+                    )
+                })?;
+            if let Some(other) = keys.insert(digest, t.id.clone()) {
+                return Err(invalid(
+                    format!("{key}.keys[{j}]"),
+                    format!("key already belongs to tenant {other:?}"),
+                ));
+            }
+        }
+        let budget = match &t.budget {
+            Some(b) => Some(Budget {
+                limit: if b.limit.is_sign_negative() {
+                    return Err(invalid(format!("{key}.budget.limit"), "must not be negative"));
+                } else {
+                    b.limit
+                },
+                window: match b.window.as_str() {
+                    "day" => Window::Day,
+                    "month" => Window::Month,
+                    "total" => Window::Total,
+                    other => {
+                        return Err(invalid(
+                            format!("{key}.budget.window"),
+                            format!("{other:?}: expected \"day\", \"month\" or \"total\""),
+                        ))
+                    }
+                },
+            }),
+            None => None,
+        };
+        let rate_limit = t.rate_limit.as_ref().map(|r| RateLimit {
+            requests_per_minute: r.requests_per_minute,
+            tokens_per_minute: r.tokens_per_minute,
+        });
+        if let Some(RateLimit {
+            requests_per_minute: Some(0),
+            ..
+        }
+        | RateLimit {
+            tokens_per_minute: Some(0),
+            ..
+        }) = rate_limit
+        {
+            return Err(invalid(format!("{key}.rate_limit"), "limits must be at least 1"));
+        }
+        let tenant = Tenant {
+            id: t.id.clone(),
+            budget,
+            rate_limit,
+        };
+        if tenants.insert(t.id.clone(), Arc::new(tenant)).is_some() {
+            return Err(invalid(format!("{key}.id"), "duplicate tenant id"));
+        }
+    }
+
+    let mut sinks = Vec::new();
+    let mut sink_names = HashSet::new();
+    for (i, s) in raw.sinks.iter().enumerate() {
+        let sink = sink(&format!("sinks[{i}]"), s, i)?;
+        if !sink_names.insert(sink.name.clone()) {
+            return Err(invalid(format!("sinks[{i}].name"), "duplicate sink name"));
+        }
+        sinks.push(sink);
+    }
+
+    Ok(Policy {
+        server,
+        spool,
+        tenancy,
+        upstreams,
+        models,
+        price_version,
+        unknown_model,
+        url_item_tokens: raw.pricing.url_item_tokens,
+        tenants,
+        keys,
+        sinks,
+    })
+}
+
+fn upstream(
+    key: &str,
+    u: &RawUpstream,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Upstream, Invalid> {
+    if u.name.is_empty() {
+        return Err(invalid(format!("{key}.name"), "must not be empty"));
+    }
+    let prefix = u.prefix.trim_end_matches('/').to_string();
+    if !prefix.starts_with('/') || prefix.len() < 2 {
+        return Err(invalid(
+            format!("{key}.prefix"),
+            "must start with '/' and name a path, e.g. \"/openai\"",
+        ));
+    }
+    let url: http::Uri = u
+        .url
+        .parse()
+        .map_err(|e| invalid(format!("{key}.url"), format!("invalid URL: {e}")))?;
+    match url.scheme_str() {
+        Some("http") | Some("https") if url.host().is_some() => {}
+        _ => {
+            return Err(invalid(
+                format!("{key}.url"),
+                "must be an absolute http:// or https:// URL",
+            ))
+        }
+    }
+    if url.query().is_some() {
+        return Err(invalid(format!("{key}.url"), "must not have a query string"));
+    }
+    let provider = match u.provider.as_str() {
+        "openai" => Provider::OpenAi,
+        "anthropic" => Provider::Anthropic,
+        "generic" => Provider::Generic,
+        other => {
+            return Err(invalid(
+                format!("{key}.provider"),
+                format!("{other:?}: expected \"openai\", \"anthropic\" or \"generic\""),
+            ))
+        }
+    };
+    let credential = match &u.api_key_env {
+        Some(var) => {
+            let value = env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                invalid(
+                    format!("{key}.api_key_env"),
+                    format!("environment variable {var} is not set"),
+                )
+            })?;
+            let header = match (&u.api_key_header, provider) {
+                (Some(h), _) => h.to_ascii_lowercase(),
+                (None, Provider::Anthropic) => "x-api-key".into(),
+                (None, _) => "authorization".into(),
+            };
+            let name = http::HeaderName::from_bytes(header.as_bytes())
+                .map_err(|_| invalid(format!("{key}.api_key_header"), "not a valid header name"))?;
+            let value = if name == http::header::AUTHORIZATION {
+                format!("Bearer {value}")
+            } else {
+                value
+            };
+            if http::HeaderValue::from_str(&value).is_err() {
+                return Err(invalid(
+                    format!("{key}.api_key_env"),
+                    format!("{var} holds characters not allowed in a header"),
+                ));
+            }
+            Some((name, Secret(value)))
+        }
+        None if u.api_key_header.is_some() => {
+            return Err(invalid(
+                format!("{key}.api_key_header"),
+                "set api_key_env too, or remove this key",
+            ))
+        }
+        None => None,
+    };
+    let price_per_call = u.price_per_call.unwrap_or_default();
+    if price_per_call.is_sign_negative() {
+        return Err(invalid(format!("{key}.price_per_call"), "must not be negative"));
+    }
+    if u.price_per_call.is_some() && provider != Provider::Generic {
+        return Err(invalid(
+            format!("{key}.price_per_call"),
+            "only generic upstreams are priced per call; LLM upstreams use [models]",
+        ));
+    }
+    Ok(Upstream {
+        name: u.name.clone(),
+        prefix,
+        url,
+        provider,
+        credential,
+        timeout: duration(&format!("{key}.timeout"), &u.timeout)?,
+        connect_timeout: duration(&format!("{key}.connect_timeout"), &u.connect_timeout)?,
+        price_per_call,
+    })
+}
+
+fn sink(key: &str, s: &RawSink, index: usize) -> Result<SinkConfig, Invalid> {
+    let only = |allowed: &[&str]| -> Result<(), Invalid> {
+        let given = [
+            ("path", s.path.is_some()),
+            ("url", s.url.is_some()),
+            ("format", s.format.is_some()),
+            ("headers", !s.headers.is_empty()),
+            ("endpoint", s.endpoint.is_some()),
+            ("protocol", s.protocol.is_some()),
+        ];
+        match given.iter().find(|(k, set)| *set && !allowed.contains(k)) {
+            Some((k, _)) => Err(invalid(
+                format!("{key}.{k}"),
+                format!("not a key of a {:?} sink", s.kind),
+            )),
+            None => Ok(()),
+        }
+    };
+    let kind = match s.kind.as_str() {
+        "file" => {
+            only(&["path"])?;
+            let path = s
+                .path
+                .as_ref()
+                .ok_or_else(|| invalid(format!("{key}.path"), "a file sink needs a path"))?;
+            SinkKind::File {
+                path: PathBuf::from(path),
+            }
+        }
+        other => {
+            return Err(invalid(
+                format!("{key}.type"),
+                format!("{other:?}: expected \"file\" (\"http\" and \"otlp\" are not built yet)"),
+            ))
+        }
+    };
+    let name = s.name.clone().unwrap_or_else(|| format!("{}-{index}", s.kind));
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(invalid(format!("{key}.name"), "use letters, digits, '-' and '_'"));
+    }
+    Ok(SinkConfig { name, kind })
+}
+
+/// A stable short digest of the price table, used as `price_version` when the
+/// config does not name one.
+fn price_digest(raw: &RawConfig) -> String {
+    let mut h = Sha256::new();
+    for (name, m) in &raw.models {
+        h.update(name.as_bytes());
+        for v in [
+            Some(m.input),
+            m.cache_read_input,
+            m.cache_write_input,
+            Some(m.output),
+        ] {
+            h.update(v.map(|d| d.normalize().to_string()).unwrap_or_default());
+            h.update(b"|");
+        }
+    }
+    for u in &raw.upstreams {
+        h.update(u.name.as_bytes());
+        h.update(u.price_per_call.map(|d| d.normalize().to_string()).unwrap_or_default());
+    }
+    format!("sha256:{}", &hex::encode(h.finalize())[..12])
+}

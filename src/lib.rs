@@ -1,0 +1,184 @@
+//! Tollgate: a sidecar reverse proxy that meters AI API traffic per tenant.
+//!
+//! Module map:
+//! - [`config`]: the TOML file -> validated, typed [`config::Policy`] (swapped whole on reload)
+//! - [`proxy`]: the proxy listener and the request phases, header hygiene, provider-shaped errors
+//! - [`meter`]: request inspection, the `MeteredBody`, usage extraction (JSON, SSE), estimation, pricing
+//! - [`event`]: the v1 usage event (CloudEvents envelope)
+//! - [`spool`]: the durable append-only event log with a cursor per sink
+//! - [`sinks`]: one `Sink` trait and the loop that feeds each sink from the spool
+//! - [`admin`]: health, readiness, metrics
+//! - [`metrics`]: every metric, in one place
+//! - [`mock`]: the fake OpenAI + Anthropic upstream behind `tollgate mock`
+//! - [`server`]: the shared accept loop (HTTP/1.1 + h2c, graceful shutdown)
+//!
+//! How a request flows: the proxy listener hands it to [`proxy::handle`], which
+//! routes it by path prefix, authenticates the tenant, reads and inspects the
+//! body, admits it, and forwards it upstream with the client's credential
+//! replaced by the upstream key. The response body is wrapped in a
+//! [`meter::MeteredBody`] that passes each frame on untouched while a bounded
+//! parser extracts usage. When the body ends (or breaks, or the client leaves)
+//! the [`meter::Call`] prices the usage and appends exactly one event to the
+//! [`spool::Spool`], before the last byte reaches the client. Sinks read the
+//! spool on their own tasks and commit their cursors after delivery.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod demo;
+pub mod event;
+pub mod meter;
+pub mod metrics;
+pub mod mock;
+pub mod proxy;
+pub mod report;
+pub mod server;
+pub mod sinks;
+pub mod spool;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use config::Policy;
+use metrics::Metrics;
+use spool::Spool;
+
+/// State shared by every request and task.
+pub struct App {
+    pub policy: ArcSwap<Policy>,
+    pub spool: Arc<Spool>,
+    pub metrics: Arc<Metrics>,
+    pub clients: proxy::client::Clients,
+    pub draining: AtomicBool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
+}
+
+/// A running instance: its addresses, and the handle to stop it.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub app: Arc<App>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight calls finish within the grace period,
+    /// flushes the spool and gives sinks a last chance, then returns.
+    pub async fn shutdown(self) {
+        self.app.draining.store(true, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Binds the listeners and starts the proxy, admin server and sinks.
+pub async fn start(policy: Policy) -> Result<Running, RunError> {
+    let listen = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Listen { addr, source })
+    };
+    let proxy_listener = listen(policy.server.listen).await?;
+    let admin_listener = listen(policy.server.admin_listen).await?;
+    run(policy, proxy_listener, admin_listener).await
+}
+
+/// Runs on listeners the caller bound (tests bind port 0).
+pub async fn run(
+    policy: Policy,
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+) -> Result<Running, RunError> {
+    let proxy_addr = proxy_listener.local_addr().map_err(|source| RunError::Listen {
+        addr: policy.server.listen,
+        source,
+    })?;
+    let admin_addr = admin_listener.local_addr().map_err(|source| RunError::Listen {
+        addr: policy.server.admin_listen,
+        source,
+    })?;
+    let sink_names: Vec<String> = policy.sinks.iter().map(|s| s.name.clone()).collect();
+    let spool = Spool::open(
+        &policy.server.data_dir.join("spool"),
+        policy.spool.clone(),
+        &sink_names,
+    )?;
+    let grace = policy.server.shutdown_grace;
+    let sinks = policy.sinks.clone();
+    let metrics = Arc::new(Metrics::new());
+    let app = Arc::new(App {
+        policy: ArcSwap::from_pointee(policy),
+        spool: spool.clone(),
+        metrics: metrics.clone(),
+        clients: Default::default(),
+        draining: AtomicBool::new(false),
+    });
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let mut sink_tasks = Vec::new();
+    let (sink_stop_tx, sink_stop_rx) = watch::channel(false);
+    for s in &sinks {
+        sink_tasks.push(tokio::spawn(sinks::drive(
+            s.name.clone(),
+            sinks::build(s),
+            spool.clone(),
+            metrics.clone(),
+            sink_stop_rx.clone(),
+        )));
+    }
+
+    let a = app.clone();
+    let proxy = tokio::spawn(server::serve(
+        proxy_listener,
+        move |req| proxy::handle(a.clone(), req),
+        shutdown_rx.clone(),
+        grace,
+    ));
+    let a = app.clone();
+    let admin = tokio::spawn(server::serve(
+        admin_listener,
+        move |req| admin::handle(a.clone(), req),
+        shutdown_rx.clone(),
+        grace,
+    ));
+    let mut stop = shutdown_rx;
+    let task = tokio::spawn(async move {
+        let _ = stop.wait_for(|s| *s).await;
+        let started = tokio::time::Instant::now();
+        let _ = proxy.await;
+        // In-flight calls have finished (or the grace ran out): their events
+        // are in the spool. Sinks get what is left of the grace to deliver.
+        let _ = sink_stop_tx.send(true);
+        let left = grace.saturating_sub(started.elapsed());
+        let all = futures_util::future::join_all(sink_tasks);
+        if tokio::time::timeout(left, all).await.is_err() {
+            tracing::warn!("sinks did not finish within the grace period; undelivered events stay in the spool");
+        }
+        spool.close().await;
+        admin.abort();
+    });
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        app,
+        shutdown: shutdown_tx,
+        task,
+    })
+}

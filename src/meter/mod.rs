@@ -1,0 +1,303 @@
+//! Metering: what a call used and what it cost, turned into exactly one
+//! usage event per call.
+//!
+//! A [`Call`] is opened once the tenant is known and travels through the
+//! request phases; the response body is wrapped in a [`MeteredBody`] that owns
+//! it from then on. Whatever happens (the body completes, the upstream fails,
+//! the client goes away) the call ends in [`Call::finish`] or, if dropped, in
+//! a detached finish: one event, never zero, never two.
+
+mod body;
+pub mod price;
+pub mod request;
+pub mod response;
+pub mod sse;
+pub mod tokens;
+pub mod usage;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use rust_decimal::Decimal;
+
+use crate::config::{Policy, Provider, Upstream};
+use crate::event::{CallData, Event, Outcome, Usage, UsageSource, SCHEMA_VERSION};
+use crate::metrics::{CallLabels, CostLabels, TokenLabels, UpstreamLabels};
+use crate::App;
+
+pub use body::MeteredBody;
+pub use request::{Operation, RequestInfo};
+pub use response::{Format, ResponseMeter};
+
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The response body reached its end (or its terminal event).
+    Complete,
+    /// The upstream broke off the body (reset, timeout, bad framing).
+    BodyError(&'static str),
+    /// The client went away before the end.
+    ClientAborted,
+    /// No response from the upstream (502 unreachable, 504 timeout).
+    NoResponse { status: u16, kind: &'static str },
+    /// The proxy refused the call before forwarding it.
+    Rejected {
+        status: u16,
+        outcome: Outcome,
+        kind: &'static str,
+    },
+}
+
+/// One metered call, from authentication to its event.
+pub struct Call {
+    state: Option<Box<CallState>>,
+}
+
+pub struct CallState {
+    pub app: Arc<App>,
+    pub policy: Arc<Policy>,
+    pub tenant: String,
+    pub upstream: Arc<Upstream>,
+    pub op: Operation,
+    pub request: RequestInfo,
+    /// Kept (reference-counted, not copied) for estimation if usage is missing.
+    pub request_body: Bytes,
+    pub started: Instant,
+    pub first_byte: Option<Instant>,
+    pub status: u16,
+    pub request_id: Option<String>,
+    pub meter: Option<ResponseMeter>,
+}
+
+impl Call {
+    pub fn new(app: Arc<App>, policy: Arc<Policy>, tenant: String, upstream: Arc<Upstream>, op: Operation) -> Call {
+        Call {
+            state: Some(Box::new(CallState {
+                app,
+                policy,
+                tenant,
+                upstream,
+                op,
+                request: RequestInfo::default(),
+                request_body: Bytes::new(),
+                started: Instant::now(),
+                first_byte: None,
+                status: 0,
+                request_id: None,
+                meter: None,
+            })),
+        }
+    }
+
+    pub fn state(&mut self) -> &mut CallState {
+        self.state.as_mut().expect("a call is only used until it finishes")
+    }
+
+    /// Ends the call: estimates if needed, prices, writes the event to the
+    /// spool and waits until it is there.
+    pub async fn finish(mut self, end: End) {
+        let state = self.state.take().expect("finish runs once");
+        state.finish(end).await
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if let Some(state) = self.state.take() {
+            // Dropped mid-flight: the client went away. Finish on a task.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(state.finish(End::ClientAborted));
+                }
+                Err(_) => tracing::error!("usage event lost: call dropped outside the runtime"),
+            }
+        }
+    }
+}
+
+impl CallState {
+    async fn finish(self: Box<Self>, end: End) {
+        let app = self.app.clone();
+        let (event, data) = self.into_event(end).await;
+        record_metrics(&app, &data);
+        if let Err(e) = app.spool.append(event.to_line()).await {
+            app.metrics.events_lost.inc();
+            tracing::error!(
+                error = %e,
+                event_id = %event.id,
+                tenant = %data.tenant,
+                "usage event lost: spool append failed"
+            );
+        }
+    }
+
+    /// Builds the event: provider usage when reported, else an estimate when
+    /// tokens were spent, else none.
+    async fn into_event(self: Box<Self>, end: End) -> (Event, CallData) {
+        let s = *self;
+        let meter = s.meter.as_ref();
+        let provider_usage = meter.and_then(|m| m.usage());
+        let complete = meter.is_some_and(|m| m.complete);
+        let stream_error = meter.is_some_and(|m| m.stream_error);
+        let (status, outcome, error) = match end {
+            End::Rejected { status, outcome, kind } => (status, outcome, Some(kind)),
+            End::NoResponse { status, kind } => (status, Outcome::UpstreamError, Some(kind)),
+            End::ClientAborted => (s.status, Outcome::ClientAborted, None),
+            End::BodyError(kind) => (s.status, Outcome::UpstreamError, Some(kind)),
+            End::Complete if s.status >= 400 => (s.status, Outcome::UpstreamError, None),
+            End::Complete if stream_error => {
+                (s.status, Outcome::UpstreamError, Some("upstream_stream_error"))
+            }
+            End::Complete => (s.status, Outcome::Ok, None),
+        };
+        let llm = s.op.is_metered();
+        let forwarded = !matches!(end, End::Rejected { .. });
+        let got_response = forwarded && s.status != 0 && !matches!(end, End::NoResponse { .. });
+        // Tokens were spent when the upstream answered a metered call with a
+        // success status; trust its usage only when the stream completed.
+        let (usage, source) = match provider_usage {
+            Some(u) if complete => (u, UsageSource::Provider),
+            partial if llm && got_response && s.status < 400 => {
+                (estimate(&s, partial).await, UsageSource::Estimated)
+            }
+            _ => (Usage::default(), UsageSource::None),
+        };
+        let model = s.request.model.clone();
+        let response_model = meter.and_then(|m| m.response_model.clone());
+        let price = s.policy.price(
+            model.as_deref().unwrap_or(""),
+            response_model.as_deref().unwrap_or(""),
+        );
+        let mut cost = match price {
+            Some(p) => price::cost(p, &usage),
+            None => Decimal::ZERO,
+        };
+        if s.upstream.provider == Provider::Generic && outcome == Outcome::Ok {
+            cost += s.upstream.price_per_call;
+        }
+        let unpriced = llm && price.is_none();
+        let data = CallData {
+            schema_version: SCHEMA_VERSION.into(),
+            tenant: s.tenant.clone(),
+            upstream: s.upstream.name.clone(),
+            provider: s.upstream.provider.as_str().into(),
+            operation: s.op.as_str().into(),
+            request_model: model,
+            response_model,
+            request_id: s.request_id.clone(),
+            http_status: status,
+            stream: s.request.stream,
+            outcome,
+            usage_source: source,
+            usage,
+            calls: u64::from(forwarded),
+            cost: cost.normalize(),
+            currency: "USD".into(),
+            price_version: s.policy.price_version.clone(),
+            unpriced,
+            duration_ms: s.started.elapsed().as_millis() as u64,
+            ttft_ms: s
+                .first_byte
+                .filter(|_| s.request.stream)
+                .map(|t| t.duration_since(s.started).as_millis() as u64),
+            error: error.map(str::to_string),
+        };
+        let kind = if s.upstream.provider == Provider::Generic {
+            "tool.call"
+        } else {
+            "llm.call"
+        };
+        let event = Event::new(&s.policy.server.source, kind, &s.tenant, &data);
+        (event, data)
+    }
+}
+
+/// Estimates usage for a call the provider did not (fully) report: input from
+/// the request text, output from the text that streamed. Provider figures
+/// seen so far (Anthropic's `message_start`) win where they are larger.
+async fn estimate(s: &CallState, partial: Option<Usage>) -> Usage {
+    let body = s.request_body.clone();
+    let model = s
+        .request
+        .model
+        .clone()
+        .unwrap_or_default();
+    let (out_text, overflow) = s
+        .meter
+        .as_ref()
+        .map(|m| m.generated_text())
+        .unwrap_or_default();
+    let embeddings = s.op == Operation::Embeddings;
+    let est = tokens::estimate_blocking(move || {
+        let input = request::input_text(&body);
+        let input_tokens = tokens::count(&model, &input.text) + 3 * input.messages + 3;
+        let output_tokens = if embeddings {
+            0
+        } else {
+            tokens::count(&model, &out_text) + overflow.div_ceil(4)
+        };
+        (input_tokens, output_tokens)
+    })
+    .await;
+    let p = partial.unwrap_or_default();
+    Usage {
+        input_tokens: if p.input_tokens > 0 { p.input_tokens } else { est.0 },
+        cache_read_input_tokens: p.cache_read_input_tokens,
+        cache_write_input_tokens: p.cache_write_input_tokens,
+        output_tokens: p.output_tokens.max(est.1),
+        reasoning_output_tokens: p.reasoning_output_tokens,
+    }
+}
+
+fn record_metrics(app: &App, d: &CallData) {
+    let m = &app.metrics;
+    let model = match (&d.unpriced, &d.request_model) {
+        (false, Some(model)) if app.policy.load().models.contains_key(model) => model.clone(),
+        (false, _) if d.provider == "generic" => "none".to_string(),
+        (false, _) => "priced".to_string(),
+        (true, _) => "unpriced".to_string(),
+    };
+    m.calls
+        .get_or_create(&CallLabels {
+            upstream: d.upstream.clone(),
+            model: model.clone(),
+            outcome: d.outcome.as_str().into(),
+        })
+        .inc();
+    if d.unpriced {
+        m.unpriced
+            .get_or_create(&UpstreamLabels {
+                upstream: d.upstream.clone(),
+            })
+            .inc();
+    }
+    let u = &d.usage;
+    for (token_type, n) in [
+        ("input", u.input_tokens),
+        ("output", u.output_tokens),
+        ("cache_read_input", u.cache_read_input_tokens),
+        ("cache_write_input", u.cache_write_input_tokens),
+        ("reasoning_output", u.reasoning_output_tokens),
+    ] {
+        if n > 0 {
+            m.tokens
+                .get_or_create(&TokenLabels {
+                    upstream: d.upstream.clone(),
+                    model: model.clone(),
+                    r#type: token_type,
+                })
+                .inc_by(n);
+        }
+    }
+    if let Ok(c) = f64::try_from(d.cost) {
+        if c > 0.0 {
+            m.cost
+                .get_or_create(&CostLabels {
+                    upstream: d.upstream.clone(),
+                    model,
+                })
+                .inc_by(c);
+        }
+    }
+}

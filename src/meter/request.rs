@@ -1,0 +1,274 @@
+//! What the proxy needs from a request body: the model, whether it streams,
+//! the output cap, and (lazily, only when an estimate is needed) its text.
+//! The body is parsed once into a borrowed struct; it is only re-written when
+//! `stream_options.include_usage` must be injected.
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::config::Provider;
+
+/// The metered operation a request is, from provider, method and path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Chat,
+    Completions,
+    Responses,
+    Embeddings,
+    Messages,
+    /// Any other route of an LLM upstream: forwarded, metered as a call.
+    Other,
+    /// A generic (tool) upstream: one call each.
+    ToolCall,
+}
+
+impl Operation {
+    pub fn classify(provider: Provider, method: &http::Method, path: &str) -> Operation {
+        let path = path.split('?').next().unwrap_or("").trim_end_matches('/');
+        if provider == Provider::Generic {
+            return Operation::ToolCall;
+        }
+        if method != http::Method::POST {
+            return Operation::Other;
+        }
+        match provider {
+            Provider::OpenAi if path.ends_with("/chat/completions") => Operation::Chat,
+            Provider::OpenAi if path.ends_with("/completions") => Operation::Completions,
+            Provider::OpenAi if path.ends_with("/responses") => Operation::Responses,
+            Provider::OpenAi if path.ends_with("/embeddings") => Operation::Embeddings,
+            Provider::Anthropic if path.ends_with("/messages") => Operation::Messages,
+            _ => Operation::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Chat => "chat",
+            Operation::Completions => "completions",
+            Operation::Responses => "responses",
+            Operation::Embeddings => "embeddings",
+            Operation::Messages => "messages",
+            Operation::Other => "other",
+            Operation::ToolCall => "tool_call",
+        }
+    }
+
+    /// Operations whose body is JSON the proxy reads (400 when malformed).
+    pub fn is_metered(self) -> bool {
+        !matches!(self, Operation::Other | Operation::ToolCall)
+    }
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct Fields {
+    model: Option<String>,
+    stream: Option<bool>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+    n: Option<u64>,
+    stream_options: Option<StreamOptions>,
+}
+
+/// The facts of a metered request.
+#[derive(Debug, Clone, Default)]
+pub struct RequestInfo {
+    pub model: Option<String>,
+    pub stream: bool,
+    /// The output cap the request names, times `n` choices.
+    pub max_output_tokens: Option<u64>,
+    /// The client asked for the usage chunk itself (OpenAI streams).
+    pub client_wants_usage: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body is not valid JSON for this route: {0}")]
+pub struct MalformedJson(#[from] serde_json::Error);
+
+impl RequestInfo {
+    pub fn parse(body: &[u8]) -> Result<RequestInfo, MalformedJson> {
+        let f: Fields = serde_json::from_slice(body)?;
+        let cap = f
+            .max_completion_tokens
+            .or(f.max_tokens)
+            .or(f.max_output_tokens);
+        Ok(RequestInfo {
+            model: f.model,
+            stream: f.stream.unwrap_or(false),
+            max_output_tokens: cap.map(|c| c.saturating_mul(f.n.unwrap_or(1).max(1))),
+            client_wants_usage: f
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+        })
+    }
+}
+
+/// For an OpenAI chat or completions stream that did not ask for usage,
+/// returns the body with `stream_options.include_usage = true`. The common
+/// case (no `stream_options` at all) splices bytes instead of re-serialising.
+pub fn inject_include_usage(body: &Bytes) -> Result<Bytes, MalformedJson> {
+    if memchr::memmem::find(body, b"\"stream_options\"").is_none() {
+        // `RequestInfo::parse` accepted the body, so it is one JSON object.
+        let close = body
+            .iter()
+            .rposition(|&b| b == b'}')
+            .expect("a JSON object ends in '}'");
+        let empty = body[..close]
+            .iter()
+            .rev()
+            .find(|b| !b.is_ascii_whitespace())
+            == Some(&b'{');
+        let mut out = Vec::with_capacity(body.len() + 48);
+        out.extend_from_slice(&body[..close]);
+        if !empty {
+            out.push(b',');
+        }
+        out.extend_from_slice(br#""stream_options":{"include_usage":true}"#);
+        out.extend_from_slice(&body[close..]);
+        return Ok(Bytes::from(out));
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(body)?;
+    if let Some(obj) = v.as_object_mut() {
+        match obj.get_mut("stream_options") {
+            Some(serde_json::Value::Object(o)) => {
+                o.insert("include_usage".into(), true.into());
+            }
+            Some(other) => *other = serde_json::json!({"include_usage": true}),
+            None => {
+                obj.insert("stream_options".into(), serde_json::json!({"include_usage": true}));
+            }
+        }
+    }
+    Ok(Bytes::from(serde_json::to_vec(&v)?))
+}
+
+/// The text of a request that the model reads, for token estimation, plus the
+/// number of messages (each costs a few tokens of framing) and of items
+/// passed by reference (image or file URLs), which text cannot bound.
+pub struct InputText {
+    pub text: String,
+    pub messages: u64,
+    pub by_reference: u64,
+}
+
+/// Collects every string value except identifiers the model does not read.
+pub fn input_text(body: &[u8]) -> InputText {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let mut out = InputText {
+        text: String::new(),
+        messages: 0,
+        by_reference: 0,
+    };
+    if let Some(m) = v.get("messages").and_then(|m| m.as_array()) {
+        out.messages = m.len() as u64;
+    }
+    if let Some(m) = v.get("input").and_then(|m| m.as_array()) {
+        out.messages += m.len() as u64;
+    }
+    walk(&v, None, &mut out);
+    out
+}
+
+fn walk(v: &serde_json::Value, key: Option<&str>, out: &mut InputText) {
+    const SKIP: &[&str] = &[
+        "model",
+        "role",
+        "type",
+        "id",
+        "tool_call_id",
+        "user",
+        "service_tier",
+        "reasoning_effort",
+        "encoding_format",
+        "detail",
+        "media_type",
+        "previous_response_id",
+    ];
+    match v {
+        serde_json::Value::String(s) => match key {
+            Some("url" | "image_url" | "file_id" | "file_url") if !s.starts_with("data:") => {
+                out.by_reference += 1
+            }
+            Some(k) if SKIP.contains(&k) => {}
+            _ => {
+                out.text.push_str(s);
+                out.text.push('\n');
+            }
+        },
+        serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, key, out)),
+        serde_json::Value::Object(o) => o.iter().for_each(|(k, x)| walk(x, Some(k), out)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_routes() {
+        use http::Method;
+        let c = |p, m: &Method, path| Operation::classify(p, m, path);
+        assert_eq!(c(Provider::OpenAi, &Method::POST, "/v1/chat/completions"), Operation::Chat);
+        assert_eq!(c(Provider::OpenAi, &Method::POST, "/v1/completions"), Operation::Completions);
+        assert_eq!(c(Provider::OpenAi, &Method::POST, "/responses"), Operation::Responses);
+        assert_eq!(c(Provider::OpenAi, &Method::GET, "/v1/responses"), Operation::Other);
+        assert_eq!(c(Provider::OpenAi, &Method::POST, "/v1/embeddings?x=1"), Operation::Embeddings);
+        assert_eq!(c(Provider::Anthropic, &Method::POST, "/v1/messages"), Operation::Messages);
+        assert_eq!(
+            c(Provider::Anthropic, &Method::POST, "/v1/messages/count_tokens"),
+            Operation::Other
+        );
+        assert_eq!(c(Provider::Generic, &Method::GET, "/q"), Operation::ToolCall);
+    }
+
+    #[test]
+    fn reads_fields() {
+        let r = RequestInfo::parse(
+            br#"{"model":"gpt-4o","stream":true,"max_tokens":10,"n":3,"stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.model.as_deref(), Some("gpt-4o"));
+        assert!(r.stream && r.client_wants_usage);
+        assert_eq!(r.max_output_tokens, Some(30));
+        assert!(RequestInfo::parse(b"{\"model\":").is_err());
+        assert!(RequestInfo::parse(b"[1]").is_err());
+    }
+
+    #[test]
+    fn injects_include_usage() {
+        let b = Bytes::from_static(br#"{"model":"m","stream":true} "#);
+        let out = inject_include_usage(&b).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "m");
+
+        let b = Bytes::from_static(br#"{"model":"m","stream_options":{"include_usage":false}}"#);
+        let v: serde_json::Value =
+            serde_json::from_slice(&inject_include_usage(&b).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+
+        let b = Bytes::from_static(b"{}");
+        let v: serde_json::Value =
+            serde_json::from_slice(&inject_include_usage(&b).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn input_text_skips_ids_and_counts_urls() {
+        let t = input_text(
+            br#"{"model":"gpt-4o","messages":[{"role":"system","content":"Be brief."},
+            {"role":"user","content":[{"type":"text","text":"What is this?"},
+            {"type":"image_url","image_url":{"url":"https://x/y.png"}}]}]}"#,
+        );
+        assert_eq!(t.text, "Be brief.\nWhat is this?\n");
+        assert_eq!(t.messages, 2);
+        assert_eq!(t.by_reference, 1);
+    }
+}

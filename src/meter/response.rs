@@ -1,0 +1,372 @@
+//! Usage extraction from a response body as it streams past.
+//!
+//! [`ResponseMeter::feed`] sees each frame once. JSON bodies are copied into a
+//! bounded buffer and parsed at the end; SSE bodies go through the incremental
+//! decoder and only the few events that carry a model or usage are parsed.
+//! Generated text is kept (bounded, in memory only, never logged or stored) so
+//! that a stream cut short can be estimated with tiktoken.
+//!
+//! When the proxy injected `stream_options.include_usage`, the meter also
+//! rewrites the stream so the client sees what it would have seen without the
+//! proxy: the usage-only chunk is dropped and `"usage":null` removed.
+
+use bytes::{Bytes, BytesMut};
+use memchr::memmem;
+
+use super::request::Operation;
+use super::sse::SseDecoder;
+use super::usage::{Envelope, RawUsage};
+use crate::config::Provider;
+use crate::event::Usage;
+
+/// Largest JSON body parsed whole; past it only the tail is kept.
+const MAX_JSON_BYTES: usize = 32 << 20;
+const JSON_TAIL_BYTES: usize = 256 << 10;
+/// Generated-text payloads kept for estimation; past it bytes are counted.
+const MAX_TEXT_BYTES: usize = 4 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Sse,
+    Opaque,
+}
+
+impl Format {
+    pub fn from_content_type(ct: Option<&http::HeaderValue>) -> Format {
+        let ct = ct.and_then(|v| v.to_str().ok()).unwrap_or("");
+        if ct.starts_with("text/event-stream") {
+            Format::Sse
+        } else if ct.starts_with("application/json") || ct.contains("+json") {
+            Format::Json
+        } else {
+            Format::Opaque
+        }
+    }
+}
+
+pub struct ResponseMeter {
+    provider: Provider,
+    op: Operation,
+    format: Format,
+    strip_usage: bool,
+    sse: SseDecoder,
+    json: Vec<u8>,
+    json_overflow: bool,
+    raw_usage: Option<RawUsage>,
+    pub response_model: Option<String>,
+    /// The stream reached its terminal event.
+    pub complete: bool,
+    /// The stream carried an error event.
+    pub stream_error: bool,
+    /// Payloads of generated-text events (JSON, newline separated).
+    text: Vec<u8>,
+    text_overflow: u64,
+    /// Strip mode: bytes of an event not yet complete.
+    pending: BytesMut,
+}
+
+impl ResponseMeter {
+    pub fn new(provider: Provider, op: Operation, format: Format, strip_usage: bool) -> Self {
+        ResponseMeter {
+            provider,
+            op,
+            format,
+            strip_usage: strip_usage && format == Format::Sse,
+            sse: SseDecoder::default(),
+            json: Vec::new(),
+            json_overflow: false,
+            raw_usage: None,
+            response_model: None,
+            complete: false,
+            stream_error: false,
+            text: Vec::new(),
+            text_overflow: 0,
+            pending: BytesMut::new(),
+        }
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.raw_usage.as_ref().map(|u| u.normalize(self.provider))
+    }
+
+    /// Meters one frame and returns the bytes to send on: the frame itself,
+    /// except in strip mode, where only complete, rewritten events go out.
+    pub fn feed(&mut self, frame: Bytes) -> Bytes {
+        match self.format {
+            Format::Opaque => frame,
+            Format::Json => {
+                self.collect_json(&frame);
+                frame
+            }
+            Format::Sse if !self.strip_usage => {
+                let mut sse = std::mem::take(&mut self.sse);
+                sse.feed(&frame, &mut |name, data| {
+                    self.on_event(name, data);
+                });
+                self.sse = sse;
+                frame
+            }
+            Format::Sse => {
+                self.pending.extend_from_slice(&frame);
+                self.take_complete_events(false)
+            }
+        }
+    }
+
+    /// The body ended: parses a JSON body, releases held bytes.
+    pub fn finish(&mut self) -> Bytes {
+        if self.format == Format::Json {
+            self.parse_json();
+        }
+        if self.strip_usage {
+            self.take_complete_events(true)
+        } else {
+            Bytes::new()
+        }
+    }
+
+    fn collect_json(&mut self, frame: &[u8]) {
+        if self.json.len() + frame.len() > MAX_JSON_BYTES {
+            self.json_overflow = true;
+        }
+        self.json.extend_from_slice(frame);
+        if self.json_overflow && self.json.len() > 2 * JSON_TAIL_BYTES {
+            let cut = self.json.len() - JSON_TAIL_BYTES;
+            self.json.drain(..cut);
+        }
+    }
+
+    fn parse_json(&mut self) {
+        let json = std::mem::take(&mut self.json);
+        if self.json_overflow {
+            // Usage sits near the end of every supported body.
+            if let Some(at) = memmem::rfind(&json, b"\"usage\"") {
+                let after = &json[at + 7..];
+                let start = after.iter().position(|&b| b == b'{');
+                if let Some(u) = start.and_then(|s| {
+                    let mut de = serde_json::Deserializer::from_slice(&after[s..]);
+                    serde::Deserialize::deserialize(&mut de).ok()
+                }) {
+                    self.raw_usage = Some(u);
+                }
+            }
+        } else if let Ok(env) = serde_json::from_slice::<Envelope>(&json) {
+            if env.model.is_some() {
+                self.response_model = env.model;
+            }
+            self.raw_usage = env.usage;
+            if self.raw_usage.is_none() && self.text.len() < MAX_TEXT_BYTES {
+                self.text.extend_from_slice(&json);
+            }
+        }
+        self.complete = true;
+    }
+
+    /// Strip mode: passes on the complete events in `pending` (all of it at
+    /// the end), dropping the usage-only chunk and `"usage":null` fields.
+    fn take_complete_events(&mut self, at_end: bool) -> Bytes {
+        let mut out = BytesMut::new();
+        loop {
+            let end = match super::sse::first_event_end(&self.pending) {
+                Some(n) => n,
+                None if at_end && !self.pending.is_empty() => self.pending.len(),
+                None => break,
+            };
+            let event = self.pending.split_to(end);
+            let mut usage_only = false;
+            let mut sse = std::mem::take(&mut self.sse);
+            sse.feed(&event, &mut |name, data| {
+                usage_only |= self.on_event(name, data);
+            });
+            self.sse = sse;
+            if !usage_only {
+                remove_usage_null(&event, &mut out);
+            }
+        }
+        out.freeze()
+    }
+
+    /// Handles one SSE event; returns true for an OpenAI usage-only chunk.
+    fn on_event(&mut self, name: &[u8], data: &[u8]) -> bool {
+        match (self.provider, self.op) {
+            (Provider::OpenAi, Operation::Responses) => self.on_responses_event(name, data),
+            (Provider::Anthropic, _) => self.on_anthropic_event(name, data),
+            _ => return self.on_openai_chunk(data),
+        }
+        false
+    }
+
+    fn on_openai_chunk(&mut self, data: &[u8]) -> bool {
+        if data == b"[DONE]" {
+            self.complete = true;
+            return false;
+        }
+        let carries_usage = has_usage_object(data);
+        if self.response_model.is_none() || carries_usage {
+            let Ok(env) = serde_json::from_slice::<Envelope>(data) else {
+                return false;
+            };
+            if env.model.is_some() && self.response_model.is_none() {
+                self.response_model = env.model;
+            }
+            if let Some(u) = env.usage {
+                self.raw_usage = Some(u);
+                return env.choices.is_some_and(|c| c.is_empty());
+            }
+        }
+        if memmem::find(data, b"\"error\"").is_some() && data.starts_with(b"{\"error\"") {
+            self.stream_error = true;
+        }
+        self.keep_text(data);
+        false
+    }
+
+    fn on_responses_event(&mut self, name: &[u8], data: &[u8]) {
+        let name = if name.is_empty() { type_of(data) } else { name };
+        match name {
+            b"response.created"
+            | b"response.in_progress"
+            | b"response.completed"
+            | b"response.incomplete"
+            | b"response.failed" => {
+                let Ok(env) = serde_json::from_slice::<Envelope>(data) else {
+                    return;
+                };
+                if let Some(r) = env.response {
+                    if r.model.is_some() {
+                        self.response_model = r.model;
+                    }
+                    if r.usage.is_some() {
+                        self.raw_usage = r.usage;
+                    }
+                }
+                if name != b"response.created" && name != b"response.in_progress" {
+                    self.complete = true;
+                    self.stream_error |= name == b"response.failed";
+                }
+            }
+            b"error" => self.stream_error = true,
+            n if n.ends_with(b".delta") => self.keep_text(data),
+            _ => {}
+        }
+    }
+
+    fn on_anthropic_event(&mut self, name: &[u8], data: &[u8]) {
+        let name = if name.is_empty() { type_of(data) } else { name };
+        match name {
+            b"message_start" | b"message_delta" => {
+                let Ok(env) = serde_json::from_slice::<Envelope>(data) else {
+                    return;
+                };
+                let (model, usage) = match env.message {
+                    Some(m) => (m.model, m.usage),
+                    None => (env.model, env.usage),
+                };
+                if model.is_some() {
+                    self.response_model = model;
+                }
+                if let Some(u) = usage {
+                    match &mut self.raw_usage {
+                        Some(prev) => prev.merge(u),
+                        None => self.raw_usage = Some(u),
+                    }
+                }
+            }
+            b"content_block_delta" => self.keep_text(data),
+            b"message_stop" => self.complete = true,
+            b"error" => self.stream_error = true,
+            _ => {}
+        }
+    }
+
+    fn keep_text(&mut self, data: &[u8]) {
+        if self.text.len() + data.len() < MAX_TEXT_BYTES {
+            self.text.extend_from_slice(data);
+            self.text.push(b'\n');
+        } else {
+            self.text_overflow += data.len() as u64;
+        }
+    }
+
+    /// The generated text seen so far (for estimation), and the bytes of
+    /// payload past the cap, which are estimated at four bytes a token.
+    pub fn generated_text(&self) -> (String, u64) {
+        let mut out = String::new();
+        for line in self.text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) {
+                collect_text(&v, None, &mut out);
+            }
+        }
+        (out, self.text_overflow)
+    }
+}
+
+/// Strings a model generated: message content, deltas, tool arguments.
+fn collect_text(v: &serde_json::Value, key: Option<&str>, out: &mut String) {
+    match v {
+        serde_json::Value::String(s) => {
+            if let Some(
+                "content" | "text" | "delta" | "arguments" | "partial_json" | "thinking"
+                | "refusal",
+            ) = key
+            {
+                out.push_str(s);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| collect_text(x, key, out)),
+        serde_json::Value::Object(o) => {
+            // Skip echoed inputs and usage objects.
+            for (k, x) in o.iter().filter(|(k, _)| !matches!(k.as_str(), "usage" | "input")) {
+                collect_text(x, Some(k), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `"usage":` followed by an object (not `null`).
+fn has_usage_object(data: &[u8]) -> bool {
+    memmem::find_iter(data, b"\"usage\":").any(|at| {
+        data[at + 8..]
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|&b| b == b'{')
+    })
+}
+
+/// The `"type"` of an event's JSON data, for streams without `event:` lines.
+fn type_of(data: &[u8]) -> &[u8] {
+    let Some(at) = memmem::find(data, b"\"type\":") else {
+        return b"";
+    };
+    let rest = &data[at + 7..];
+    let Some(open) = rest.iter().position(|&b| b == b'"') else {
+        return b"";
+    };
+    let rest = &rest[open + 1..];
+    match memchr::memchr(b'"', rest) {
+        Some(close) => &rest[..close],
+        None => b"",
+    }
+}
+
+/// Copies `event` to `out` without the `"usage":null` members OpenAI adds to
+/// every chunk once `include_usage` is on.
+fn remove_usage_null(event: &[u8], out: &mut BytesMut) {
+    let mut rest = event;
+    while let Some(at) = memmem::find(rest, b"\"usage\":null") {
+        let (mut start, mut end) = (at, at + 12);
+        if rest[..start].ends_with(b",") {
+            start -= 1;
+        } else if rest[end..].starts_with(b",") {
+            end += 1;
+        }
+        out.extend_from_slice(&rest[..start]);
+        rest = &rest[end..];
+    }
+    out.extend_from_slice(rest);
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,227 @@
+//! One request: route, auth, the `x-mock-*` controls, the provider handler,
+//! the log entry, and the response with its request id.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+
+use super::control::{Controls, Usage};
+use super::log::{LogEntry, State};
+use super::sse::{MockBody, Piece};
+use super::{anthropic, openai};
+
+const MAX_BODY_BYTES: usize = 32 << 20;
+
+/// What a route handler produced: the body, and the usage it reported.
+pub(crate) struct Handled {
+    pub(crate) reply: Reply,
+    pub(crate) reported: Option<Usage>,
+}
+
+pub(crate) enum Reply {
+    Json(Value),
+    Stream(Vec<Piece>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    OpenAi(openai::Op),
+    Models,
+    Messages,
+}
+
+fn route(method: &Method, path: &str) -> Option<Route> {
+    use openai::Op;
+    match (method, path) {
+        (&Method::POST, "/v1/chat/completions") => Some(Route::OpenAi(Op::Chat)),
+        (&Method::POST, "/v1/completions") => Some(Route::OpenAi(Op::Completions)),
+        (&Method::POST, "/v1/responses") => Some(Route::OpenAi(Op::Responses)),
+        (&Method::POST, "/v1/embeddings") => Some(Route::OpenAi(Op::Embeddings)),
+        (&Method::POST, "/v1/messages") => Some(Route::Messages),
+        (&Method::GET, "/v1/models") => Some(Route::Models),
+        _ => None,
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+pub(crate) async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<MockBody>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
+    match (&parts.method, path.as_str()) {
+        (&Method::GET, "/__mock/requests") => {
+            return Ok(reply(
+                StatusCode::OK,
+                None,
+                Reply::Json(state.log_json()),
+                None,
+            ));
+        }
+        (&Method::DELETE, "/__mock/requests") => {
+            state.clear();
+            return Ok(reply(StatusCode::OK, None, Reply::Json(json!([])), None));
+        }
+        _ => {}
+    }
+    let controls = Controls::from_headers(&parts.headers);
+    let route = route(&parts.method, &path);
+    let anthropic = route == Some(Route::Messages);
+    let n = state.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+    let id_header = if anthropic {
+        "request-id"
+    } else {
+        "x-request-id"
+    };
+    let request_id = format!("req_{n}");
+    let body = Limited::new(body, MAX_BODY_BYTES).collect().await;
+    let body = body.map(|b| b.to_bytes());
+    let (status, handled) = match (&body, route) {
+        (Err(_), _) => fail(
+            anthropic,
+            StatusCode::BAD_REQUEST,
+            "could not read the body",
+        ),
+        (Ok(_), None) => {
+            let msg = format!("Invalid URL ({} {path})", parts.method);
+            fail(false, StatusCode::NOT_FOUND, &msg)
+        }
+        (Ok(bytes), Some(route)) => dispatch(&state, &parts.headers, &controls, route, bytes, n),
+    };
+    state.record(LogEntry {
+        path,
+        method: parts.method.to_string(),
+        request_id: request_id.clone(),
+        authorization: header(&parts.headers, "authorization"),
+        x_api_key: header(&parts.headers, "x-api-key"),
+        headers: parts
+            .headers
+            .keys()
+            .map(|k| k.as_str().to_owned())
+            .collect(),
+        body_bytes: body.as_ref().map_or(0, |b| b.len()),
+        usage: match (&handled.reply, controls.fail_after) {
+            (Reply::Stream(_), Some(_)) => None,
+            _ => handled.reported,
+        },
+    });
+    if !controls.first_byte_delay.is_zero() {
+        tokio::time::sleep(controls.first_byte_delay).await;
+    }
+    let id = Some((id_header, request_id));
+    Ok(reply(status, id, handled.reply, Some(&controls)))
+}
+
+/// Auth, forced status, JSON parsing, then the route's handler.
+fn dispatch(
+    state: &State,
+    headers: &HeaderMap,
+    controls: &Controls,
+    route: Route,
+    body: &[u8],
+    n: u64,
+) -> (StatusCode, Handled) {
+    let anthropic = route == Route::Messages;
+    if let Some(key) = &state.expect_key {
+        let ok = if anthropic {
+            header(headers, "x-api-key").as_deref() == Some(key.as_str())
+        } else {
+            header(headers, "authorization") == Some(format!("Bearer {key}"))
+        };
+        if !ok {
+            let msg = if anthropic {
+                "invalid x-api-key"
+            } else {
+                "Incorrect API key provided."
+            };
+            return fail(anthropic, StatusCode::UNAUTHORIZED, msg);
+        }
+    }
+    if let Some(status) = controls.status {
+        return fail(anthropic, status, "mock: status forced by x-mock-status");
+    }
+    if route == Route::Models {
+        return ok(Reply::Json(openai::models()));
+    }
+    let request: Value = match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) | Err(_) => {
+            let msg = "We could not parse the JSON body of your request.";
+            return fail(anthropic, StatusCode::BAD_REQUEST, msg);
+        }
+    };
+    let tokens = controls.tokens(body.len(), &request, !anthropic);
+    let handled = match route {
+        Route::OpenAi(op) => openai::handle(op, &request, tokens, controls.no_usage, n),
+        Route::Messages | Route::Models => {
+            anthropic::handle(&request, tokens, controls.no_usage, n)
+        }
+    };
+    (StatusCode::OK, handled)
+}
+
+fn ok(reply: Reply) -> (StatusCode, Handled) {
+    let handled = Handled {
+        reply,
+        reported: None,
+    };
+    (StatusCode::OK, handled)
+}
+
+fn fail(anthropic: bool, status: StatusCode, message: &str) -> (StatusCode, Handled) {
+    let body = if anthropic {
+        anthropic::error(status, message)
+    } else {
+        openai::error(status, message)
+    };
+    let handled = Handled {
+        reply: Reply::Json(body),
+        reported: None,
+    };
+    (status, handled)
+}
+
+fn reply(
+    status: StatusCode,
+    id: Option<(&'static str, String)>,
+    reply: Reply,
+    controls: Option<&Controls>,
+) -> Response<MockBody> {
+    let (content_type, body) = match reply {
+        Reply::Json(v) => ("application/json", MockBody::full(v.to_string())),
+        Reply::Stream(pieces) => {
+            let (delay, fail_after) =
+                controls.map_or((Duration::ZERO, None), |c| (c.delay, c.fail_after));
+            (
+                "text/event-stream",
+                MockBody::stream(pieces, delay, fail_after),
+            )
+        }
+    };
+    let mut res = Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type);
+    if content_type == "text/event-stream" {
+        res = res.header(http::header::CACHE_CONTROL, "no-cache");
+    }
+    if let Some((name, value)) = id {
+        res = res.header(name, value);
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        res = res.header(http::header::RETRY_AFTER, "1");
+    }
+    res.body(body)
+        .unwrap_or_else(|_| Response::new(MockBody::full("")))
+}

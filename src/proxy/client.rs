@@ -1,0 +1,49 @@
+//! The upstream HTTP client: pooled connections, rustls with the webpki roots
+//! (ring provider), HTTP/1.1 and HTTP/2 by ALPN, a connect timeout. Built once
+//! per distinct connect timeout and shared by every request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+#[derive(Default)]
+pub struct Clients {
+    by_connect_timeout: Mutex<HashMap<Duration, HttpClient>>,
+}
+
+impl Clients {
+    pub fn get(&self, connect_timeout: Duration) -> HttpClient {
+        let mut map = self.by_connect_timeout.lock().unwrap();
+        map.entry(connect_timeout)
+            .or_insert_with(|| build(connect_timeout))
+            .clone()
+    }
+}
+
+fn build(connect_timeout: Duration) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
+        .expect("ring supports the default protocol versions")
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(https)
+}

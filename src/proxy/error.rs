@@ -1,0 +1,122 @@
+//! Errors the proxy answers itself, in the upstream provider's shape
+//! (DESIGN §5). Each knows its source: client -> 4xx, upstream -> 502/504,
+//! internal -> 5xx; and each has a short stable `kind()`.
+
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::config::Provider;
+use crate::event::Outcome;
+use crate::server::{full, Body};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no upstream is configured for this path")]
+    NoRoute,
+    #[error("missing or unknown tenant credential")]
+    Unauthenticated,
+    #[error("request body exceeds the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("request body could not be read: {0}")]
+    BadBody(String),
+    #[error("{0}")]
+    MalformedJson(String),
+    #[error("model {0:?} has no price and unpriced models are rejected")]
+    UnknownModel(String),
+    #[error("usage metering is unavailable (spool full or unwritable); retry later")]
+    SpoolUnavailable,
+    #[error("upstream could not be reached")]
+    UpstreamUnreachable,
+    #[error("upstream did not answer in time")]
+    UpstreamTimeout,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ProxyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BadBody(_) | ProxyError::MalformedJson(_) | ProxyError::UnknownModel(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::SpoolUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Stable, machine-readable; also the `code` in the body.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "route_not_found",
+            ProxyError::Unauthenticated => "invalid_api_key",
+            ProxyError::TooLarge { .. } => "request_too_large",
+            ProxyError::BadBody(_) => "bad_request_body",
+            ProxyError::MalformedJson(_) => "invalid_json",
+            ProxyError::UnknownModel(_) => "model_not_priced",
+            ProxyError::SpoolUnavailable => "metering_unavailable",
+            ProxyError::UpstreamUnreachable => "upstream_unreachable",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    /// The event outcome of a call that ended in this error.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            ProxyError::Unauthenticated => Outcome::RejectedAuth,
+            ProxyError::UpstreamUnreachable | ProxyError::UpstreamTimeout => Outcome::UpstreamError,
+            _ => Outcome::RejectedRequest,
+        }
+    }
+
+    fn error_type(&self, provider: Provider) -> &'static str {
+        match (provider, self.status().as_u16()) {
+            (Provider::Anthropic, 401) => "authentication_error",
+            (Provider::Anthropic, 404) => "not_found_error",
+            (Provider::Anthropic, 413) => "request_too_large",
+            (Provider::Anthropic, 400) => "invalid_request_error",
+            (Provider::Anthropic, _) => "api_error",
+            (_, 401) => "invalid_request_error",
+            (_, 400 | 404 | 413) => "invalid_request_error",
+            (_, _) => "server_error",
+        }
+    }
+
+    pub fn to_response(&self, provider: Provider) -> Response<Body> {
+        error_response(
+            provider,
+            self.status(),
+            self.error_type(provider),
+            self.kind(),
+            &self.to_string(),
+        )
+    }
+}
+
+/// A JSON error in the provider's shape: OpenAI
+/// `{"error":{"message","type","param","code"}}`, Anthropic
+/// `{"type":"error","error":{"type","message"}}`.
+pub fn error_response(
+    provider: Provider,
+    status: StatusCode,
+    error_type: &str,
+    code: &str,
+    message: &str,
+) -> Response<Body> {
+    let body = match provider {
+        Provider::Anthropic => serde_json::json!({
+            "type": "error",
+            "error": {"type": error_type, "message": message, "code": code},
+        }),
+        _ => serde_json::json!({
+            "error": {"message": message, "type": error_type, "param": null, "code": code},
+        }),
+    };
+    let mut resp = Response::new(full(body.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

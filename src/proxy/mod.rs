@@ -1,0 +1,221 @@
+//! The proxy listener. A request walks these phases, in [`handle`]:
+//!
+//! 1. **route**: the upstream from the path prefix (config only; never an open proxy)
+//! 2. **authenticate**: the tenant from its key or the trusted header
+//! 3. **read**: the body, capped at `server.max_request_bytes`
+//! 4. **inspect**: model, stream, output cap (metered routes; 400 on bad JSON)
+//! 5. **admit**: spool capacity, then limits (rate, budget reservation)
+//! 6. **forward**: hygienic headers, the upstream key, optional usage injection
+//! 7. **meter**: the response body wrapped in a `MeteredBody`
+//! 8. **emit**: one event per call, on every path (the `Call` guarantees it)
+
+pub mod client;
+pub mod error;
+pub mod headers;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Policy, Provider, Tenancy, UnknownModel, Upstream};
+use crate::meter::{self, Call, End, Format, MeteredBody, Operation, RequestInfo, ResponseMeter};
+use crate::server::Body;
+use crate::App;
+
+pub use error::ProxyError;
+
+/// Tenant id recorded for calls whose credential matched no tenant.
+pub const UNKNOWN_TENANT: &str = "unknown";
+
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let policy = app.policy.load_full();
+    // route
+    let Some((upstream, rest)) = policy.route(req.uri().path()) else {
+        return ProxyError::NoRoute.to_response(Provider::OpenAi);
+    };
+    let upstream = upstream.clone();
+    let path = match req.uri().query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_string(),
+    };
+    let op = Operation::classify(upstream.provider, req.method(), rest);
+
+    // authenticate
+    let tenant = authenticate(&policy, req.headers());
+    let mut call = Call::new(
+        app.clone(),
+        policy.clone(),
+        tenant.clone().unwrap_or_else(|| UNKNOWN_TENANT.to_string()),
+        upstream.clone(),
+        op,
+    );
+    if tenant.is_none() {
+        return reject(call, ProxyError::Unauthenticated, upstream.provider).await;
+    }
+
+    // read
+    let (parts, body) = req.into_parts();
+    let body = match read_body(body, &parts.headers, policy.server.max_request_bytes).await {
+        Ok(b) => b,
+        Err(e) => return reject(call, e, upstream.provider).await,
+    };
+
+    // inspect
+    let mut strip_usage = false;
+    let mut body = body;
+    if op.is_metered() {
+        let info = match RequestInfo::parse(&body) {
+            Ok(i) => i,
+            Err(e) => {
+                return reject(call, ProxyError::MalformedJson(e.to_string()), upstream.provider)
+                    .await
+            }
+        };
+        if policy.unknown_model == UnknownModel::Reject {
+            if let Some(m) = info.model.as_deref().filter(|m| policy.price(m, "").is_none()) {
+                let e = ProxyError::UnknownModel(m.to_string());
+                return reject(call, e, upstream.provider).await;
+            }
+        }
+        if info.stream
+            && !info.client_wants_usage
+            && matches!(op, Operation::Chat | Operation::Completions)
+        {
+            match meter::request::inject_include_usage(&body) {
+                Ok(b) => {
+                    body = b;
+                    strip_usage = true;
+                }
+                Err(e) => {
+                    let e = ProxyError::MalformedJson(e.to_string());
+                    return reject(call, e, upstream.provider).await;
+                }
+            }
+        }
+        call.state().request = info;
+    }
+    call.state().request_body = body.clone();
+
+    // admit
+    if let Err(e) = app.spool.check_capacity() {
+        tracing::warn!(error = %e, "rejecting a call: metering fails closed");
+        return reject(call, ProxyError::SpoolUnavailable, upstream.provider).await;
+    }
+
+    // forward
+    let tenancy_header = match &policy.tenancy {
+        Tenancy::Header(h) => Some(h),
+        Tenancy::Key => None,
+    };
+    let mut headers = parts.headers;
+    headers::upstream_request_headers(&mut headers, &upstream, tenancy_header, op.is_metered());
+    let mut up_req = Request::new(Full::new(body));
+    *up_req.method_mut() = parts.method;
+    *up_req.uri_mut() = upstream_uri(&upstream, &path);
+    *up_req.headers_mut() = headers;
+    let deadline = tokio::time::Instant::now() + upstream.timeout;
+    let client = app.clients.get(upstream.connect_timeout);
+    let resp = match tokio::time::timeout_at(deadline, client.request(up_req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::warn!(upstream = %upstream.name, error = %e, "upstream request failed");
+            return fail(call, ProxyError::UpstreamUnreachable, upstream.provider).await;
+        }
+        Err(_) => return fail(call, ProxyError::UpstreamTimeout, upstream.provider).await,
+    };
+
+    // meter
+    let (mut parts, incoming) = resp.into_parts();
+    headers::client_response_headers(&mut parts.headers, &upstream);
+    let state = call.state();
+    state.status = parts.status.as_u16();
+    state.request_id = parts
+        .headers
+        .get("x-request-id")
+        .or_else(|| parts.headers.get("request-id"))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if op.is_metered() {
+        let format = Format::from_content_type(parts.headers.get(http::header::CONTENT_TYPE));
+        state.meter = Some(ResponseMeter::new(upstream.provider, op, format, strip_usage));
+    }
+    let content_length = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    if strip_usage {
+        // The body changes length; it streams chunked anyway.
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    }
+    let body = MeteredBody::new(incoming, call, content_length, deadline);
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// The tenant of a request, or `None` (401).
+fn authenticate(policy: &Policy, h: &HeaderMap) -> Option<String> {
+    match &policy.tenancy {
+        Tenancy::Header(name) => {
+            let id = h.get(name)?.to_str().ok()?;
+            policy.tenants.get(id).map(|t| t.id.clone())
+        }
+        Tenancy::Key => {
+            let key = h
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                .or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()))?;
+            let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
+            policy.keys.get(&digest).cloned()
+        }
+    }
+}
+
+async fn read_body(body: Incoming, h: &HeaderMap, limit: u64) -> Result<Bytes, ProxyError> {
+    let declared = h
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ProxyError::TooLarge { limit });
+    }
+    match Limited::new(body, limit as usize).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::TooLarge { limit }),
+        Err(e) => Err(ProxyError::BadBody(e.to_string())),
+    }
+}
+
+fn upstream_uri(upstream: &Upstream, path_and_query: &str) -> http::Uri {
+    let base = upstream.url.path().trim_end_matches('/');
+    let pq = format!("{base}{path_and_query}");
+    let mut parts = upstream.url.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().unwrap_or_else(|_| "/".parse().unwrap()));
+    http::Uri::from_parts(parts).unwrap_or_else(|_| upstream.url.clone())
+}
+
+/// Refuses a call before forwarding: its event first, then the answer.
+async fn reject(call: Call, e: ProxyError, provider: Provider) -> Response<Body> {
+    let status = e.status().as_u16();
+    call.finish(End::Rejected {
+        status,
+        outcome: e.outcome(),
+        kind: e.kind(),
+    })
+    .await;
+    e.to_response(provider)
+}
+
+/// The upstream gave no response: the event records it, the client gets 502/504.
+async fn fail(call: Call, e: ProxyError, provider: Provider) -> Response<Body> {
+    call.finish(End::NoResponse {
+        status: e.status().as_u16(),
+        kind: e.kind(),
+    })
+    .await;
+    e.to_response(provider)
+}

@@ -1,0 +1,69 @@
+//! `tollgate report`: per-tenant, per-model totals from an event file.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+
+use rust_decimal::Decimal;
+
+use crate::event::Event;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Totals {
+    pub calls: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost: Decimal,
+}
+
+/// (tenant, model) -> totals; plus the number of lines that were not events.
+pub fn totals(reader: impl BufRead) -> std::io::Result<(BTreeMap<(String, String), Totals>, u64)> {
+    let mut out: BTreeMap<(String, String), Totals> = BTreeMap::new();
+    let mut bad = 0;
+    for line in reader.lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Some(d) = serde_json::from_str::<Event>(&line)
+            .ok()
+            .and_then(|e| e.call_data())
+        else {
+            bad += u64::from(serde_json::from_str::<Event>(&line).is_err());
+            continue;
+        };
+        let model = d
+            .response_model
+            .or(d.request_model)
+            .unwrap_or_else(|| format!("({})", d.operation));
+        let t = out.entry((d.tenant, model)).or_default();
+        t.calls += d.calls;
+        t.input_tokens += d.usage.input_tokens;
+        t.output_tokens += d.usage.output_tokens;
+        t.cost += d.cost;
+    }
+    Ok((out, bad))
+}
+
+/// Renders the totals as a fixed-width table.
+pub fn render(totals: &BTreeMap<(String, String), Totals>) -> String {
+    let mut s = format!(
+        "{:<16} {:<32} {:>7} {:>12} {:>12} {:>14}\n",
+        "tenant", "model", "calls", "input_tok", "output_tok", "cost_usd"
+    );
+    let mut sum = Totals::default();
+    for ((tenant, model), t) in totals {
+        s += &format!(
+            "{:<16} {:<32} {:>7} {:>12} {:>12} {:>14}\n",
+            tenant, model, t.calls, t.input_tokens, t.output_tokens, t.cost.normalize()
+        );
+        sum.calls += t.calls;
+        sum.input_tokens += t.input_tokens;
+        sum.output_tokens += t.output_tokens;
+        sum.cost += t.cost;
+    }
+    s += &format!(
+        "{:<16} {:<32} {:>7} {:>12} {:>12} {:>14}\n",
+        "TOTAL", "", sum.calls, sum.input_tokens, sum.output_tokens, sum.cost.normalize()
+    );
+    s
+}

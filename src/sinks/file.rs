@@ -1,0 +1,83 @@
+//! The file sink: appends event lines to a JSONL file. The file's length is
+//! saved with the cursor, so after a crash the sink cuts off a batch it wrote
+//! but had not committed and writes it again: no duplicate, no gap.
+
+use std::path::PathBuf;
+
+use tokio::io::AsyncWriteExt;
+
+use super::{BoxFuture, Sink, SinkError};
+use crate::spool::Batch;
+
+pub struct FileSink {
+    path: PathBuf,
+    file: Option<tokio::fs::File>,
+    len: u64,
+}
+
+impl FileSink {
+    pub fn new(path: PathBuf) -> FileSink {
+        FileSink {
+            path,
+            file: None,
+            len: 0,
+        }
+    }
+
+    async fn open(&mut self, saved: Option<u64>) -> Result<(), SinkError> {
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(dir).await?;
+        }
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .await?;
+        let on_disk = file.metadata().await?.len();
+        self.len = match saved {
+            // Written after the last commit: it will be written again.
+            Some(saved) if saved < on_disk => {
+                file.set_len(saved).await?;
+                tracing::info!(path = %self.path.display(), cut_bytes = on_disk - saved, "file sink: removed lines written after the last commit");
+                saved
+            }
+            // Shorter than we left it: rotated or truncated by someone else.
+            _ => on_disk,
+        };
+        self.file = Some(file);
+        Ok(())
+    }
+}
+
+impl Sink for FileSink {
+    fn start(&mut self, saved: Option<u64>) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(self.open(saved))
+    }
+
+    fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<Option<u64>, SinkError>> {
+        Box::pin(async move {
+            if self.file.is_none() {
+                self.open(None).await?;
+            }
+            let file = self.file.as_mut().expect("opened above");
+            let mut buf = Vec::with_capacity(batch.bytes());
+            for line in &batch.lines {
+                buf.extend_from_slice(line);
+            }
+            if let Err(e) = async {
+                file.write_all(&buf).await?;
+                file.flush().await?;
+                file.sync_data().await
+            }
+            .await
+            {
+                // Reopen next time, cutting back to the committed length.
+                self.file = None;
+                let _ = self.open(Some(self.len)).await;
+                return Err(e.into());
+            }
+            self.len += buf.len() as u64;
+            Ok(Some(self.len))
+        })
+    }
+}

@@ -1,0 +1,310 @@
+//! The spool: a durable, append-only, segmented event log under
+//! `data_dir/spool`, with one cursor per sink.
+//!
+//! Positions are byte offsets into the logical log; a segment file is named by
+//! the position of its first byte. One writer thread appends batches (group
+//! commit) and acknowledges each event once it is in the file (the OS page
+//! cache survives `kill -9`) and, with `fsync = "always"`, on disk. Sinks read
+//! from their cursor and commit it after delivery; a segment is removed once
+//! every sink has passed it. The undelivered bytes are bounded by `max_bytes`.
+
+mod cursor;
+mod reader;
+mod segments;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{SpoolPolicy, WhenFull};
+
+pub use cursor::Cursor;
+pub use reader::{Batch, Reader};
+
+/// Events queued for the writer thread at most; appenders wait beyond it.
+const QUEUE: usize = 8192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("spool is full ({used} of {max} bytes undelivered)")]
+    Full { used: u64, max: u64 },
+    #[error("spool is closed")]
+    Closed,
+}
+
+impl SpoolError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SpoolError::Io(_) => "spool_io",
+            SpoolError::Full { .. } => "spool_full",
+            SpoolError::Closed => "spool_closed",
+        }
+    }
+}
+
+struct Append {
+    line: Vec<u8>,
+    ack: Option<oneshot::Sender<Result<u64, SpoolError>>>,
+}
+
+/// Counters the spool exposes to `/metrics`.
+#[derive(Default)]
+pub struct SpoolStats {
+    pub appended_events: AtomicU64,
+    pub dropped_bytes: AtomicU64,
+    pub dropped_segments: AtomicU64,
+    pub write_errors: AtomicU64,
+}
+
+pub struct Spool {
+    dir: PathBuf,
+    policy: SpoolPolicy,
+    tx: mpsc::Sender<Append>,
+    /// End of the written log (next append position).
+    end: watch::Receiver<u64>,
+    /// Start of the oldest segment still on disk.
+    start: AtomicU64,
+    cursors: Mutex<Vec<(String, u64)>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub stats: Arc<SpoolStats>,
+}
+
+impl Spool {
+    /// Opens (recovering a torn tail) or creates the spool in `dir`, with a
+    /// cursor for each sink name. Must run inside a tokio runtime.
+    pub fn open(dir: &Path, policy: SpoolPolicy, sinks: &[String]) -> Result<Arc<Spool>, SpoolError> {
+        std::fs::create_dir_all(dir.join("cursors"))?;
+        let segs = segments::recover(dir)?;
+        let end = segs.last().map(|s| s.start + s.len).unwrap_or(0);
+        let start = segs.first().map(|s| s.start).unwrap_or(end);
+        let mut cursors = Vec::new();
+        for name in sinks {
+            let c = cursor::load(dir, name)?.unwrap_or(Cursor {
+                position: start,
+                sink_offset: None,
+            });
+            cursors.push((name.clone(), c.position.clamp(start, end)));
+        }
+        let (end_tx, end_rx) = watch::channel(end);
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let stats = Arc::new(SpoolStats::default());
+        let spool = Arc::new(Spool {
+            dir: dir.to_path_buf(),
+            policy: policy.clone(),
+            tx,
+            end: end_rx,
+            start: AtomicU64::new(start),
+            cursors: Mutex::new(cursors),
+            writer: Mutex::new(None),
+            stats: stats.clone(),
+        });
+        let w = writer::Writer::new(dir.to_path_buf(), policy, segs, end_tx, stats)?;
+        let handle = tokio::runtime::Handle::current();
+        let thread = std::thread::Builder::new()
+            .name("tollgate-spool".into())
+            .spawn(move || w.run(rx, handle))?;
+        *spool.writer.lock().unwrap() = Some(thread);
+        spool.collect_garbage();
+        Ok(spool)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends one event line (ending in `\n`) and waits until it is in the
+    /// spool file (and on disk with `fsync = "always"`). Returns the position
+    /// just past it.
+    pub async fn append(&self, line: Vec<u8>) -> Result<u64, SpoolError> {
+        let (ack, rx) = oneshot::channel();
+        self.tx
+            .send(Append {
+                line,
+                ack: Some(ack),
+            })
+            .await
+            .map_err(|_| SpoolError::Closed)?;
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Appends without waiting, for paths that cannot await (a dropped
+    /// request). Still bounded: when the queue is full the send waits on a
+    /// task. Failures are logged at ERROR and counted.
+    pub fn append_detached(self: &Arc<Self>, line: Vec<u8>) {
+        let (ack, rx) = oneshot::channel();
+        let msg = Append {
+            line,
+            ack: Some(ack),
+        };
+        let stats = self.stats.clone();
+        let report = move |r: Result<Result<u64, SpoolError>, oneshot::error::RecvError>| {
+            if let Err(e) = r.map_err(|_| SpoolError::Closed).and_then(|r| r) {
+                stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "usage event lost: spool append failed");
+            }
+        };
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                tokio::spawn(async move { report(rx.await) });
+            }
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    if tx.send(msg).await.is_ok() {
+                        report(rx.await)
+                    } else {
+                        report(Ok(Err(SpoolError::Closed)))
+                    }
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => report(Ok(Err(SpoolError::Closed))),
+        }
+    }
+
+    /// Undelivered bytes: from the slowest sink's cursor to the end.
+    pub fn backlog_bytes(&self) -> u64 {
+        let end = *self.end.borrow();
+        end.saturating_sub(self.min_cursor(end))
+    }
+
+    /// Bytes of segment files on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.end().saturating_sub(self.start.load(Ordering::Relaxed))
+    }
+
+    pub fn end(&self) -> u64 {
+        *self.end.borrow()
+    }
+
+    /// Admission check for new metered calls. With `when_full = "reject"` a
+    /// full spool refuses them (metering fails closed); with `drop_oldest`
+    /// the oldest undelivered segments are removed instead, loudly.
+    pub fn check_capacity(&self) -> Result<(), SpoolError> {
+        let used = self.backlog_bytes();
+        if used < self.policy.max_bytes {
+            return Ok(());
+        }
+        match self.policy.when_full {
+            WhenFull::Reject => Err(SpoolError::Full {
+                used,
+                max: self.policy.max_bytes,
+            }),
+            WhenFull::DropOldest => {
+                self.drop_oldest();
+                Ok(())
+            }
+        }
+    }
+
+    fn min_cursor(&self, end: u64) -> u64 {
+        let cursors = self.cursors.lock().unwrap();
+        cursors.iter().map(|(_, p)| *p).min().unwrap_or(end)
+    }
+
+    /// A reader for `sink` from its committed cursor.
+    pub fn reader(self: &Arc<Self>, sink: &str) -> Result<Reader, SpoolError> {
+        let cursor = cursor::load(&self.dir, sink)?;
+        let start = self.start.load(Ordering::Relaxed);
+        let position = {
+            let cursors = self.cursors.lock().unwrap();
+            cursors
+                .iter()
+                .find(|(n, _)| n == sink)
+                .map(|(_, p)| *p)
+                .unwrap_or(start)
+        };
+        Ok(Reader::new(
+            self.clone(),
+            sink.to_string(),
+            position.max(start),
+            cursor.and_then(|c| c.sink_offset),
+            self.end.clone(),
+        ))
+    }
+
+    /// Records that `sink` delivered everything before `position`.
+    pub fn commit(&self, sink: &str, cursor: Cursor) -> Result<(), SpoolError> {
+        cursor::store(&self.dir, sink, &cursor)?;
+        {
+            let mut cursors = self.cursors.lock().unwrap();
+            if let Some(c) = cursors.iter_mut().find(|(n, _)| n == sink) {
+                c.1 = cursor.position;
+            }
+        }
+        self.collect_garbage();
+        Ok(())
+    }
+
+    /// The committed position of each sink (for lag metrics).
+    pub fn cursors(&self) -> Vec<(String, u64)> {
+        self.cursors.lock().unwrap().clone()
+    }
+
+    /// Removes segments every sink has passed (never the active one).
+    fn collect_garbage(&self) {
+        let end = self.end();
+        let min = self.min_cursor(end);
+        self.remove_segments_before(min, false);
+    }
+
+    fn drop_oldest(&self) {
+        let end = self.end();
+        let target = end.saturating_sub(self.policy.max_bytes / 2);
+        let dropped = self.remove_segments_before(target, true);
+        if dropped > 0 {
+            let new_start = self.start.load(Ordering::Relaxed);
+            let mut cursors = self.cursors.lock().unwrap();
+            for (name, pos) in cursors.iter_mut() {
+                if *pos < new_start {
+                    tracing::error!(
+                        sink = %name,
+                        lost_bytes = new_start - *pos,
+                        "spool full: dropped undelivered events (spool.when_full = \"drop_oldest\")"
+                    );
+                    *pos = new_start;
+                }
+            }
+        }
+    }
+
+    /// Deletes closed segments that end at or before `before`. Returns the
+    /// bytes removed. `lost` marks them as dropped undelivered.
+    fn remove_segments_before(&self, before: u64, lost: bool) -> u64 {
+        let Ok(segs) = segments::list(&self.dir) else {
+            return 0;
+        };
+        let active = segs.last().map(|s| s.start);
+        let mut removed = 0;
+        for s in &segs {
+            if Some(s.start) == active || s.start + s.len > before {
+                break;
+            }
+            if std::fs::remove_file(segments::path(&self.dir, s.start)).is_ok() {
+                removed += s.len;
+                self.start.store(s.start + s.len, Ordering::Relaxed);
+                if lost {
+                    self.stats.dropped_bytes.fetch_add(s.len, Ordering::Relaxed);
+                    self.stats.dropped_segments.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        removed
+    }
+
+    /// Stops the writer after it has written (and synced) everything queued.
+    pub async fn close(&self) {
+        let _ = self.tx.send(Append { line: Vec::new(), ack: None }).await;
+        let handle = self.writer.lock().unwrap().take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

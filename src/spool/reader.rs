@@ -1,0 +1,182 @@
+//! A sink's view of the spool: batches of whole event lines from its cursor.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::segments;
+use super::{Cursor, Spool, SpoolError};
+
+/// Whole event lines (each ending in `\n`) and the position just past them.
+pub struct Batch {
+    pub lines: Vec<Bytes>,
+    pub end: u64,
+}
+
+impl Batch {
+    pub fn bytes(&self) -> usize {
+        self.lines.iter().map(|l| l.len()).sum()
+    }
+}
+
+pub struct Reader {
+    spool: Arc<Spool>,
+    sink: String,
+    position: u64,
+    sink_offset: Option<u64>,
+    end: watch::Receiver<u64>,
+}
+
+impl Reader {
+    pub(super) fn new(
+        spool: Arc<Spool>,
+        sink: String,
+        position: u64,
+        sink_offset: Option<u64>,
+        end: watch::Receiver<u64>,
+    ) -> Reader {
+        Reader {
+            spool,
+            sink,
+            position,
+            sink_offset,
+            end,
+        }
+    }
+
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// The sink's own offset saved with the cursor (file sinks).
+    pub fn sink_offset(&self) -> Option<u64> {
+        self.sink_offset
+    }
+
+    /// Events written but not yet delivered by this sink.
+    pub fn lag_bytes(&self) -> u64 {
+        self.spool.end().saturating_sub(self.position)
+    }
+
+    /// Waits for events past the cursor; returns up to `max_events` lines and
+    /// about `max_bytes` (at least one line).
+    pub async fn next_batch(
+        &mut self,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Batch, SpoolError> {
+        loop {
+            let end = *self.end.borrow_and_update();
+            if end > self.position {
+                let batch = self.read(max_events, max_bytes).await?;
+                if !batch.lines.is_empty() {
+                    return Ok(batch);
+                }
+            }
+            if self.end.changed().await.is_err() {
+                return Err(SpoolError::Closed);
+            }
+        }
+    }
+
+    /// Whatever is available now, without waiting (empty when caught up).
+    pub async fn try_batch(
+        &mut self,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Batch, SpoolError> {
+        self.read(max_events, max_bytes).await
+    }
+
+    async fn read(&mut self, max_events: usize, max_bytes: usize) -> Result<Batch, SpoolError> {
+        let dir = self.spool.dir().to_path_buf();
+        let from = self.position;
+        let (from, lines) = tokio::task::spawn_blocking(move || {
+            read_lines(&dir, from, max_events, max_bytes)
+        })
+        .await
+        .expect("spool read does not panic")?;
+        if from != self.position {
+            tracing::error!(
+                sink = %self.sink,
+                lost_bytes = from - self.position,
+                "sink cursor was behind the oldest segment: events were dropped"
+            );
+        }
+        let end = from + lines.iter().map(|l| l.len() as u64).sum::<u64>();
+        self.position = end;
+        Ok(Batch { lines, end })
+    }
+
+    /// Commits delivery up to `batch_end`, with the sink's own offset.
+    pub fn commit(&mut self, batch_end: u64, sink_offset: Option<u64>) -> Result<(), SpoolError> {
+        self.sink_offset = sink_offset;
+        self.spool.commit(
+            &self.sink,
+            Cursor {
+                position: batch_end,
+                sink_offset,
+            },
+        )
+    }
+}
+
+/// Reads whole lines from `from`. Returns the position actually read from
+/// (later than `from` if those segments were dropped) and the lines.
+fn read_lines(
+    dir: &std::path::Path,
+    mut from: u64,
+    max_events: usize,
+    max_bytes: usize,
+) -> Result<(u64, Vec<Bytes>), SpoolError> {
+    let segs = segments::list(dir)?;
+    let Some(first) = segs.first() else {
+        return Ok((from, Vec::new()));
+    };
+    if from < first.start {
+        from = first.start;
+    }
+    let mut lines = Vec::new();
+    let mut taken = 0usize;
+    let mut pos = from;
+    let start_pos = pos;
+    for seg in segs.iter().filter(|s| s.start + s.len > start_pos) {
+        let mut f = std::fs::File::open(segments::path(dir, seg.start))?;
+        let offset = pos - seg.start;
+        f.seek(SeekFrom::Start(offset))?;
+        let want = ((seg.len - offset) as usize).min(max_bytes.saturating_sub(taken).max(1 << 16));
+        let mut buf = vec![0u8; want];
+        let n = read_full(&mut f, &mut buf)?;
+        buf.truncate(n);
+        let buf = Bytes::from(buf);
+        let mut at = 0;
+        while let Some(i) = memchr::memchr(b'\n', &buf[at..]) {
+            let line = buf.slice(at..at + i + 1);
+            at += i + 1;
+            taken += line.len();
+            lines.push(line);
+            if lines.len() >= max_events || taken >= max_bytes {
+                return Ok((from, lines));
+            }
+        }
+        pos += at as u64;
+        if pos < seg.start + seg.len {
+            // The rest of this segment did not fit, or a line is still being written.
+            break;
+        }
+    }
+    Ok((from, lines))
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}

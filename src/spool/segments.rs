@@ -1,0 +1,76 @@
+//! Segment files: `{start:020}.log`, JSON lines, named by the log position of
+//! their first byte.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Segment {
+    pub start: u64,
+    pub len: u64,
+}
+
+pub fn path(dir: &Path, start: u64) -> PathBuf {
+    dir.join(format!("{start:020}.log"))
+}
+
+/// Segments on disk, oldest first.
+pub fn list(dir: &Path) -> std::io::Result<Vec<Segment>> {
+    let mut segs = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(start) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".log"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        segs.push(Segment {
+            start,
+            len: entry.metadata()?.len(),
+        });
+    }
+    segs.sort_by_key(|s| s.start);
+    Ok(segs)
+}
+
+/// Lists segments and cuts a torn tail off the newest one: anything after its
+/// last newline was a write interrupted by a crash, never acknowledged.
+pub fn recover(dir: &Path) -> std::io::Result<Vec<Segment>> {
+    let mut segs = list(dir)?;
+    if let Some(last) = segs.last_mut() {
+        let p = path(dir, last.start);
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&p)?;
+        let keep = complete_len(&mut f, last.len)?;
+        if keep != last.len {
+            tracing::warn!(
+                segment = %p.display(),
+                torn_bytes = last.len - keep,
+                "spool: removed a torn partial line left by a crash"
+            );
+            f.set_len(keep)?;
+            f.sync_all()?;
+            last.len = keep;
+        }
+    }
+    Ok(segs)
+}
+
+/// Length of the file up to and including its last `\n`.
+fn complete_len(f: &mut std::fs::File, len: u64) -> std::io::Result<u64> {
+    let mut end = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let from = end.saturating_sub(buf.len() as u64);
+        let n = (end - from) as usize;
+        f.seek(SeekFrom::Start(from))?;
+        f.read_exact(&mut buf[..n])?;
+        if let Some(i) = memchr::memrchr(b'\n', &buf[..n]) {
+            return Ok(from + i as u64 + 1);
+        }
+        end = from;
+    }
+    Ok(0)
+}
