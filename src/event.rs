@@ -177,7 +177,7 @@ mod tests {
     #[test]
     fn time_has_millis_and_z() {
         let t = OffsetDateTime::from_unix_timestamp_nanos(1_795_464_000_123_456_789).unwrap();
-        assert_eq!(format_time(t), "2026-11-23T14:00:00.123Z");
+        assert_eq!(format_time(t), "2026-11-23T20:00:00.123Z");
     }
 
     #[test]

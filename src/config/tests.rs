@@ -64,7 +64,7 @@ fn parses_the_example() {
 fn unknown_key_names_key_and_line() {
     let src = GOOD.replace("provider = \"generic\"", "provider = \"generic\"\ncolour = \"red\"");
     let e = parse(&src, "t.toml", &env).unwrap_err();
-    assert_eq!(e.line, 20, "{e}");
+    assert_eq!(e.line, 19, "{e}");
     assert!(e.to_string().contains("colour"), "{e}");
 }
 
@@ -73,12 +73,12 @@ fn bad_value_names_key_and_line() {
     let src = GOOD.replace("window = \"month\"", "window = \"fortnight\"");
     let e = parse(&src, "t.toml", &env).unwrap_err();
     assert_eq!(e.key, "tenants[0].budget.window");
-    assert_eq!(e.line, 30, "{e}");
+    assert_eq!(e.line, 28, "{e}");
 
     let src = GOOD.replace("input = \"2.00\"", "input = \"two\"");
     let e = parse(&src, "t.toml", &env).unwrap_err();
     assert_eq!(e.key, "models.gpt-4.1.input", "{e}");
-    assert_eq!(e.line, 25, "{e}");
+    assert_eq!(e.line, 22, "{e}");
 }
 
 #[test]

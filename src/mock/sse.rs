@@ -93,6 +93,9 @@ impl MockBody {
                 }
             }
             if fail_after.is_some() {
+                // Let hyper flush what was sent: an error aborts the
+                // connection and would discard its write buffer.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 let _ = tx.send(Err(Box::new(InjectedFailure) as BoxError)).await;
             }
         });

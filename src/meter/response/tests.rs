@@ -1,0 +1,167 @@
+//! Every parser runs over every golden fixture in `tests/fixtures/`, whole,
+//! split at every byte position, and in 1-byte and 7-byte reads.
+
+use super::*;
+use std::path::Path;
+
+struct Fixture {
+    name: String,
+    body: Vec<u8>,
+    format: Format,
+    provider: Provider,
+    op: Operation,
+    expected: serde_json::Value,
+}
+
+fn fixtures() -> Vec<Fixture> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut out = Vec::new();
+    for dir in ["openai", "anthropic"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_string();
+            let format = if name.ends_with(".sse") {
+                Format::Sse
+            } else if name.ends_with(".json") && !name.ends_with(".expected.json") {
+                Format::Json
+            } else {
+                continue;
+            };
+            let stem = name.rsplit_once('.').unwrap().0;
+            let expected: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(path.with_file_name(format!("{stem}.expected.json"))).unwrap(),
+            )
+            .unwrap();
+            let provider = match expected["provider"].as_str().unwrap() {
+                "openai" => Provider::OpenAi,
+                _ => Provider::Anthropic,
+            };
+            let op = match expected["operation"].as_str().unwrap() {
+                "chat" => Operation::Chat,
+                "completions" => Operation::Completions,
+                "responses" => Operation::Responses,
+                "embeddings" => Operation::Embeddings,
+                _ => Operation::Messages,
+            };
+            out.push(Fixture {
+                name: format!("{dir}/{name}"),
+                body: std::fs::read(&path).unwrap(),
+                format,
+                provider,
+                op,
+                expected,
+            });
+        }
+    }
+    assert!(out.len() >= 19, "fixtures missing: {}", out.len());
+    out
+}
+
+struct Run {
+    usage: Option<Usage>,
+    model: Option<String>,
+    complete: bool,
+    text: String,
+    out: Vec<u8>,
+}
+
+fn run(f: &Fixture, chunks: &[&[u8]], strip: bool) -> Run {
+    let mut m = ResponseMeter::new(f.provider, f.op, f.format, strip);
+    let mut out = Vec::new();
+    for c in chunks {
+        out.extend_from_slice(&m.feed(Bytes::copy_from_slice(c)));
+    }
+    out.extend_from_slice(&m.finish());
+    Run {
+        usage: m.usage(),
+        model: m.response_model.clone(),
+        complete: m.complete,
+        text: m.generated_text().0,
+        out,
+    }
+}
+
+fn check(f: &Fixture, r: &Run, how: &str) {
+    let want_usage: Option<Usage> = serde_json::from_value(f.expected["usage"].clone()).unwrap();
+    assert_eq!(r.usage, want_usage, "{} usage ({how})", f.name);
+    assert_eq!(
+        r.model.as_deref(),
+        f.expected["response_model"].as_str(),
+        "{} model ({how})",
+        f.name
+    );
+    assert_eq!(
+        r.complete,
+        f.expected["complete"].as_bool().unwrap(),
+        "{} complete ({how})",
+        f.name
+    );
+    let want_text = f.expected["text"].as_str().unwrap();
+    if f.format == Format::Sse {
+        // Estimation also counts tool arguments, which the fixture's `text` leaves out.
+        assert!(r.text.contains(want_text), "{} text ({how}): {:?}", f.name, r.text);
+        if !f.name.contains("tool") {
+            assert_eq!(r.text, want_text, "{} text ({how})", f.name);
+        }
+    }
+}
+
+#[test]
+fn every_fixture_every_split() {
+    for f in fixtures() {
+        let b = &f.body[..];
+        let whole = run(&f, &[b], false);
+        check(&f, &whole, "whole");
+        assert_eq!(whole.out, b, "{}: passthrough must not change bytes", f.name);
+        for i in 0..=b.len() {
+            check(&f, &run(&f, &[&b[..i], &b[i..]], false), &format!("split at {i}"));
+        }
+        for n in [1, 7] {
+            let chunks: Vec<&[u8]> = b.chunks(n).collect();
+            check(&f, &run(&f, &chunks, false), &format!("{n}-byte reads"));
+        }
+    }
+}
+
+#[test]
+fn strip_mode_meters_the_same_and_hides_usage() {
+    for f in fixtures().into_iter().filter(|f| {
+        f.format == Format::Sse && matches!(f.op, Operation::Chat | Operation::Completions)
+    }) {
+        let b = &f.body[..];
+        let whole = run(&f, &[b], true);
+        check(&f, &whole, "strip whole");
+        let text = String::from_utf8(whole.out.clone()).unwrap();
+        assert!(!text.contains("\"usage\""), "{}: usage leaked to client:\n{text}", f.name);
+        assert!(!text.contains("\"choices\":[]"), "{}", f.name);
+        for n in [1, 3, 64] {
+            let chunks: Vec<&[u8]> = b.chunks(n).collect();
+            let r = run(&f, &chunks, true);
+            check(&f, &r, &format!("strip {n}-byte reads"));
+            assert_eq!(r.out, whole.out, "{}: output depends on framing", f.name);
+        }
+        // What remains is exactly the upstream's events minus the usage parts.
+        let mut want = BytesMut::new();
+        remove_usage_null(b, &mut want);
+        let want = String::from_utf8(want.to_vec()).unwrap();
+        for line in text.lines() {
+            assert!(want.contains(line), "{}: unexpected line {line}", f.name);
+        }
+    }
+}
+
+#[test]
+fn removes_usage_null_members() {
+    let mut out = BytesMut::new();
+    remove_usage_null(br#"data: {"a":1,"usage":null}"#, &mut out);
+    assert_eq!(&out[..], br#"data: {"a":1}"#);
+    let mut out = BytesMut::new();
+    remove_usage_null(br#"data: {"usage":null,"a":1}"#, &mut out);
+    assert_eq!(&out[..], br#"data: {"a":1}"#);
+}
+
+#[test]
+fn detects_usage_objects_only() {
+    assert!(has_usage_object(br#"{"usage": {"a":1}}"#));
+    assert!(!has_usage_object(br#"{"usage":null}"#));
+}
