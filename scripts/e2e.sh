@@ -5,7 +5,7 @@
 # Usage: scripts/e2e.sh [pytest args...]
 #   TOLLGATE_BIN  the binary to test (default: target/debug/tollgate).
 #                 This script does NOT build it; run `cargo build` first.
-#   PYTHON        the interpreter for the venv (default: python3, needs 3.11+).
+#   E2E_PYTHON    the interpreter for the venv (default: python3, needs 3.11+).
 #
 # The venv lives at $REPO/.venv; it is reused when its stamp (the sha256 of
 # tests/e2e/requirements.txt) matches and pip reports the pinned versions.
@@ -17,7 +17,7 @@ cd "$REPO"
 REQS="$REPO/tests/e2e/requirements.txt"
 VENV="$REPO/.venv"
 STAMP="$VENV/.tollgate-e2e-requirements.sha256"
-PYTHON="${PYTHON:-python3}"
+PYTHON="${E2E_PYTHON:-python3}"
 
 die() { echo "e2e.sh: error: $*" >&2; exit 1; }
 
@@ -65,9 +65,14 @@ EOF
 if venv_matches; then
     echo "e2e.sh: reusing $VENV"
 else
-    echo "e2e.sh: creating $VENV"
-    rm -rf "$VENV"
-    "$PYTHON" -m venv "$VENV" || die "could not create the venv (is python3-venv installed?)"
+    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import sys, pip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        echo "e2e.sh: updating $VENV"
+    else
+        echo "e2e.sh: creating $VENV"
+        rm -rf "$VENV"
+        "$PYTHON" -m venv "$VENV" || die "could not create the venv (is python3-venv installed?)"
+    fi
+    rm -f "$STAMP"
     "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$REQS" \
         || die "pip install -r $REQS failed"
     echo "$want" >"$STAMP"
@@ -75,4 +80,6 @@ else
 fi
 
 echo "e2e.sh: TOLLGATE_BIN=$TOLLGATE_BIN"
-exec "$VENV/bin/python" -m pytest -q tests/e2e "$@"
+# Keep pytest's cache (for --lf) and bytecode out of the source tree.
+export PYTHONDONTWRITEBYTECODE=1
+exec "$VENV/bin/python" -m pytest -q -o cache_dir="$VENV/.pytest_cache" tests/e2e "$@"

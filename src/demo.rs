@@ -34,7 +34,10 @@ const TRAFFIC: &[Traffic] = &[
         tenant_key: "demo-key-acme",
         path: "/openai/v1/chat/completions",
         body: r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Summarise the ticket."}]}"#,
-        headers: &[("x-mock-output-tokens", "40"), ("x-mock-cached-tokens", "3")],
+        headers: &[
+            ("x-mock-output-tokens", "40"),
+            ("x-mock-cached-tokens", "3"),
+        ],
     },
     Traffic {
         tenant_key: "demo-key-acme",
@@ -46,13 +49,19 @@ const TRAFFIC: &[Traffic] = &[
         tenant_key: "demo-key-globex",
         path: "/anthropic/v1/messages",
         body: r#"{"model":"claude-sonnet-4-5","max_tokens":512,"messages":[{"role":"user","content":"Plan the migration."}]}"#,
-        headers: &[("x-mock-output-tokens", "120"), ("x-mock-cache-write-tokens", "200")],
+        headers: &[
+            ("x-mock-output-tokens", "120"),
+            ("x-mock-cache-write-tokens", "200"),
+        ],
     },
     Traffic {
         tenant_key: "demo-key-globex",
         path: "/anthropic/v1/messages",
         body: r#"{"model":"claude-sonnet-4-5","max_tokens":512,"stream":true,"messages":[{"role":"user","content":"Continue."}]}"#,
-        headers: &[("x-mock-output-tokens", "60"), ("x-mock-cached-tokens", "200")],
+        headers: &[
+            ("x-mock-output-tokens", "60"),
+            ("x-mock-cached-tokens", "200"),
+        ],
     },
     Traffic {
         tenant_key: "demo-key-initech",
@@ -83,7 +92,10 @@ pub async fn run() -> Result<(), DemoError> {
         .replace("{DATA}", &data.display().to_string());
     let policy = crate::config::parse(&src, "config/demo.toml", &|_| None)?;
     let running = crate::start(policy).await?;
-    println!("tollgate demo: mock upstream on {mock_addr}, proxy on {}, admin on {}", running.proxy_addr, running.admin_addr);
+    println!(
+        "tollgate demo: mock upstream on {mock_addr}, proxy on {}, admin on {}",
+        running.proxy_addr, running.admin_addr
+    );
 
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     println!("\n{:<10} {:<34} {:>6}", "tenant", "route", "status");
@@ -115,7 +127,10 @@ pub async fn run() -> Result<(), DemoError> {
     tokio::time::sleep(Duration::from_millis(10)).await;
     let f = std::fs::File::open(&events)?;
     let (totals, _) = crate::report::totals(std::io::BufReader::new(f))?;
-    println!("\nUsage by tenant and model (tollgate report --events {}):\n", events.display());
+    println!(
+        "\nUsage by tenant and model (tollgate report --events {}):\n",
+        events.display()
+    );
     print!("{}", crate::report::render(&totals));
     println!("\nEvents (CloudEvents JSONL): {}", events.display());
     println!("Spool: {}", data.join("spool").display());

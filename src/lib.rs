@@ -106,14 +106,18 @@ pub async fn run(
     proxy_listener: TcpListener,
     admin_listener: TcpListener,
 ) -> Result<Running, RunError> {
-    let proxy_addr = proxy_listener.local_addr().map_err(|source| RunError::Listen {
-        addr: policy.server.listen,
-        source,
-    })?;
-    let admin_addr = admin_listener.local_addr().map_err(|source| RunError::Listen {
-        addr: policy.server.admin_listen,
-        source,
-    })?;
+    let proxy_addr = proxy_listener
+        .local_addr()
+        .map_err(|source| RunError::Listen {
+            addr: policy.server.listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| RunError::Listen {
+            addr: policy.server.admin_listen,
+            source,
+        })?;
     let sink_names: Vec<String> = policy.sinks.iter().map(|s| s.name.clone()).collect();
     let spool = Spool::open(
         &policy.server.data_dir.join("spool"),

@@ -8,7 +8,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "Meters AI API traffic per tenant: a sidecar reverse proxy")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Meters AI API traffic per tenant: a sidecar reverse proxy"
+)]
 struct Cli {
     /// Log format; default: JSON when stdout is not a terminal, else pretty.
     #[arg(long, global = true)]
@@ -75,25 +79,23 @@ fn init_tracing(format: Option<LogFormat>, default_level: &str) {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => {
-            match tollgate::config::load(&config) {
-                Ok(p) => {
-                    println!(
-                        "{}: ok ({} upstreams, {} models, {} tenants, {} sinks)",
-                        config.display(),
-                        p.upstreams.len(),
-                        p.models.len(),
-                        p.tenants.len(),
-                        p.sinks.len()
-                    );
-                    Ok(())
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    std::process::exit(1);
-                }
+        Command::Check { config } => match tollgate::config::load(&config) {
+            Ok(p) => {
+                println!(
+                    "{}: ok ({} upstreams, {} models, {} tenants, {} sinks)",
+                    config.display(),
+                    p.upstreams.len(),
+                    p.models.len(),
+                    p.tenants.len(),
+                    p.sinks.len()
+                );
+                Ok(())
             }
-        }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        },
         Command::HashKey => {
             let mut key = String::new();
             std::io::stdin().read_line(&mut key)?;

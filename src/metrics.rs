@@ -88,20 +88,76 @@ impl Metrics {
             sink_last_success: Family::default(),
             registry: Registry::default(),
         };
-        r.register("calls", "Metered calls by upstream, model and outcome", m.calls.clone());
-        r.register("tokens", "Tokens by upstream, model and type", m.tokens.clone());
-        r.register("cost_usd", "Cost at price-table rates (for dashboards; bill from events)", m.cost.clone());
-        r.register("rejections", "Requests the proxy refused, by reason", m.rejections.clone());
-        r.register("unpriced_calls", "Calls to models missing from the price table", m.unpriced.clone());
-        r.register("events_lost", "Usage events that could not be written (logged at ERROR)", m.events_lost.clone());
-        r.register("spool_disk_bytes", "Bytes of spool segments on disk", m.spool_disk_bytes.clone());
-        r.register("spool_backlog_bytes", "Bytes not yet delivered by the slowest sink", m.spool_backlog_bytes.clone());
-        r.register("spool_appended_events", "Events appended since start", m.spool_appended.clone());
-        r.register("spool_dropped_bytes", "Undelivered bytes dropped by when_full = drop_oldest", m.spool_dropped_bytes.clone());
-        r.register("sink_lag_bytes", "Spool bytes a sink has not delivered yet", m.sink_lag_bytes.clone());
-        r.register("sink_delivered_events", "Events a sink delivered", m.sink_delivered.clone());
-        r.register("sink_errors", "Failed delivery attempts", m.sink_errors.clone());
-        r.register("sink_last_success_timestamp_seconds", "Unix time of a sink's last delivery", m.sink_last_success.clone());
+        r.register(
+            "calls",
+            "Metered calls by upstream, model and outcome",
+            m.calls.clone(),
+        );
+        r.register(
+            "tokens",
+            "Tokens by upstream, model and type",
+            m.tokens.clone(),
+        );
+        r.register(
+            "cost_usd",
+            "Cost at price-table rates (for dashboards; bill from events)",
+            m.cost.clone(),
+        );
+        r.register(
+            "rejections",
+            "Requests the proxy refused, by reason",
+            m.rejections.clone(),
+        );
+        r.register(
+            "unpriced_calls",
+            "Calls to models missing from the price table",
+            m.unpriced.clone(),
+        );
+        r.register(
+            "events_lost",
+            "Usage events that could not be written (logged at ERROR)",
+            m.events_lost.clone(),
+        );
+        r.register(
+            "spool_disk_bytes",
+            "Bytes of spool segments on disk",
+            m.spool_disk_bytes.clone(),
+        );
+        r.register(
+            "spool_backlog_bytes",
+            "Bytes not yet delivered by the slowest sink",
+            m.spool_backlog_bytes.clone(),
+        );
+        r.register(
+            "spool_appended_events",
+            "Events appended since start",
+            m.spool_appended.clone(),
+        );
+        r.register(
+            "spool_dropped_bytes",
+            "Undelivered bytes dropped by when_full = drop_oldest",
+            m.spool_dropped_bytes.clone(),
+        );
+        r.register(
+            "sink_lag_bytes",
+            "Spool bytes a sink has not delivered yet",
+            m.sink_lag_bytes.clone(),
+        );
+        r.register(
+            "sink_delivered_events",
+            "Events a sink delivered",
+            m.sink_delivered.clone(),
+        );
+        r.register(
+            "sink_errors",
+            "Failed delivery attempts",
+            m.sink_errors.clone(),
+        );
+        r.register(
+            "sink_last_success_timestamp_seconds",
+            "Unix time of a sink's last delivery",
+            m.sink_last_success.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 

@@ -15,9 +15,12 @@ pub struct Totals {
     pub cost: Decimal,
 }
 
+/// Totals keyed by (tenant, model).
+pub type Table = BTreeMap<(String, String), Totals>;
+
 /// (tenant, model) -> totals; plus the number of lines that were not events.
-pub fn totals(reader: impl BufRead) -> std::io::Result<(BTreeMap<(String, String), Totals>, u64)> {
-    let mut out: BTreeMap<(String, String), Totals> = BTreeMap::new();
+pub fn totals(reader: impl BufRead) -> std::io::Result<(Table, u64)> {
+    let mut out = Table::new();
     let mut bad = 0;
     for line in reader.lines() {
         let line = line?;
@@ -45,7 +48,7 @@ pub fn totals(reader: impl BufRead) -> std::io::Result<(BTreeMap<(String, String
 }
 
 /// Renders the totals as a fixed-width table.
-pub fn render(totals: &BTreeMap<(String, String), Totals>) -> String {
+pub fn render(totals: &Table) -> String {
     let mut s = format!(
         "{:<16} {:<32} {:>7} {:>12} {:>12} {:>14}\n",
         "tenant", "model", "calls", "input_tok", "output_tok", "cost_usd"
@@ -54,7 +57,12 @@ pub fn render(totals: &BTreeMap<(String, String), Totals>) -> String {
     for ((tenant, model), t) in totals {
         s += &format!(
             "{:<16} {:<32} {:>7} {:>12} {:>12} {:>14}\n",
-            tenant, model, t.calls, t.input_tokens, t.output_tokens, t.cost.normalize()
+            tenant,
+            model,
+            t.calls,
+            t.input_tokens,
+            t.output_tokens,
+            t.cost.normalize()
         );
         sum.calls += t.calls;
         sum.input_tokens += t.input_tokens;
@@ -63,7 +71,12 @@ pub fn render(totals: &BTreeMap<(String, String), Totals>) -> String {
     }
     s += &format!(
         "{:<16} {:<32} {:>7} {:>12} {:>12} {:>14}\n",
-        "TOTAL", "", sum.calls, sum.input_tokens, sum.output_tokens, sum.cost.normalize()
+        "TOTAL",
+        "",
+        sum.calls,
+        sum.input_tokens,
+        sum.output_tokens,
+        sum.cost.normalize()
     );
     s
 }

@@ -35,10 +35,16 @@ fn ready(app: &App) -> Response<Body> {
         return json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"draining"}"#);
     }
     if app.spool.check_capacity().is_err() {
-        return json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"spool_full"}"#);
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"spool_full"}"#,
+        );
     }
     if !app.spool.dir().is_dir() {
-        return json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"spool_unwritable"}"#);
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"spool_unwritable"}"#,
+        );
     }
     json(StatusCode::OK, r#"{"status":"ready"}"#)
 }

@@ -9,7 +9,11 @@ use toml::Spanned;
 /// 1-based line number of a byte offset.
 pub fn line_of(src: &str, offset: usize) -> usize {
     let end = offset.min(src.len());
-    src.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    src.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// The span of the value at `path`, or of the deepest ancestor that exists.

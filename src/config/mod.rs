@@ -37,7 +37,9 @@ pub fn load(path: &Path) -> Result<Policy, ConfigError> {
         key: String::new(),
         reason: format!("cannot read: {e}"),
     })?;
-    parse(&src, &path.display().to_string(), &|name| std::env::var(name).ok())
+    parse(&src, &path.display().to_string(), &|name| {
+        std::env::var(name).ok()
+    })
 }
 
 /// Parses and validates config text. `env` resolves `*_env` secrets, so tests

@@ -52,17 +52,25 @@ fn parses_the_example() {
     assert!(p.route("/elsewhere").is_none());
     let (_, v) = up.credential.as_ref().unwrap();
     assert_eq!(v.0, "Bearer sk-upstream");
-    assert!(!format!("{p:?}").contains("sk-upstream"), "secrets leak in Debug");
+    assert!(
+        !format!("{p:?}").contains("sk-upstream"),
+        "secrets leak in Debug"
+    );
     let price = p.models.get("gpt-4.1").unwrap();
     assert_eq!(price.cache_read_input, price.input);
     let digest = hash_key("test");
-    assert!(p.keys.contains_key(&<[u8; 32]>::try_from(hex::decode(&digest[7..]).unwrap()).unwrap()));
+    assert!(p
+        .keys
+        .contains_key(&<[u8; 32]>::try_from(hex::decode(&digest[7..]).unwrap()).unwrap()));
     assert_eq!(p.sinks[0].name, "file-0");
 }
 
 #[test]
 fn unknown_key_names_key_and_line() {
-    let src = GOOD.replace("provider = \"generic\"", "provider = \"generic\"\ncolour = \"red\"");
+    let src = GOOD.replace(
+        "provider = \"generic\"",
+        "provider = \"generic\"\ncolour = \"red\"",
+    );
     let e = parse(&src, "t.toml", &env).unwrap_err();
     assert_eq!(e.line, 19, "{e}");
     assert!(e.to_string().contains("colour"), "{e}");

@@ -19,7 +19,10 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Invalid {
 
 /// `sha256:<hex>` of a tenant key, as `tollgate hash-key` prints it.
 pub fn hash_key(key: &str) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(key.trim().as_bytes())))
+    format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(key.trim().as_bytes()))
+    )
 }
 
 fn duration(key: &str, s: &str) -> Result<Duration, Invalid> {
@@ -34,13 +37,21 @@ fn addr(key: &str, s: &str) -> Result<SocketAddr, Invalid> {
 pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Policy, Invalid> {
     let s = &raw.server;
     let admin_token = match &s.admin_token_env {
-        Some(var) => Some(Secret(env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
-            invalid("server.admin_token_env", format!("environment variable {var} is not set"))
-        })?)),
+        Some(var) => Some(Secret(env(var).filter(|v| !v.is_empty()).ok_or_else(
+            || {
+                invalid(
+                    "server.admin_token_env",
+                    format!("environment variable {var} is not set"),
+                )
+            },
+        )?)),
         None => None,
     };
     if s.max_request_bytes == 0 {
-        return Err(invalid("server.max_request_bytes", "must be greater than 0"));
+        return Err(invalid(
+            "server.max_request_bytes",
+            "must be greater than 0",
+        ));
     }
     if s.source.is_empty() {
         return Err(invalid("server.source", "must not be empty"));
@@ -101,22 +112,34 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
     for (i, u) in raw.upstreams.iter().enumerate() {
         let up = upstream(&format!("upstreams[{i}]"), u, env)?;
         if !names.insert(up.name.clone()) {
-            return Err(invalid(format!("upstreams[{i}].name"), "duplicate upstream name"));
+            return Err(invalid(
+                format!("upstreams[{i}].name"),
+                "duplicate upstream name",
+            ));
         }
-        if upstreams.iter().any(|o: &Arc<Upstream>| o.prefix == up.prefix) {
-            return Err(invalid(format!("upstreams[{i}].prefix"), "duplicate prefix"));
+        if upstreams
+            .iter()
+            .any(|o: &Arc<Upstream>| o.prefix == up.prefix)
+        {
+            return Err(invalid(
+                format!("upstreams[{i}].prefix"),
+                "duplicate prefix",
+            ));
         }
         upstreams.push(Arc::new(up));
     }
     // Longest prefix first, so `/openai/v2` wins over `/openai`.
-    upstreams.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+    upstreams.sort_by_key(|u| std::cmp::Reverse(u.prefix.len()));
 
     let mut models = HashMap::new();
     for (name, m) in &raw.models {
         let key = format!("models.{name}");
         for (field, v) in [("input", m.input), ("output", m.output)] {
             if v.is_sign_negative() {
-                return Err(invalid(format!("{key}.{field}"), "price must not be negative"));
+                return Err(invalid(
+                    format!("{key}.{field}"),
+                    "price must not be negative",
+                ));
             }
         }
         models.insert(
@@ -175,7 +198,10 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
         let budget = match &t.budget {
             Some(b) => Some(Budget {
                 limit: if b.limit.is_sign_negative() {
-                    return Err(invalid(format!("{key}.budget.limit"), "must not be negative"));
+                    return Err(invalid(
+                        format!("{key}.budget.limit"),
+                        "must not be negative",
+                    ));
                 } else {
                     b.limit
                 },
@@ -197,16 +223,21 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
             requests_per_minute: r.requests_per_minute,
             tokens_per_minute: r.tokens_per_minute,
         });
-        if let Some(RateLimit {
-            requests_per_minute: Some(0),
-            ..
-        }
-        | RateLimit {
-            tokens_per_minute: Some(0),
-            ..
-        }) = rate_limit
+        if let Some(
+            RateLimit {
+                requests_per_minute: Some(0),
+                ..
+            }
+            | RateLimit {
+                tokens_per_minute: Some(0),
+                ..
+            },
+        ) = rate_limit
         {
-            return Err(invalid(format!("{key}.rate_limit"), "limits must be at least 1"));
+            return Err(invalid(
+                format!("{key}.rate_limit"),
+                "limits must be at least 1",
+            ));
         }
         let tenant = Tenant {
             id: t.id.clone(),
@@ -272,7 +303,10 @@ fn upstream(
         }
     }
     if url.query().is_some() {
-        return Err(invalid(format!("{key}.url"), "must not have a query string"));
+        return Err(invalid(
+            format!("{key}.url"),
+            "must not have a query string",
+        ));
     }
     let provider = match u.provider.as_str() {
         "openai" => Provider::OpenAi,
@@ -323,7 +357,10 @@ fn upstream(
     };
     let price_per_call = u.price_per_call.unwrap_or_default();
     if price_per_call.is_sign_negative() {
-        return Err(invalid(format!("{key}.price_per_call"), "must not be negative"));
+        return Err(invalid(
+            format!("{key}.price_per_call"),
+            "must not be negative",
+        ));
     }
     if u.price_per_call.is_some() && provider != Provider::Generic {
         return Err(invalid(
@@ -379,9 +416,19 @@ fn sink(key: &str, s: &RawSink, index: usize) -> Result<SinkConfig, Invalid> {
             ))
         }
     };
-    let name = s.name.clone().unwrap_or_else(|| format!("{}-{index}", s.kind));
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(invalid(format!("{key}.name"), "use letters, digits, '-' and '_'"));
+    let name = s
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}-{index}", s.kind));
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(invalid(
+            format!("{key}.name"),
+            "use letters, digits, '-' and '_'",
+        ));
     }
     Ok(SinkConfig { name, kind })
 }
@@ -404,7 +451,11 @@ fn price_digest(raw: &RawConfig) -> String {
     }
     for u in &raw.upstreams {
         h.update(u.name.as_bytes());
-        h.update(u.price_per_call.map(|d| d.normalize().to_string()).unwrap_or_default());
+        h.update(
+            u.price_per_call
+                .map(|d| d.normalize().to_string())
+                .unwrap_or_default(),
+        );
     }
     format!("sha256:{}", &hex::encode(h.finalize())[..12])
 }

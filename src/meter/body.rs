@@ -156,7 +156,10 @@ where
                 return Poll::Ready(None);
             }
             if this.call.is_some() && this.deadline.as_mut().poll(cx).is_ready() {
-                this.finish(End::BodyError("upstream_timeout"), Release::Error(Box::new(BodyTimeout)));
+                this.finish(
+                    End::BodyError("upstream_timeout"),
+                    Release::Error(Box::new(BodyTimeout)),
+                );
                 continue;
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
@@ -180,7 +183,10 @@ where
                 }
                 Poll::Ready(Some(Err(e))) => {
                     this.inner_done = true;
-                    this.finish(End::BodyError("upstream_body_error"), Release::Error(e.into()));
+                    this.finish(
+                        End::BodyError("upstream_body_error"),
+                        Release::Error(e.into()),
+                    );
                 }
                 Poll::Ready(None) => {
                     this.inner_done = true;

@@ -71,7 +71,13 @@ pub struct CallState {
 }
 
 impl Call {
-    pub fn new(app: Arc<App>, policy: Arc<Policy>, tenant: String, upstream: Arc<Upstream>, op: Operation) -> Call {
+    pub fn new(
+        app: Arc<App>,
+        policy: Arc<Policy>,
+        tenant: String,
+        upstream: Arc<Upstream>,
+        op: Operation,
+    ) -> Call {
         Call {
             state: Some(Box::new(CallState {
                 app,
@@ -91,7 +97,9 @@ impl Call {
     }
 
     pub fn state(&mut self) -> &mut CallState {
-        self.state.as_mut().expect("a call is only used until it finishes")
+        self.state
+            .as_mut()
+            .expect("a call is only used until it finishes")
     }
 
     /// Ends the call: estimates if needed, prices, writes the event to the
@@ -141,14 +149,20 @@ impl CallState {
         let complete = meter.is_some_and(|m| m.complete);
         let stream_error = meter.is_some_and(|m| m.stream_error);
         let (status, outcome, error) = match end {
-            End::Rejected { status, outcome, kind } => (status, outcome, Some(kind)),
+            End::Rejected {
+                status,
+                outcome,
+                kind,
+            } => (status, outcome, Some(kind)),
             End::NoResponse { status, kind } => (status, Outcome::UpstreamError, Some(kind)),
             End::ClientAborted => (s.status, Outcome::ClientAborted, None),
             End::BodyError(kind) => (s.status, Outcome::UpstreamError, Some(kind)),
             End::Complete if s.status >= 400 => (s.status, Outcome::UpstreamError, None),
-            End::Complete if stream_error => {
-                (s.status, Outcome::UpstreamError, Some("upstream_stream_error"))
-            }
+            End::Complete if stream_error => (
+                s.status,
+                Outcome::UpstreamError,
+                Some("upstream_stream_error"),
+            ),
             End::Complete => (s.status, Outcome::Ok, None),
         };
         let llm = s.op.is_metered();
@@ -218,11 +232,7 @@ impl CallState {
 /// seen so far (Anthropic's `message_start`) win where they are larger.
 async fn estimate(s: &CallState, partial: Option<Usage>) -> Usage {
     let body = s.request_body.clone();
-    let model = s
-        .request
-        .model
-        .clone()
-        .unwrap_or_default();
+    let model = s.request.model.clone().unwrap_or_default();
     let (out_text, overflow) = s
         .meter
         .as_ref()
@@ -242,7 +252,11 @@ async fn estimate(s: &CallState, partial: Option<Usage>) -> Usage {
     .await;
     let p = partial.unwrap_or_default();
     Usage {
-        input_tokens: if p.input_tokens > 0 { p.input_tokens } else { est.0 },
+        input_tokens: if p.input_tokens > 0 {
+            p.input_tokens
+        } else {
+            est.0
+        },
         cache_read_input_tokens: p.cache_read_input_tokens,
         cache_write_input_tokens: p.cache_write_input_tokens,
         output_tokens: p.output_tokens.max(est.1),

@@ -141,7 +141,10 @@ pub fn inject_include_usage(body: &Bytes) -> Result<Bytes, MalformedJson> {
             }
             Some(other) => *other = serde_json::json!({"include_usage": true}),
             None => {
-                obj.insert("stream_options".into(), serde_json::json!({"include_usage": true}));
+                obj.insert(
+                    "stream_options".into(),
+                    serde_json::json!({"include_usage": true}),
+                );
             }
         }
     }
@@ -215,17 +218,42 @@ mod tests {
     fn classifies_routes() {
         use http::Method;
         let c = |p, m: &Method, path| Operation::classify(p, m, path);
-        assert_eq!(c(Provider::OpenAi, &Method::POST, "/v1/chat/completions"), Operation::Chat);
-        assert_eq!(c(Provider::OpenAi, &Method::POST, "/v1/completions"), Operation::Completions);
-        assert_eq!(c(Provider::OpenAi, &Method::POST, "/responses"), Operation::Responses);
-        assert_eq!(c(Provider::OpenAi, &Method::GET, "/v1/responses"), Operation::Other);
-        assert_eq!(c(Provider::OpenAi, &Method::POST, "/v1/embeddings?x=1"), Operation::Embeddings);
-        assert_eq!(c(Provider::Anthropic, &Method::POST, "/v1/messages"), Operation::Messages);
         assert_eq!(
-            c(Provider::Anthropic, &Method::POST, "/v1/messages/count_tokens"),
+            c(Provider::OpenAi, &Method::POST, "/v1/chat/completions"),
+            Operation::Chat
+        );
+        assert_eq!(
+            c(Provider::OpenAi, &Method::POST, "/v1/completions"),
+            Operation::Completions
+        );
+        assert_eq!(
+            c(Provider::OpenAi, &Method::POST, "/responses"),
+            Operation::Responses
+        );
+        assert_eq!(
+            c(Provider::OpenAi, &Method::GET, "/v1/responses"),
             Operation::Other
         );
-        assert_eq!(c(Provider::Generic, &Method::GET, "/q"), Operation::ToolCall);
+        assert_eq!(
+            c(Provider::OpenAi, &Method::POST, "/v1/embeddings?x=1"),
+            Operation::Embeddings
+        );
+        assert_eq!(
+            c(Provider::Anthropic, &Method::POST, "/v1/messages"),
+            Operation::Messages
+        );
+        assert_eq!(
+            c(
+                Provider::Anthropic,
+                &Method::POST,
+                "/v1/messages/count_tokens"
+            ),
+            Operation::Other
+        );
+        assert_eq!(
+            c(Provider::Generic, &Method::GET, "/q"),
+            Operation::ToolCall
+        );
     }
 
     #[test]

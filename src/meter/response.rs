@@ -317,7 +317,10 @@ fn collect_text(v: &serde_json::Value, key: Option<&str>, out: &mut String) {
         serde_json::Value::Array(a) => a.iter().for_each(|x| collect_text(x, key, out)),
         serde_json::Value::Object(o) => {
             // Skip echoed inputs and usage objects.
-            for (k, x) in o.iter().filter(|(k, _)| !matches!(k.as_str(), "usage" | "input")) {
+            for (k, x) in o
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "usage" | "input"))
+            {
                 collect_text(x, Some(k), out);
             }
         }

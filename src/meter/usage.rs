@@ -66,9 +66,8 @@ impl RawUsage {
                 }
             }
             Provider::OpenAi | Provider::Generic => {
-                let details = |d: &Option<Details>, f: fn(&Details) -> Option<u64>| {
-                    d.as_ref().and_then(f)
-                };
+                let details =
+                    |d: &Option<Details>, f: fn(&Details) -> Option<u64>| d.as_ref().and_then(f);
                 Usage {
                     input_tokens: self.prompt_tokens.or(self.input_tokens).unwrap_or(0),
                     cache_read_input_tokens: details(&self.prompt_tokens_details, |d| {

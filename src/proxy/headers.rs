@@ -60,7 +60,10 @@ pub fn upstream_request_headers(
     }
     if metered {
         // The meter reads the body: ask for it uncompressed.
-        h.insert(header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            http::HeaderValue::from_static("identity"),
+        );
     }
     if let Some((name, value)) = &upstream.credential {
         if let Ok(mut v) = http::HeaderValue::from_str(&value.0) {
@@ -86,7 +89,10 @@ mod tests {
     #[test]
     fn strips_connection_named_headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, "keep-alive, x-secret-hop".parse().unwrap());
+        h.insert(
+            header::CONNECTION,
+            "keep-alive, x-secret-hop".parse().unwrap(),
+        );
         h.insert("x-secret-hop", "1".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());

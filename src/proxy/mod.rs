@@ -71,12 +71,20 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         let info = match RequestInfo::parse(&body) {
             Ok(i) => i,
             Err(e) => {
-                return reject(call, ProxyError::MalformedJson(e.to_string()), upstream.provider)
-                    .await
+                return reject(
+                    call,
+                    ProxyError::MalformedJson(e.to_string()),
+                    upstream.provider,
+                )
+                .await
             }
         };
         if policy.unknown_model == UnknownModel::Reject {
-            if let Some(m) = info.model.as_deref().filter(|m| policy.price(m, "").is_none()) {
+            if let Some(m) = info
+                .model
+                .as_deref()
+                .filter(|m| policy.price(m, "").is_none())
+            {
                 let e = ProxyError::UnknownModel(m.to_string());
                 return reject(call, e, upstream.provider).await;
             }
@@ -141,7 +149,12 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         .map(str::to_string);
     if op.is_metered() {
         let format = Format::from_content_type(parts.headers.get(http::header::CONTENT_TYPE));
-        state.meter = Some(ResponseMeter::new(upstream.provider, op, format, strip_usage));
+        state.meter = Some(ResponseMeter::new(
+            upstream.provider,
+            op,
+            format,
+            strip_usage,
+        ));
     }
     let content_length = parts
         .headers
@@ -167,7 +180,10 @@ fn authenticate(policy: &Policy, h: &HeaderMap) -> Option<String> {
             let key = h
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
                 .or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()))?;
             let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
             policy.keys.get(&digest).cloned()

@@ -54,7 +54,10 @@ impl Sink for FileSink {
         Box::pin(self.open(saved))
     }
 
-    fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<Option<u64>, SinkError>> {
+    fn deliver<'a>(
+        &'a mut self,
+        batch: &'a Batch,
+    ) -> BoxFuture<'a, Result<Option<u64>, SinkError>> {
         Box::pin(async move {
             if self.file.is_none() {
                 self.open(None).await?;

@@ -43,7 +43,8 @@ pub trait Sink: Send {
 
     /// Delivers a batch. `Ok(offset)` means the receiver has it; the offset is
     /// saved with the cursor.
-    fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<Option<u64>, SinkError>>;
+    fn deliver<'a>(&'a mut self, batch: &'a Batch)
+        -> BoxFuture<'a, Result<Option<u64>, SinkError>>;
 }
 
 pub fn build(cfg: &SinkConfig) -> Box<dyn Sink> {

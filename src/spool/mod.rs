@@ -77,7 +77,11 @@ pub struct Spool {
 impl Spool {
     /// Opens (recovering a torn tail) or creates the spool in `dir`, with a
     /// cursor for each sink name. Must run inside a tokio runtime.
-    pub fn open(dir: &Path, policy: SpoolPolicy, sinks: &[String]) -> Result<Arc<Spool>, SpoolError> {
+    pub fn open(
+        dir: &Path,
+        policy: SpoolPolicy,
+        sinks: &[String],
+    ) -> Result<Arc<Spool>, SpoolError> {
         std::fs::create_dir_all(dir.join("cursors"))?;
         let segs = segments::recover(dir)?;
         let end = segs.last().map(|s| s.start + s.len).unwrap_or(0);
@@ -174,7 +178,8 @@ impl Spool {
 
     /// Bytes of segment files on disk.
     pub fn disk_bytes(&self) -> u64 {
-        self.end().saturating_sub(self.start.load(Ordering::Relaxed))
+        self.end()
+            .saturating_sub(self.start.load(Ordering::Relaxed))
     }
 
     pub fn end(&self) -> u64 {
@@ -298,7 +303,13 @@ impl Spool {
 
     /// Stops the writer after it has written (and synced) everything queued.
     pub async fn close(&self) {
-        let _ = self.tx.send(Append { line: Vec::new(), ack: None }).await;
+        let _ = self
+            .tx
+            .send(Append {
+                line: Vec::new(),
+                ack: None,
+            })
+            .await;
         let handle = self.writer.lock().unwrap().take();
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;

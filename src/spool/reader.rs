@@ -93,11 +93,10 @@ impl Reader {
     async fn read(&mut self, max_events: usize, max_bytes: usize) -> Result<Batch, SpoolError> {
         let dir = self.spool.dir().to_path_buf();
         let from = self.position;
-        let (from, lines) = tokio::task::spawn_blocking(move || {
-            read_lines(&dir, from, max_events, max_bytes)
-        })
-        .await
-        .expect("spool read does not panic")?;
+        let (from, lines) =
+            tokio::task::spawn_blocking(move || read_lines(&dir, from, max_events, max_bytes))
+                .await
+                .expect("spool read does not panic")?;
         if from != self.position {
             tracing::error!(
                 sink = %self.sink,

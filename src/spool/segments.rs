@@ -42,7 +42,10 @@ pub fn recover(dir: &Path) -> std::io::Result<Vec<Segment>> {
     let mut segs = list(dir)?;
     if let Some(last) = segs.last_mut() {
         let p = path(dir, last.start);
-        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&p)?;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)?;
         let keep = complete_len(&mut f, last.len)?;
         if keep != last.len {
             tracing::warn!(

@@ -22,7 +22,10 @@ async fn appends_read_back_in_order_across_segments() {
     for i in 0..300 {
         spool.append(line(i)).await.unwrap();
     }
-    assert!(segments::list(dir.path()).unwrap().len() > 1, "should roll segments");
+    assert!(
+        segments::list(dir.path()).unwrap().len() > 1,
+        "should roll segments"
+    );
     let mut r = spool.reader("a").unwrap();
     let mut seen = Vec::new();
     while seen.len() < 300 {
@@ -43,7 +46,12 @@ async fn recovers_torn_tail_and_resumes_from_cursor() {
     let dir = tempfile::tempdir().unwrap();
     let sinks = vec!["a".to_string()];
     {
-        let spool = Spool::open(dir.path(), policy(1 << 20, 1 << 20, WhenFull::Reject), &sinks).unwrap();
+        let spool = Spool::open(
+            dir.path(),
+            policy(1 << 20, 1 << 20, WhenFull::Reject),
+            &sinks,
+        )
+        .unwrap();
         for i in 0..10 {
             spool.append(line(i)).await.unwrap();
         }
@@ -58,7 +66,12 @@ async fn recovers_torn_tail_and_resumes_from_cursor() {
     std::io::Write::write_all(&mut f, b"{\"n\":10,\"pa").unwrap();
     drop(f);
 
-    let spool = Spool::open(dir.path(), policy(1 << 20, 1 << 20, WhenFull::Reject), &sinks).unwrap();
+    let spool = Spool::open(
+        dir.path(),
+        policy(1 << 20, 1 << 20, WhenFull::Reject),
+        &sinks,
+    )
+    .unwrap();
     let mut r = spool.reader("a").unwrap();
     assert_eq!(r.sink_offset(), Some(123));
     let b = r.next_batch(100, 1 << 20).await.unwrap();
@@ -78,7 +91,10 @@ async fn full_spool_rejects_or_drops_oldest() {
     for i in 0..200 {
         spool.append(line(i)).await.unwrap();
     }
-    assert!(matches!(spool.check_capacity(), Err(SpoolError::Full { .. })));
+    assert!(matches!(
+        spool.check_capacity(),
+        Err(SpoolError::Full { .. })
+    ));
     spool.close().await;
 
     let dir = tempfile::tempdir().unwrap();

@@ -59,6 +59,34 @@ STARTUP_TIMEOUT = 15.0  # seconds for a process to print its listening line
 EVENT_TIMEOUT = 10.0  # seconds for an event to reach the file sink
 STOP_TIMEOUT = 10.0  # seconds for SIGTERM before SIGKILL
 HTTP_TIMEOUT = 20.0  # seconds for any single HTTP call
+TEST_TIMEOUT = int(os.environ.get("TOLLGATE_E2E_TEST_TIMEOUT", "90"))  # per test (SIGALRM backstop)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The SDKs warn about model deprecations; the model names are fixed by the config.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:The model .* is deprecated:DeprecationWarning"
+    )
+
+
+class E2ETestTimeout(Exception):
+    pass
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Every test is bounded even if something blocks outside an SDK timeout."""
+
+    def on_alarm(signum, frame):
+        raise E2ETestTimeout(f"{item.nodeid} took longer than {TEST_TIMEOUT}s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(TEST_TIMEOUT)
+    try:
+        return (yield)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def key_digest(key: str) -> str:
@@ -99,8 +127,12 @@ def _base_env() -> dict[str, str]:
         k: v
         for k, v in os.environ.items()
         # No stray credentials or config from the caller's shell.
-        if not k.startswith(("OPENAI_", "ANTHROPIC_", "TOLLGATE_"))
+        if not k.startswith(("OPENAI_", "ANTHROPIC_", "TOLLGATE_")) and k != "RUST_LOG"
     }
+    # The default log level unless asked otherwise (the secret scan then also
+    # covers that level): TOLLGATE_E2E_RUST_LOG=debug scripts/e2e.sh
+    if os.environ.get("TOLLGATE_E2E_RUST_LOG"):
+        env["RUST_LOG"] = os.environ["TOLLGATE_E2E_RUST_LOG"]
     env.setdefault("RUST_BACKTRACE", "1")
     env["NO_COLOR"] = "1"
     return env

@@ -99,7 +99,12 @@ fn check(f: &Fixture, r: &Run, how: &str) {
     let want_text = f.expected["text"].as_str().unwrap();
     if f.format == Format::Sse {
         // Estimation also counts tool arguments, which the fixture's `text` leaves out.
-        assert!(r.text.contains(want_text), "{} text ({how}): {:?}", f.name, r.text);
+        assert!(
+            r.text.contains(want_text),
+            "{} text ({how}): {:?}",
+            f.name,
+            r.text
+        );
         if !f.name.contains("tool") {
             assert_eq!(r.text, want_text, "{} text ({how})", f.name);
         }
@@ -112,9 +117,17 @@ fn every_fixture_every_split() {
         let b = &f.body[..];
         let whole = run(&f, &[b], false);
         check(&f, &whole, "whole");
-        assert_eq!(whole.out, b, "{}: passthrough must not change bytes", f.name);
+        assert_eq!(
+            whole.out, b,
+            "{}: passthrough must not change bytes",
+            f.name
+        );
         for i in 0..=b.len() {
-            check(&f, &run(&f, &[&b[..i], &b[i..]], false), &format!("split at {i}"));
+            check(
+                &f,
+                &run(&f, &[&b[..i], &b[i..]], false),
+                &format!("split at {i}"),
+            );
         }
         for n in [1, 7] {
             let chunks: Vec<&[u8]> = b.chunks(n).collect();
@@ -132,7 +145,11 @@ fn strip_mode_meters_the_same_and_hides_usage() {
         let whole = run(&f, &[b], true);
         check(&f, &whole, "strip whole");
         let text = String::from_utf8(whole.out.clone()).unwrap();
-        assert!(!text.contains("\"usage\""), "{}: usage leaked to client:\n{text}", f.name);
+        assert!(
+            !text.contains("\"usage\""),
+            "{}: usage leaked to client:\n{text}",
+            f.name
+        );
         assert!(!text.contains("\"choices\":[]"), "{}", f.name);
         for n in [1, 3, 64] {
             let chunks: Vec<&[u8]> = b.chunks(n).collect();

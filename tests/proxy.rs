@@ -1,0 +1,554 @@
+//! Black-box tests of the proxy binary against the mock upstream: routing,
+//! tenancy, header hygiene, errors in provider shapes, metering on every path.
+
+mod common;
+use common::*;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+const CHAT_STREAM: &str =
+    r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+struct Env {
+    dir: tempfile::TempDir,
+    mock: Mock,
+    proxy: Proxy,
+}
+
+fn env_with(server_extra: &str, extra: &str) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = start_mock();
+    let extra = extra.replace("{MOCK}", &mock.addr);
+    let cfg = config(dir.path(), &mock.addr, server_extra, &extra);
+    let proxy = start_proxy(&cfg);
+    Env { dir, mock, proxy }
+}
+
+fn env() -> Env {
+    env_with("", "")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_streamed_chat_event_has_provider_tokens_and_formula_cost() {
+    let e = env();
+    let r = chat(
+        &e.proxy.addr,
+        ACME_KEY,
+        CHAT,
+        &[
+            ("x-mock-cached-tokens", "4"),
+            ("x-mock-output-tokens", "10"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let u = &r.json()["usage"];
+    let ev = event_for(e.dir.path(), &request_id(&r)).await;
+    assert_eq!(ev["specversion"], "1.0");
+    assert_eq!(ev["type"], "llm.call");
+    assert_eq!(ev["subject"], "acme");
+    assert_eq!(ev["source"], "tollgate/test");
+    let d = &ev["data"];
+    assert_eq!(d["input_tokens"], u["prompt_tokens"]);
+    assert_eq!(d["cache_read_input_tokens"], 4);
+    assert_eq!(d["output_tokens"], 10);
+    assert_eq!(d["usage_source"], "provider");
+    assert_eq!(d["outcome"], "ok");
+    assert_eq!(d["operation"], "chat");
+    assert_eq!(d["response_model"], "gpt-4o-mini-2024-07-18");
+    let input = u["prompt_tokens"].as_u64().unwrap();
+    // (input - 4) * 0.15 + 4 * 0.075 + 10 * 0.60, per million
+    let micro = (input - 4) * 150 + 4 * 75 + 10 * 600; // in 1e-3 per million
+    let want = rust_decimal::Decimal::new(micro as i64, 9).normalize();
+    assert_eq!(d["cost"].as_str().unwrap(), want.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_without_include_usage_hides_usage_but_meters_it() {
+    let e = env();
+    let r = chat(
+        &e.proxy.addr,
+        ACME_KEY,
+        CHAT_STREAM,
+        &[("x-mock-output-tokens", "5")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    assert!(!text.contains("usage"), "client saw usage: {text}");
+    assert!(!text.contains("\"choices\":[]"), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert_eq!(text.matches(" hello").count(), 5);
+    let rid = request_id(&r);
+    let ev = event_for(e.dir.path(), &rid).await;
+    let log = mock_log(&e.mock.addr).await;
+    let entry = log
+        .iter()
+        .find(|x| x["request_id"] == rid.as_str())
+        .unwrap();
+    assert_eq!(ev["data"]["usage_source"], "provider");
+    assert_eq!(ev["data"]["input_tokens"], entry["usage"]["input_tokens"]);
+    assert_eq!(ev["data"]["output_tokens"], 5);
+    assert_eq!(ev["data"]["stream"], true);
+    assert!(ev["data"]["ttft_ms"].is_u64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_with_include_usage_is_passed_through_unchanged() {
+    let e = env();
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    let direct = send(
+        "POST",
+        &format!("http://{}/v1/chat/completions", e.mock.addr),
+        &[("authorization", &format!("Bearer {UPSTREAM_KEY}"))],
+        body,
+    )
+    .await;
+    let r = chat(&e.proxy.addr, ACME_KEY, body, &[]).await;
+    // Same shape as direct (ids differ): the usage chunk is there.
+    assert!(r.text().contains("\"choices\":[]"));
+    assert_eq!(
+        r.text().matches("\"usage\":null").count(),
+        direct.text().matches("\"usage\":null").count()
+    );
+    let ev = event_for(e.dir.path(), &request_id(&r)).await;
+    assert_eq!(ev["data"]["output_tokens"], 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_cut_midway_is_estimated() {
+    let e = env();
+    let r = chat(
+        &e.proxy.addr,
+        ACME_KEY,
+        CHAT_STREAM,
+        &[("x-mock-fail-after", "3"), ("x-mock-output-tokens", "8")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.body_error, "the client must see the stream break");
+    let ev = event_for(e.dir.path(), &request_id(&r)).await;
+    let d = &ev["data"];
+    assert_eq!(d["usage_source"], "estimated");
+    assert_eq!(d["outcome"], "upstream_error");
+    assert_eq!(d["output_tokens"], 3, "{d}");
+    assert!(d["input_tokens"].as_u64().unwrap() > 0);
+    assert!(d["cost"].as_str().unwrap() != "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_abort_is_metered_as_client_aborted() {
+    let e = env();
+    let req = http::Request::post(format!(
+        "http://{}/openai/v1/chat/completions",
+        e.proxy.addr
+    ))
+    .header("authorization", format!("Bearer {ACME_KEY}"))
+    .header("x-mock-delay-ms", "100")
+    .header("x-mock-output-tokens", "50")
+    .body(http_body_util::Full::new(Bytes::from(CHAT_STREAM)))
+    .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let rid = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let mut body = resp.into_body();
+    let mut seen = 0;
+    while seen < 3 {
+        let f = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Ok(d) = f.into_data() {
+            seen += bytes_count(&d, b" hello");
+        }
+    }
+    drop(body);
+    let ev = event_for(e.dir.path(), &rid).await;
+    let d = &ev["data"];
+    assert_eq!(d["outcome"], "client_aborted");
+    assert_eq!(d["usage_source"], "estimated");
+    let out = d["output_tokens"].as_u64().unwrap();
+    assert!((3..50).contains(&out), "{out}");
+}
+
+fn bytes_count(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_stream_and_json_follow_the_token_rule() {
+    let e = env();
+    for stream in [false, true] {
+        let body = format!(
+            r#"{{"model":"claude-sonnet-4-5","max_tokens":100,"stream":{stream},"messages":[{{"role":"user","content":"x"}}]}}"#
+        );
+        let r = send(
+            "POST",
+            &format!("http://{}/anthropic/v1/messages", e.proxy.addr),
+            &[
+                ("x-api-key", ACME_KEY),
+                ("anthropic-version", "2023-06-01"),
+                ("x-mock-cached-tokens", "7"),
+                ("x-mock-cache-write-tokens", "5"),
+                ("x-mock-output-tokens", "9"),
+            ],
+            body,
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let rid = request_id(&r);
+        let ev = event_for(e.dir.path(), &rid).await;
+        let log = mock_log(&e.mock.addr).await;
+        let entry = log
+            .iter()
+            .find(|x| x["request_id"] == rid.as_str())
+            .unwrap();
+        let d = &ev["data"];
+        assert_eq!(
+            d["input_tokens"], entry["usage"]["input_tokens"],
+            "stream={stream}"
+        );
+        assert_eq!(d["cache_read_input_tokens"], 7);
+        assert_eq!(d["cache_write_input_tokens"], 5);
+        assert_eq!(d["output_tokens"], 9);
+        assert_eq!(d["usage_source"], "provider");
+        assert_eq!(d["provider"], "anthropic");
+        assert_eq!(d["operation"], "messages");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_come_in_the_provider_shape_and_are_metered() {
+    let e = env_with("max_request_bytes = 2048", "");
+    let p = &e.proxy.addr;
+    // Unknown prefix.
+    let r = send(
+        "GET",
+        &format!("http://{p}/nope/v1/models"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["code"], "route_not_found");
+    let r = send(
+        "GET",
+        &format!("http://{p}/openaix/v1/models"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    // Unknown tenant, both shapes.
+    let r = chat(p, "tk-wrong", CHAT, &[]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    let r = send(
+        "POST",
+        &format!("http://{p}/anthropic/v1/messages"),
+        &[],
+        CHAT,
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["type"], "error");
+    assert_eq!(r.json()["error"]["type"], "authentication_error");
+    // Malformed JSON.
+    let r = chat(
+        p,
+        ACME_KEY,
+        r#"{"model": "gpt-4o-mini", "messages": ["#,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "invalid_json");
+    // Too large, declared and streamed.
+    let big = format!(
+        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(4096)
+    );
+    let r = chat(p, ACME_KEY, &big, &[]).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["error"]["code"], "request_too_large");
+    // Upstream error passes through, metered without usage.
+    let r = chat(p, ACME_KEY, CHAT, &[("x-mock-status", "500")]).await;
+    assert_eq!(r.status, 500);
+    let rid = request_id(&r);
+    let ev = event_for(e.dir.path(), &rid).await;
+    assert_eq!(ev["data"]["outcome"], "upstream_error");
+    assert_eq!(ev["data"]["usage_source"], "none");
+    assert_eq!(ev["data"]["http_status"], 500);
+
+    let ev = wait_events(e.dir.path(), "rejections", |ev| {
+        ["rejected_auth", "rejected_request"]
+            .iter()
+            .all(|o| ev.iter().filter(|x| x["data"]["outcome"] == *o).count() >= 2)
+    })
+    .await;
+    let auth = ev
+        .iter()
+        .find(|x| x["data"]["outcome"] == "rejected_auth")
+        .unwrap();
+    assert_eq!(auth["data"]["tenant"], "unknown");
+    assert_eq!(auth["data"]["calls"], 0);
+    assert_eq!(auth["data"]["http_status"], 401);
+    // Nothing rejected reached the upstream.
+    let log = mock_log(&e.mock.addr).await;
+    assert_eq!(log.len(), 1, "{log:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_and_slow_upstreams_give_502_and_504_with_events() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let extra = format!(
+        r#"
+[[upstreams]]
+name = "dead"
+prefix = "/dead"
+url = "http://{dead_addr}"
+provider = "openai"
+
+[[upstreams]]
+name = "slow"
+prefix = "/slow"
+url = "http://{{MOCK}}"
+provider = "openai"
+api_key_env = "TEST_UPSTREAM_KEY"
+timeout = "300ms"
+"#
+    );
+    let e = env_with("", &extra);
+    let auth = format!("Bearer {ACME_KEY}");
+    let r = send(
+        "POST",
+        &format!("http://{}/dead/v1/chat/completions", e.proxy.addr),
+        &[("authorization", &auth)],
+        CHAT,
+    )
+    .await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["error"]["code"], "upstream_unreachable");
+    let r = send(
+        "POST",
+        &format!("http://{}/slow/v1/chat/completions", e.proxy.addr),
+        &[
+            ("authorization", &auth),
+            ("x-mock-first-byte-delay-ms", "2000"),
+        ],
+        CHAT,
+    )
+    .await;
+    assert_eq!(r.status, 504);
+    let ev = wait_events(e.dir.path(), "502 and 504 events", |ev| ev.len() >= 2).await;
+    let statuses: Vec<_> = ev
+        .iter()
+        .map(|x| x["data"]["http_status"].as_u64().unwrap())
+        .collect();
+    assert!(
+        statuses.contains(&502) && statuses.contains(&504),
+        "{statuses:?}"
+    );
+    assert!(ev
+        .iter()
+        .all(|x| x["data"]["outcome"] == "upstream_error" && x["data"]["usage_source"] == "none"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_cross_and_hop_headers_are_dropped() {
+    let e = env();
+    let r = chat(
+        &e.proxy.addr,
+        ACME_KEY,
+        CHAT,
+        &[
+            ("connection", "x-hop-secret"),
+            ("x-hop-secret", "1"),
+            ("x-tollgate-debug", "1"),
+            ("x-keep-me", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r2 = send(
+        "POST",
+        &format!("http://{}/anthropic/v1/messages", e.proxy.addr),
+        &[
+            ("x-api-key", GLOBEX_KEY),
+            ("authorization", &format!("Bearer {GLOBEX_KEY}")),
+        ],
+        r#"{"model":"claude-sonnet-4-5","max_tokens":5,"messages":[]}"#,
+    )
+    .await;
+    assert_eq!(r2.status, 200, "{}", r2.text());
+    let log = mock_log(&e.mock.addr).await;
+    assert_eq!(log.len(), 2);
+    let all = serde_json::to_string(&log).unwrap();
+    assert!(
+        !all.contains(ACME_KEY) && !all.contains(GLOBEX_KEY),
+        "tenant key reached upstream: {all}"
+    );
+    assert_eq!(log[0]["authorization"], format!("Bearer {UPSTREAM_KEY}"));
+    assert_eq!(log[1]["x_api_key"], UPSTREAM_KEY);
+    let names: Vec<&str> = log[0]["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"x-keep-me"), "{names:?}");
+    assert!(
+        !names
+            .iter()
+            .any(|n| *n == "x-hop-secret" || n.starts_with("x-tollgate")),
+        "{names:?}"
+    );
+    for resp in [&r, &r2] {
+        let headers = format!("{:?}", resp.headers);
+        assert!(!headers.contains(UPSTREAM_KEY) && !resp.text().contains(UPSTREAM_KEY));
+    }
+    // Nor in the proxy's log.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = e.proxy.proc.log_text();
+    for k in [UPSTREAM_KEY, ACME_KEY, GLOBEX_KEY] {
+        assert!(!log.contains(k), "{k} in the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_are_served() {
+    let e = env();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<Bytes>>();
+    let req = http::Request::post(format!(
+        "http://{}/openai/v1/chat/completions",
+        e.proxy.addr
+    ))
+    .header("authorization", format!("Bearer {ACME_KEY}"))
+    .body(http_body_util::Full::new(Bytes::from(CHAT_STREAM)))
+    .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let rid = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("[DONE]"));
+    let ev = event_for(e.dir.path(), &rid).await;
+    assert_eq!(ev["data"]["output_tokens"], 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generic_upstream_is_one_priced_call() {
+    let extra = r#"
+[[upstreams]]
+name = "search"
+prefix = "/tools/search"
+url = "http://{MOCK}"
+provider = "generic"
+price_per_call = "0.002"
+api_key_env = "TEST_UPSTREAM_KEY"
+"#;
+    let e = env_with("", extra);
+    let r = send(
+        "GET",
+        &format!("http://{}/tools/search/v1/models", e.proxy.addr),
+        &[("authorization", &format!("Bearer {ACME_KEY}"))],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ev = wait_events(e.dir.path(), "tool call", |ev| !ev.is_empty()).await;
+    assert_eq!(ev[0]["type"], "tool.call");
+    assert_eq!(ev[0]["data"]["calls"], 1);
+    assert_eq!(ev[0]["data"]["cost"], "0.002");
+    assert_eq!(ev[0]["data"]["operation"], "tool_call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_and_embeddings_are_metered() {
+    let e = env();
+    let auth = format!("Bearer {ACME_KEY}");
+    for (path, body) in [
+        ("responses", r#"{"model":"gpt-4o-mini","input":"hi"}"#),
+        (
+            "responses",
+            r#"{"model":"gpt-4o-mini","input":"hi","stream":true}"#,
+        ),
+        (
+            "embeddings",
+            r#"{"model":"text-embedding-3-small","input":["a","b"]}"#,
+        ),
+    ] {
+        let r = send(
+            "POST",
+            &format!("http://{}/openai/v1/{path}", e.proxy.addr),
+            &[("authorization", &auth), ("x-mock-reasoning-tokens", "2")],
+            body,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let rid = request_id(&r);
+        let ev = event_for(e.dir.path(), &rid).await;
+        let log = mock_log(&e.mock.addr).await;
+        let want = &log
+            .iter()
+            .find(|x| x["request_id"] == rid.as_str())
+            .unwrap()["usage"];
+        let d = &ev["data"];
+        for k in [
+            "input_tokens",
+            "output_tokens",
+            "reasoning_output_tokens",
+            "cache_read_input_tokens",
+        ] {
+            assert_eq!(d[k], want[k], "{path} {body} {k}");
+        }
+        assert_eq!(d["usage_source"], "provider");
+        if path == "embeddings" {
+            assert_eq!(
+                d["unpriced"], true,
+                "text-embedding-3-small is not in the test price table"
+            );
+            assert_eq!(d["cost"], "0");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_health_readiness_and_metrics() {
+    let e = env();
+    let a = &e.proxy.admin;
+    assert_eq!(
+        send("GET", &format!("http://{a}/healthz"), &[], Bytes::new())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        send("GET", &format!("http://{a}/readyz"), &[], Bytes::new())
+            .await
+            .status,
+        200
+    );
+    chat(&e.proxy.addr, ACME_KEY, CHAT, &[]).await;
+    chat(&e.proxy.addr, "bad", CHAT, &[]).await;
+    let m = send("GET", &format!("http://{a}/metrics"), &[], Bytes::new())
+        .await
+        .text();
+    assert!(
+        m.contains(r#"tollgate_calls_total{upstream="openai",model="gpt-4o-mini",outcome="ok"} 1"#),
+        "{m}"
+    );
+    assert!(m.contains(r#"outcome="rejected_auth"} 1"#), "{m}");
+    assert!(m.contains("tollgate_tokens_total{"), "{m}");
+    assert!(m.contains("tollgate_spool_disk_bytes"), "{m}");
+}
