@@ -28,6 +28,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod event;
+pub mod limits;
 pub mod meter;
 pub mod metrics;
 pub mod mock;
@@ -55,6 +56,7 @@ pub struct App {
     pub spool: Arc<Spool>,
     pub metrics: Arc<Metrics>,
     pub clients: proxy::client::Clients,
+    pub limits: limits::Limits,
     pub draining: AtomicBool,
 }
 
@@ -118,12 +120,15 @@ pub async fn run(
             addr: policy.server.admin_listen,
             source,
         })?;
-    let sink_names: Vec<String> = policy.sinks.iter().map(|s| s.name.clone()).collect();
+    let mut sink_names: Vec<String> = policy.sinks.iter().map(|s| s.name.clone()).collect();
+    sink_names.push(limits::state::CURSOR.to_string());
     let spool = Spool::open(
         &policy.server.data_dir.join("spool"),
         policy.spool.clone(),
         &sink_names,
     )?;
+    let (ledger, state_position) = limits::state::recover(&policy.server.data_dir, &spool).await?;
+    let data_dir = policy.server.data_dir.clone();
     let grace = policy.server.shutdown_grace;
     let sinks = policy.sinks.clone();
     let metrics = Arc::new(Metrics::new());
@@ -132,6 +137,7 @@ pub async fn run(
         spool: spool.clone(),
         metrics: metrics.clone(),
         clients: Default::default(),
+        limits: limits::Limits::new(limits::budget::MemoryStore::with_ledger(ledger.clone())),
         draining: AtomicBool::new(false),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -147,6 +153,14 @@ pub async fn run(
             sink_stop_rx.clone(),
         )));
     }
+
+    sink_tasks.push(tokio::spawn(limits::state::keep(
+        data_dir,
+        spool.clone(),
+        ledger,
+        state_position,
+        sink_stop_rx.clone(),
+    )));
 
     let a = app.clone();
     let proxy = tokio::spawn(server::serve(

@@ -68,6 +68,8 @@ pub struct CallState {
     pub status: u16,
     pub request_id: Option<String>,
     pub meter: Option<ResponseMeter>,
+    /// What admission granted (reservation, token charge); settled at the end.
+    pub admission: Option<crate::limits::Admission>,
 }
 
 impl Call {
@@ -92,6 +94,7 @@ impl Call {
                 status: 0,
                 request_id: None,
                 meter: None,
+                admission: None,
             })),
         }
     }
@@ -125,9 +128,21 @@ impl Drop for Call {
 }
 
 impl CallState {
-    async fn finish(self: Box<Self>, end: End) {
+    async fn finish(mut self: Box<Self>, end: End) {
         let app = self.app.clone();
-        let (event, data) = self.into_event(end).await;
+        let admission = self.admission.take();
+        let now = time::OffsetDateTime::now_utc();
+        let (event, data) = self.into_event(end, now).await;
+        // Settle before the event is written: the spend is live at once and
+        // the snapshot keeper counts the event when it reads it.
+        app.limits.settle(
+            &data.tenant,
+            admission,
+            data.cost,
+            data.usage.input_tokens,
+            data.usage.output_tokens,
+            now,
+        );
         record_metrics(&app, &data);
         if let Err(e) = app.spool.append(event.to_line()).await {
             app.metrics.events_lost.inc();
@@ -142,7 +157,7 @@ impl CallState {
 
     /// Builds the event: provider usage when reported, else an estimate when
     /// tokens were spent, else none.
-    async fn into_event(self: Box<Self>, end: End) -> (Event, CallData) {
+    async fn into_event(self: Box<Self>, end: End, now: time::OffsetDateTime) -> (Event, CallData) {
         let s = *self;
         let meter = s.meter.as_ref();
         let provider_usage = meter.and_then(|m| m.usage());
@@ -222,7 +237,7 @@ impl CallState {
         } else {
             "llm.call"
         };
-        let event = Event::new(&s.policy.server.source, kind, &s.tenant, &data);
+        let event = Event::at(now, &s.policy.server.source, kind, &s.tenant, &data);
         (event, data)
     }
 }

@@ -6,6 +6,7 @@ use http::{HeaderValue, Response, StatusCode};
 
 use crate::config::Provider;
 use crate::event::Outcome;
+use crate::limits::rate::LimitKind;
 use crate::server::{full, Body};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,10 @@ pub enum ProxyError {
     MalformedJson(String),
     #[error("model {0:?} has no price and unpriced models are rejected")]
     UnknownModel(String),
+    #[error("{0}")]
+    BudgetExceeded(crate::limits::budget::BudgetExceeded),
+    #[error("rate limit reached for {}; retry after {}s", match .0.kind { LimitKind::Requests => "requests", LimitKind::Tokens => "tokens" }, retry_secs(.0))]
+    RateLimited(crate::limits::rate::RateLimited),
     #[error("usage metering is unavailable (spool full or unwritable); retry later")]
     SpoolUnavailable,
     #[error("upstream could not be reached")]
@@ -39,6 +44,8 @@ impl ProxyError {
             ProxyError::BadBody(_) | ProxyError::MalformedJson(_) | ProxyError::UnknownModel(_) => {
                 StatusCode::BAD_REQUEST
             }
+            ProxyError::BudgetExceeded(_) => StatusCode::PAYMENT_REQUIRED,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::SpoolUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -54,6 +61,8 @@ impl ProxyError {
             ProxyError::BadBody(_) => "bad_request_body",
             ProxyError::MalformedJson(_) => "invalid_json",
             ProxyError::UnknownModel(_) => "model_not_priced",
+            ProxyError::BudgetExceeded(_) => "budget_exceeded",
+            ProxyError::RateLimited(_) => "rate_limit_exceeded",
             ProxyError::SpoolUnavailable => "metering_unavailable",
             ProxyError::UpstreamUnreachable => "upstream_unreachable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
@@ -64,6 +73,8 @@ impl ProxyError {
     pub fn outcome(&self) -> Outcome {
         match self {
             ProxyError::Unauthenticated => Outcome::RejectedAuth,
+            ProxyError::BudgetExceeded(_) => Outcome::RejectedBudget,
+            ProxyError::RateLimited(_) => Outcome::RejectedRate,
             ProxyError::UpstreamUnreachable | ProxyError::UpstreamTimeout => Outcome::UpstreamError,
             _ => Outcome::RejectedRequest,
         }
@@ -75,6 +86,13 @@ impl ProxyError {
             (Provider::Anthropic, 404) => "not_found_error",
             (Provider::Anthropic, 413) => "request_too_large",
             (Provider::Anthropic, 400) => "invalid_request_error",
+            (Provider::Anthropic, 402) => "billing_error",
+            (Provider::Anthropic, 429) => "rate_limit_error",
+            (_, 402) => "insufficient_quota",
+            (_, 429) => match self {
+                ProxyError::RateLimited(r) if r.kind == LimitKind::Tokens => "tokens",
+                _ => "requests",
+            },
             (Provider::Anthropic, _) => "api_error",
             (_, 401) => "invalid_request_error",
             (_, 400 | 404 | 413) => "invalid_request_error",
@@ -83,14 +101,49 @@ impl ProxyError {
     }
 
     pub fn to_response(&self, provider: Provider) -> Response<Body> {
-        error_response(
+        let mut resp = error_response(
             provider,
             self.status(),
             self.error_type(provider),
             self.kind(),
             &self.to_string(),
-        )
+        );
+        let h = resp.headers_mut();
+        match self {
+            ProxyError::BudgetExceeded(_) => {
+                h.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            ProxyError::RateLimited(r) => {
+                let secs = retry_secs(r);
+                h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+                let reset = HeaderValue::from_str(&format!("{secs}s")).expect("ascii");
+                for (what, limit, hit) in [
+                    ("requests", r.limit_requests, r.kind == LimitKind::Requests),
+                    ("tokens", r.limit_tokens, r.kind == LimitKind::Tokens),
+                ] {
+                    if let Some(limit) = limit {
+                        h.insert(header_name("limit", what), HeaderValue::from(limit));
+                        if hit {
+                            h.insert(header_name("remaining", what), HeaderValue::from(0));
+                            h.insert(header_name("reset", what), reset.clone());
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        resp
     }
+}
+
+/// Whole seconds to wait, at least one.
+fn retry_secs(r: &crate::limits::rate::RateLimited) -> u64 {
+    r.retry_after.as_secs_f64().ceil().max(1.0) as u64
+}
+
+fn header_name(part: &str, what: &str) -> http::HeaderName {
+    http::HeaderName::from_bytes(format!("x-ratelimit-{part}-{what}").as_bytes())
+        .expect("valid header name")
 }
 
 /// A JSON error in the provider's shape: OpenAI

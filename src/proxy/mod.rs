@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Policy, Provider, Tenancy, UnknownModel, Upstream};
+use crate::limits::{Ask, Refusal};
 use crate::meter::{self, Call, End, Format, MeteredBody, Operation, RequestInfo, ResponseMeter};
 use crate::server::Body;
 use crate::App;
@@ -112,6 +113,28 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     if let Err(e) = app.spool.check_capacity() {
         tracing::warn!(error = %e, "rejecting a call: metering fails closed");
         return reject(call, ProxyError::SpoolUnavailable, upstream.provider).await;
+    }
+
+    let Some(tenant_policy) = policy.tenants.get(tenant.as_deref().unwrap_or_default()) else {
+        return reject(call, ProxyError::Unauthenticated, upstream.provider).await;
+    };
+    let state = call.state();
+    let ask = Ask {
+        policy: &policy,
+        tenant: tenant_policy,
+        upstream: &upstream,
+        op,
+        info: &state.request,
+        body: &state.request_body,
+    };
+    match app.limits.admit(ask, time::OffsetDateTime::now_utc()).await {
+        Ok(admission) => call.state().admission = Some(admission),
+        Err(Refusal::Budget(e)) => {
+            return reject(call, ProxyError::BudgetExceeded(e), upstream.provider).await
+        }
+        Err(Refusal::Rate(e)) => {
+            return reject(call, ProxyError::RateLimited(e), upstream.provider).await
+        }
     }
 
     // forward
@@ -215,8 +238,14 @@ fn upstream_uri(upstream: &Upstream, path_and_query: &str) -> http::Uri {
 }
 
 /// Refuses a call before forwarding: its event first, then the answer.
-async fn reject(call: Call, e: ProxyError, provider: Provider) -> Response<Body> {
+async fn reject(mut call: Call, e: ProxyError, provider: Provider) -> Response<Body> {
     let status = e.status().as_u16();
+    call.state()
+        .app
+        .metrics
+        .rejections
+        .get_or_create(&crate::metrics::ReasonLabels { reason: e.kind() })
+        .inc();
     call.finish(End::Rejected {
         status,
         outcome: e.outcome(),

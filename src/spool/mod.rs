@@ -232,6 +232,19 @@ impl Spool {
         ))
     }
 
+    /// A reader for `sink` from an explicit position (the state keeper
+    /// resumes from its snapshot, which may be past its committed cursor).
+    pub fn reader_at(self: &Arc<Self>, sink: &str, position: u64) -> Result<Reader, SpoolError> {
+        let start = self.start.load(Ordering::Relaxed);
+        Ok(Reader::new(
+            self.clone(),
+            sink.to_string(),
+            position.max(start),
+            None,
+            self.end.clone(),
+        ))
+    }
+
     /// Records that `sink` delivered everything before `position`.
     pub fn commit(&self, sink: &str, cursor: Cursor) -> Result<(), SpoolError> {
         cursor::store(&self.dir, sink, &cursor)?;

@@ -1,0 +1,172 @@
+//! Limits: the **admit** phase of a request (rate limits, then the budget
+//! reservation) and the **settle** step of its call.
+//!
+//! The reservation is the worst case (DESIGN §7): an upper bound on input
+//! tokens priced at the dearest input rate, plus the output cap at the output
+//! rate. The bound is the body's byte length (every token is at least one
+//! byte; JSON escaping only lengthens text) plus a per-item allowance for
+//! content passed by reference. Only when that bound would be refused is the
+//! input counted with tiktoken, off the async workers.
+
+pub mod budget;
+pub mod ledger;
+pub mod rate;
+pub mod state;
+
+use bytes::Bytes;
+use rust_decimal::Decimal;
+use time::OffsetDateTime;
+
+use crate::config::{Policy, Provider, Tenant, Upstream};
+use crate::meter::{tokens, Operation, RequestInfo};
+use budget::{BudgetExceeded, BudgetStore, MemoryStore, Reservation};
+use rate::{RateLimited, RateLimits, Remaining, TokenCharge};
+
+const MILLION: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
+
+pub struct Limits {
+    pub budgets: MemoryStore,
+    pub rates: RateLimits,
+}
+
+/// What admission granted a call; settled when the call ends.
+#[derive(Debug, Default)]
+pub struct Admission {
+    reservation: Option<Reservation>,
+    charge: Option<TokenCharge>,
+    pub remaining: Remaining,
+}
+
+#[derive(Debug)]
+pub enum Refusal {
+    Budget(BudgetExceeded),
+    Rate(RateLimited),
+}
+
+/// The facts of the request admission needs.
+pub struct Ask<'a> {
+    pub policy: &'a Policy,
+    pub tenant: &'a Tenant,
+    pub upstream: &'a Upstream,
+    pub op: Operation,
+    pub info: &'a RequestInfo,
+    pub body: &'a Bytes,
+}
+
+impl Limits {
+    pub fn new(budgets: MemoryStore) -> Limits {
+        Limits {
+            budgets,
+            rates: RateLimits::default(),
+        }
+    }
+
+    pub async fn admit(&self, ask: Ask<'_>, now: OffsetDateTime) -> Result<Admission, Refusal> {
+        let mut admission = Admission::default();
+        if let Some(rl) = &ask.tenant.rate_limit {
+            // A cheap estimate: about four bytes a token; corrected after.
+            let est = if ask.op.is_metered() {
+                (ask.body.len() as u64).div_ceil(4)
+            } else {
+                0
+            };
+            let (charge, remaining) = self
+                .rates
+                .admit(&ask.tenant.id, rl, est)
+                .map_err(Refusal::Rate)?;
+            admission.charge = Some(charge);
+            admission.remaining = remaining;
+        }
+        if let Some(budget) = &ask.tenant.budget {
+            let bound = worst_case(&ask, input_bound(&ask));
+            let reservation = match self.budgets.reserve(&ask.tenant.id, budget, bound, now) {
+                Ok(r) => r,
+                Err(first) => {
+                    // The byte bound is too coarse to admit: count tokens.
+                    let Some(counted) = counted_input(&ask).await else {
+                        return Err(Refusal::Budget(first));
+                    };
+                    let amount = worst_case(&ask, counted);
+                    self.budgets
+                        .reserve(&ask.tenant.id, budget, amount, now)
+                        .map_err(Refusal::Budget)?
+                }
+            };
+            admission.reservation = Some(reservation);
+        }
+        Ok(admission)
+    }
+
+    /// Settles a call: the actual cost replaces its reservation (or is
+    /// recorded, for tenants without a budget), and the token rate limit is
+    /// charged what the estimate missed.
+    pub fn settle(
+        &self,
+        tenant: &str,
+        admission: Option<Admission>,
+        cost: Decimal,
+        input_tokens: u64,
+        output_tokens: u64,
+        at: OffsetDateTime,
+    ) {
+        let admission = admission.unwrap_or_default();
+        match admission.reservation {
+            Some(r) => self.budgets.settle(r, cost, at),
+            None => self.budgets.record(tenant, cost, at),
+        }
+        if let Some(charge) = admission.charge {
+            self.rates
+                .correct(tenant, charge, input_tokens, output_tokens);
+        }
+    }
+}
+
+/// Upper bound on input tokens without tokenizing.
+fn input_bound(ask: &Ask<'_>) -> u64 {
+    if !ask.op.is_metered() {
+        return 0;
+    }
+    let by_reference = [&b"\"url\""[..], b"\"file_id\"", b"\"file_url\""]
+        .iter()
+        .map(|k| memchr::memmem::find_iter(ask.body, k).count() as u64)
+        .sum::<u64>();
+    ask.body.len() as u64 + by_reference * ask.policy.url_item_tokens
+}
+
+/// Input tokens counted with tiktoken (plus message framing and the
+/// by-reference allowance); `None` for routes without a text body.
+async fn counted_input(ask: &Ask<'_>) -> Option<u64> {
+    if !ask.op.is_metered() {
+        return None;
+    }
+    let body = ask.body.clone();
+    let model = ask.info.model.clone().unwrap_or_default();
+    let per_item = ask.policy.url_item_tokens;
+    Some(
+        tokens::estimate_blocking(move || {
+            let input = crate::meter::request::input_text(&body);
+            tokens::count(&model, &input.text)
+                + 3 * input.messages
+                + 3
+                + input.by_reference * per_item
+        })
+        .await,
+    )
+}
+
+/// Worst-case cost of a call with `input` tokens.
+fn worst_case(ask: &Ask<'_>, input: u64) -> Decimal {
+    if ask.upstream.provider == Provider::Generic {
+        return ask.upstream.price_per_call;
+    }
+    let model = ask.info.model.as_deref().unwrap_or("");
+    let Some(p) = ask.policy.price(model, "") else {
+        return Decimal::ZERO;
+    };
+    let output = match ask.op {
+        Operation::Embeddings => 0,
+        _ => ask.info.max_output_tokens.unwrap_or(p.max_output_tokens),
+    };
+    let input_rate = p.input.max(p.cache_read_input).max(p.cache_write_input);
+    (Decimal::from(input) * input_rate + Decimal::from(output) * p.output) / MILLION
+}
