@@ -64,11 +64,17 @@ const TRAFFIC: &[Traffic] = &[
         ],
     },
     Traffic {
-        tenant_key: "demo-key-initech",
+        tenant_key: "demo-key-acme",
         path: "/openai/v1/chat/completions",
         body: r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Write a long essay."}]}"#,
         headers: &[("x-mock-output-tokens", "30"), ("x-mock-fail-after", "12")],
     },
+    // initech runs on a small prepaid balance: three calls fit, then 402.
+    INITECH,
+    INITECH,
+    INITECH,
+    INITECH,
+    INITECH,
     Traffic {
         tenant_key: "not-a-tenant",
         path: "/openai/v1/chat/completions",
@@ -76,6 +82,13 @@ const TRAFFIC: &[Traffic] = &[
         headers: &[],
     },
 ];
+
+const INITECH: Traffic = Traffic {
+    tenant_key: "demo-key-initech",
+    path: "/openai/v1/chat/completions",
+    body: r#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"Classify this."}]}"#,
+    headers: &[("x-mock-output-tokens", "40")],
+};
 
 pub async fn run() -> Result<(), DemoError> {
     let data = std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id()));
@@ -118,6 +131,26 @@ pub async fn run() -> Result<(), DemoError> {
         let _ = resp.into_body().collect().await;
         let tenant = t.tenant_key.trim_start_matches("demo-key-");
         println!("{tenant:<10} {:<34} {:>6}", t.path, status.as_u16());
+    }
+
+    let policy = running.app.policy.load_full();
+    println!(
+        "\n{:<10} {:>8} {:>12} {:>12} {:>12}",
+        "tenant", "window", "limit", "spent", "remaining"
+    );
+    let now = time::OffsetDateTime::now_utc();
+    let mut ids: Vec<_> = policy.tenants.keys().cloned().collect();
+    ids.sort();
+    for id in ids {
+        let v = crate::admin::api::tenant_json(&running.app, &policy.tenants[&id], now);
+        let s = |k: &str| v[k].as_str().unwrap_or("-").to_string();
+        println!(
+            "{id:<10} {:>8} {:>12} {:>12} {:>12}",
+            s("window"),
+            s("limit"),
+            s("spent"),
+            s("remaining")
+        );
     }
 
     running.shutdown().await;

@@ -40,6 +40,11 @@ pub struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    pub tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkLabels {
     pub sink: String,
 }
@@ -52,6 +57,8 @@ pub struct Metrics {
     pub rejections: Family<ReasonLabels, Counter>,
     pub unpriced: Family<UpstreamLabels, Counter>,
     pub events_lost: Counter,
+    pub tenant_spent: Family<TenantLabels, Gauge<f64, AtomicU64>>,
+    pub tenant_remaining: Family<TenantLabels, Gauge<f64, AtomicU64>>,
     pub spool_disk_bytes: Gauge,
     pub spool_backlog_bytes: Gauge,
     pub spool_appended: Gauge,
@@ -78,6 +85,8 @@ impl Metrics {
             rejections: Family::default(),
             unpriced: Family::default(),
             events_lost: Counter::default(),
+            tenant_spent: Family::default(),
+            tenant_remaining: Family::default(),
             spool_disk_bytes: Gauge::default(),
             spool_backlog_bytes: Gauge::default(),
             spool_appended: Gauge::default(),
@@ -117,6 +126,16 @@ impl Metrics {
             "events_lost",
             "Usage events that could not be written (logged at ERROR)",
             m.events_lost.clone(),
+        );
+        r.register(
+            "tenant_spent_usd",
+            "Spend in the tenant's current budget window (configured tenants)",
+            m.tenant_spent.clone(),
+        );
+        r.register(
+            "tenant_remaining_usd",
+            "Budget left in the current window (tenants with a budget)",
+            m.tenant_remaining.clone(),
         );
         r.register(
             "spool_disk_bytes",

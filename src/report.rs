@@ -10,6 +10,8 @@ use crate::event::Event;
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Totals {
     pub calls: u64,
+    /// Calls the proxy refused (auth, budget, rate, bad request).
+    pub rejected: u64,
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cost: Decimal,
@@ -34,12 +36,15 @@ pub fn totals(reader: impl BufRead) -> std::io::Result<(Table, u64)> {
             bad += u64::from(serde_json::from_str::<Event>(&line).is_err());
             continue;
         };
+        // Grouped by the model asked for, as priced; rejected calls land in
+        // the same row as served ones.
         let model = d
-            .response_model
-            .or(d.request_model)
+            .request_model
+            .or(d.response_model)
             .unwrap_or_else(|| format!("({})", d.operation));
         let t = out.entry((d.tenant, model)).or_default();
         t.calls += d.calls;
+        t.rejected += u64::from(d.outcome.as_str().starts_with("rejected_"));
         t.input_tokens += d.usage.input_tokens;
         t.output_tokens += d.usage.output_tokens;
         t.cost += d.cost;
@@ -50,30 +55,33 @@ pub fn totals(reader: impl BufRead) -> std::io::Result<(Table, u64)> {
 /// Renders the totals as a fixed-width table.
 pub fn render(totals: &Table) -> String {
     let mut s = format!(
-        "{:<16} {:<32} {:>7} {:>12} {:>12} {:>14}\n",
-        "tenant", "model", "calls", "input_tok", "output_tok", "cost_usd"
+        "{:<16} {:<32} {:>7} {:>8} {:>12} {:>12} {:>14}\n",
+        "tenant", "model", "calls", "rejected", "input_tok", "output_tok", "cost_usd"
     );
     let mut sum = Totals::default();
     for ((tenant, model), t) in totals {
         s += &format!(
-            "{:<16} {:<32} {:>7} {:>12} {:>12} {:>14}\n",
+            "{:<16} {:<32} {:>7} {:>8} {:>12} {:>12} {:>14}\n",
             tenant,
             model,
             t.calls,
+            t.rejected,
             t.input_tokens,
             t.output_tokens,
             t.cost.normalize()
         );
         sum.calls += t.calls;
+        sum.rejected += t.rejected;
         sum.input_tokens += t.input_tokens;
         sum.output_tokens += t.output_tokens;
         sum.cost += t.cost;
     }
     s += &format!(
-        "{:<16} {:<32} {:>7} {:>12} {:>12} {:>14}\n",
+        "{:<16} {:<32} {:>7} {:>8} {:>12} {:>12} {:>14}\n",
         "TOTAL",
         "",
         sum.calls,
+        sum.rejected,
         sum.input_tokens,
         sum.output_tokens,
         sum.cost.normalize()

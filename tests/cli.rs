@@ -110,13 +110,21 @@ fn report_totals_per_tenant_and_model() {
     };
     assert_eq!(
         row("acme"),
-        ["acme", "gpt-4o-mini", "2", "30", "10", "0.0000105"]
+        ["acme", "gpt-4o-mini", "2", "0", "30", "10", "0.0000105"]
     );
     assert_eq!(
         row("globex"),
-        ["globex", "claude-sonnet-4-5", "1", "100", "10", "0.00045"]
+        [
+            "globex",
+            "claude-sonnet-4-5",
+            "1",
+            "0",
+            "100",
+            "10",
+            "0.00045"
+        ]
     );
-    assert_eq!(row("TOTAL"), ["TOTAL", "3", "130", "20", "0.0004605"]);
+    assert_eq!(row("TOTAL"), ["TOTAL", "3", "0", "130", "20", "0.0004605"]);
 }
 
 #[test]

@@ -1,5 +1,7 @@
-//! The admin listener: health, readiness and metrics (DESIGN §4). Loopback by
-//! default; it never carries tenant traffic.
+//! The admin listener: health, readiness, metrics and the admin API
+//! (DESIGN §4). Loopback by default; it never carries tenant traffic.
+
+pub mod api;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -7,6 +9,7 @@ use std::sync::Arc;
 use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::limits::budget::BudgetStore;
 use crate::server::{full, Body};
 use crate::App;
 
@@ -15,10 +18,13 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         ("GET", "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#),
         ("GET", "/readyz") => ready(&app),
         ("GET", "/metrics") => metrics(&app),
-        _ => json(
-            StatusCode::NOT_FOUND,
-            r#"{"error":{"message":"no such admin endpoint","type":"invalid_request_error","code":"not_found"}}"#,
-        ),
+        _ => match api::handle(&app, req).await {
+            Some(resp) => resp,
+            None => json(
+                StatusCode::NOT_FOUND,
+                r#"{"error":{"message":"no such admin endpoint","type":"invalid_request_error","code":"not_found"}}"#,
+            ),
+        },
     }
 }
 
@@ -63,6 +69,33 @@ fn metrics(app: &App) -> Response<Body> {
         m.sink_lag_bytes
             .get_or_create(&crate::metrics::SinkLabels { sink })
             .set(end.saturating_sub(pos) as i64);
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let policy = app.policy.load();
+    for t in policy.tenants.values() {
+        let labels = crate::metrics::TenantLabels {
+            tenant: t.id.clone(),
+        };
+        let (spent, remaining) = match &t.budget {
+            Some(b) => {
+                let s = app.limits.budgets.status(&t.id, b, now);
+                (s.spent, Some(s.remaining))
+            }
+            None => (
+                app.limits
+                    .budgets
+                    .with(|l| l.tenant(&t.id).map(|x| x.total_spent).unwrap_or_default()),
+                None,
+            ),
+        };
+        m.tenant_spent
+            .get_or_create(&labels)
+            .set(f64::try_from(spent).unwrap_or(0.0));
+        if let Some(r) = remaining {
+            m.tenant_remaining
+                .get_or_create(&labels)
+                .set(f64::try_from(r).unwrap_or(0.0));
+        }
     }
     let mut r = Response::new(full(m.encode()));
     r.headers_mut().insert(

@@ -32,6 +32,12 @@ UPSTREAM_KEY = "sk-upstream-test-KEY"
 TENANT_KEYS = {
     "acme": "tk-acme-SECRET-1",
     "globex": "tk-globex-SECRET-2",
+    "prepaid": "tk-prepaid-SECRET-3",
+}
+# Extra keys of a tenant's table. `prepaid` holds a small prepaid balance:
+# three worst-case reservations of test_budget.py's request fit, four do not.
+TENANT_EXTRA = {
+    "prepaid": ['budget = { limit = "0.00025", window = "total" }'],
 }
 ACME_KEY = TENANT_KEYS["acme"]
 GLOBEX_KEY = TENANT_KEYS["globex"]
@@ -284,6 +290,7 @@ def render_config(tmp: Path, mock_addr: str, dead_addr: str) -> str:
             "[[tenants]]",
             f'id = "{tenant}"',
             f'keys = ["{key_digest(key)}"]',
+            *TENANT_EXTRA.get(tenant, []),
             "",
         ]
     lines += [

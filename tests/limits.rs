@@ -1,0 +1,369 @@
+//! Budgets, prepaid balances, rate limits and the admin API, black-box.
+
+mod common;
+use common::*;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rust_decimal::Decimal;
+
+const ADMIN_TOKEN: &str = "admin-blackbox-TOKEN";
+
+fn d(s: &str) -> Decimal {
+    s.parse().unwrap()
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    _mock: Mock,
+    cfg: std::path::PathBuf,
+}
+
+/// `acme` gets `acme_extra` (budget / rate_limit keys) appended to its table.
+fn setup(acme_extra: &str) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = start_mock();
+    let cfg = config(
+        dir.path(),
+        &mock.addr,
+        "admin_token_env = \"TEST_ADMIN_TOKEN\"",
+        "",
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.replacen("id = \"acme\"", &format!("id = \"acme\"\n{acme_extra}"), 1);
+    std::fs::write(&cfg, text).unwrap();
+    Env {
+        dir,
+        _mock: mock,
+        cfg,
+    }
+}
+
+fn start(env: &Env) -> Proxy {
+    let proc = Proc::spawn(
+        &["run", "--config", env.cfg.to_str().unwrap()],
+        &[
+            ("TEST_UPSTREAM_KEY", UPSTREAM_KEY),
+            ("TEST_ADMIN_TOKEN", ADMIN_TOKEN),
+        ],
+    );
+    let v = proc.wait_for("listening");
+    Proxy {
+        addr: v["proxy"].as_str().unwrap().to_string(),
+        admin: v["admin"].as_str().unwrap().to_string(),
+        proc,
+    }
+}
+
+async fn tenant(admin: &str, id: &str) -> serde_json::Value {
+    let r = send(
+        "GET",
+        &format!("http://{admin}/v1/tenants/{id}"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+/// max_tokens 100 at $0.60/M output + a ~90-byte body at $0.15/M input:
+/// a worst case of about $0.0000735 per call.
+const CAPPED: &str =
+    r#"{"model":"gpt-4o-mini","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
+
+fn worst_case() -> Decimal {
+    (Decimal::from(CAPPED.len() as u64) * d("0.15") + Decimal::from(100) * d("0.60")) / d("1000000")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_concurrent_calls_on_a_balance_for_three_serve_at_most_three() {
+    let limit = (worst_case() * Decimal::from(3)).normalize();
+    let env = setup(&format!(
+        "budget = {{ limit = \"{limit}\", window = \"total\" }}"
+    ));
+    let proxy = start(&env);
+    let mut tasks = Vec::new();
+    for _ in 0..30 {
+        let addr = proxy.addr.clone();
+        tasks.push(tokio::spawn(async move {
+            chat(
+                &addr,
+                ACME_KEY,
+                CAPPED,
+                &[
+                    ("x-mock-first-byte-delay-ms", "300"),
+                    ("x-mock-output-tokens", "90"),
+                ],
+            )
+            .await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.status {
+            200 => ok += 1,
+            402 => {
+                assert_eq!(r.headers["x-should-retry"], "false");
+                assert_eq!(r.json()["error"]["code"], "budget_exceeded");
+            }
+            s => panic!("unexpected {s}: {}", r.text()),
+        }
+    }
+    assert!((1..=3).contains(&ok), "served {ok}");
+    let ev = wait_events(env.dir.path(), "30 events", |ev| ev.len() >= 30).await;
+    assert_eq!(
+        ev.iter().filter(|e| e["data"]["outcome"] == "ok").count(),
+        ok
+    );
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e["data"]["outcome"] == "rejected_budget")
+            .count(),
+        30 - ok
+    );
+    let t = tenant(&proxy.admin, "acme").await;
+    let spent = d(t["spent"].as_str().unwrap());
+    assert!(spent <= limit, "spent {spent} > limit {limit}");
+    assert_eq!(t["reserved"], "0");
+    let sum: Decimal = ev
+        .iter()
+        .map(|e| d(e["data"]["cost"].as_str().unwrap()))
+        .sum();
+    assert_eq!(sum, spent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_up_serves_again_and_spend_survives_restarts() {
+    let limit = worst_case().normalize();
+    let env = setup(&format!(
+        "budget = {{ limit = \"{limit}\", window = \"total\" }}"
+    ));
+    let mut proxy = start(&env);
+    assert_eq!(
+        chat(
+            &proxy.addr,
+            ACME_KEY,
+            CAPPED,
+            &[("x-mock-output-tokens", "90")]
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(chat(&proxy.addr, ACME_KEY, CAPPED, &[]).await.status, 402);
+
+    let url = format!("http://{}/v1/tenants/acme/credits", proxy.admin);
+    let body = r#"{"amount":"0.01","reason":"prepaid top-up"}"#;
+    let r = send("POST", &url, &[], body).await;
+    assert_eq!(r.status, 401, "credits need the admin token");
+    let r = send("POST", &url, &[("authorization", "Bearer wrong")], body).await;
+    assert_eq!(r.status, 401);
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let r = send("POST", &url, &[("authorization", &auth)], body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(chat(&proxy.addr, ACME_KEY, CAPPED, &[]).await.status, 200);
+
+    let before = tenant(&proxy.admin, "acme").await;
+    assert_eq!(before["window"], "total");
+    assert_eq!(d(before["limit"].as_str().unwrap()), limit + d("0.01"));
+    let ev = wait_events(env.dir.path(), "credit event", |ev| {
+        ev.iter().any(|e| e["type"] == "credit")
+    })
+    .await;
+    let credit = ev.iter().find(|e| e["type"] == "credit").unwrap();
+    assert_eq!(credit["data"]["amount"], "0.01");
+    assert_eq!(credit["data"]["reason"], "prepaid top-up");
+
+    // Clean restart, then a kill -9 restart: neither forgets nor double-counts.
+    drop(proxy);
+    proxy = start(&env);
+    let after = tenant(&proxy.admin, "acme").await;
+    assert_eq!(
+        (&after["spent"], &after["remaining"], &after["limit"]),
+        (&before["spent"], &before["remaining"], &before["limit"])
+    );
+    assert_eq!(chat(&proxy.addr, ACME_KEY, CAPPED, &[]).await.status, 200);
+    let before = tenant(&proxy.admin, "acme").await;
+    proxy.proc.kill9();
+    let proxy = start(&env);
+    let after = tenant(&proxy.admin, "acme").await;
+    assert_eq!(after["spent"], before["spent"]);
+    assert_eq!(after["remaining"], before["remaining"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_per_minute_reject_the_third_call_with_retry_after() {
+    let env = setup("rate_limit = { requests_per_minute = 2 }");
+    let proxy = start(&env);
+    let body = r#"{"model":"gpt-4o-mini","messages":[]}"#;
+    assert_eq!(chat(&proxy.addr, ACME_KEY, body, &[]).await.status, 200);
+    assert_eq!(chat(&proxy.addr, ACME_KEY, body, &[]).await.status, 200);
+    let r = chat(&proxy.addr, ACME_KEY, body, &[]).await;
+    assert_eq!(r.status, 429);
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry), "{retry}");
+    assert_eq!(r.headers["x-ratelimit-limit-requests"], "2");
+    assert_eq!(r.headers["x-ratelimit-remaining-requests"], "0");
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+    // Another tenant is unaffected; Anthropic routes answer in Anthropic's shape.
+    assert_eq!(chat(&proxy.addr, GLOBEX_KEY, body, &[]).await.status, 200);
+    let r = send(
+        "POST",
+        &format!("http://{}/anthropic/v1/messages", proxy.addr),
+        &[("x-api-key", ACME_KEY)],
+        r#"{"model":"claude-sonnet-4-5","max_tokens":5,"messages":[]}"#,
+    )
+    .await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+    let ev = wait_events(env.dir.path(), "rejected_rate", |ev| {
+        ev.iter()
+            .filter(|e| e["data"]["outcome"] == "rejected_rate")
+            .count()
+            == 2
+    })
+    .await;
+    assert_eq!(ev.len(), 5);
+    let m = send(
+        "GET",
+        &format!("http://{}/metrics", proxy.admin),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .text();
+    assert!(
+        m.contains(r#"tollgate_rejections_total{reason="rate_limit_exceeded"} 2"#),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_per_minute_charge_the_estimate_then_the_output() {
+    // ~40-byte body = 10 tokens estimated; each call then owes 200 output.
+    let env = setup("rate_limit = { tokens_per_minute = 400 }");
+    let proxy = start(&env);
+    let body = r#"{"model":"gpt-4o-mini","messages":[]}"#;
+    let out = [("x-mock-output-tokens", "200")];
+    assert_eq!(chat(&proxy.addr, ACME_KEY, body, &out).await.status, 200);
+    assert_eq!(chat(&proxy.addr, ACME_KEY, body, &out).await.status, 200);
+    // Charged so far about 2 x (10 + 200 + the input the estimate missed):
+    // the next estimate plus the debt no longer fits.
+    let r = chat(&proxy.addr, ACME_KEY, body, &out).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "tokens");
+    assert_eq!(r.headers["x-ratelimit-limit-tokens"], "400");
+    assert!(r.headers.contains_key("retry-after"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcome_events_are_idempotent_on_the_app_key() {
+    let env = setup("");
+    let mut proxy = start(&env);
+    let url = format!("http://{}/v1/events", proxy.admin);
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let body = r#"{"tenant":"acme","type":"ticket.resolved","quantity":1,"id":"ticket-42"}"#;
+    assert_eq!(send("POST", &url, &[], body).await.status, 401);
+    let r = send("POST", &url, &[("authorization", &auth)], body).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = send("POST", &url, &[("authorization", &auth)], body).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["duplicate"], true);
+    let r = send(
+        "POST",
+        &url,
+        &[("authorization", &auth)],
+        r#"{"tenant":"acme","type":"ticket.resolved","quantity":"2.5"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    let r = send(
+        "POST",
+        &url,
+        &[("authorization", &auth)],
+        r#"{"tenant":"nobody","type":"x"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    // Still a duplicate after a restart (kill -9).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    proxy.proc.kill9();
+    let proxy = start(&env);
+    let url = format!("http://{}/v1/events", proxy.admin);
+    let r = send("POST", &url, &[("authorization", &auth)], body).await;
+    assert_eq!(r.json()["duplicate"], true, "{}", r.text());
+    let ev = wait_events(env.dir.path(), "outcomes", |ev| ev.len() >= 2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ev = if events(env.dir.path()).len() > ev.len() {
+        events(env.dir.path())
+    } else {
+        ev
+    };
+    let outcomes: Vec<_> = ev.iter().filter(|e| e["type"] == "outcome").collect();
+    assert_eq!(outcomes.len(), 2, "{outcomes:#?}");
+    assert_eq!(outcomes[0]["data"]["name"], "ticket.resolved");
+    assert_eq!(outcomes[0]["data"]["quantity"], "1");
+    assert_eq!(outcomes[0]["data"]["idempotency_key"], "ticket-42");
+    assert_eq!(outcomes[1]["data"]["quantity"], "2.5");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_api_and_metrics_show_spend_and_remaining() {
+    let env = setup("budget = { limit = \"5.00\", window = \"month\" }\nrate_limit = { requests_per_minute = 600, tokens_per_minute = 200000 }");
+    let proxy = start(&env);
+    assert_eq!(
+        chat(
+            &proxy.addr,
+            ACME_KEY,
+            CAPPED,
+            &[("x-mock-output-tokens", "10")]
+        )
+        .await
+        .status,
+        200
+    );
+    let list = send(
+        "GET",
+        &format!("http://{}/v1/tenants", proxy.admin),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .json();
+    assert_eq!(list["tenants"].as_array().unwrap().len(), 2);
+    let t = tenant(&proxy.admin, "acme").await;
+    assert_eq!(t["window"], "month");
+    assert_eq!(t["limit"], "5");
+    assert!(
+        t["window_start"]
+            .as_str()
+            .unwrap()
+            .ends_with("-01T00:00:00.000Z"),
+        "{t}"
+    );
+    assert_eq!(t["rate_limit"]["requests_per_minute"], 600);
+    let spent = d(t["spent"].as_str().unwrap());
+    assert!(spent > Decimal::ZERO);
+    assert_eq!(d(t["remaining"].as_str().unwrap()), d("5") - spent);
+    let g = tenant(&proxy.admin, "globex").await;
+    assert!(g["limit"].is_null());
+    let m = send(
+        "GET",
+        &format!("http://{}/metrics", proxy.admin),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .text();
+    assert!(
+        m.contains(r#"tollgate_tenant_remaining_usd{tenant="acme"}"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"tollgate_tenant_spent_usd{tenant="acme"}"#),
+        "{m}"
+    );
+}
