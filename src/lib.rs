@@ -147,7 +147,8 @@ pub async fn run(
     for s in &sinks {
         sink_tasks.push(tokio::spawn(sinks::drive(
             s.name.clone(),
-            sinks::build(s),
+            s.batch,
+            sinks::build(s, &data_dir, &app.clients),
             spool.clone(),
             metrics.clone(),
             sink_stop_rx.clone(),

@@ -66,6 +66,7 @@ pub struct Metrics {
     pub sink_lag_bytes: Family<SinkLabels, Gauge>,
     pub sink_delivered: Family<SinkLabels, Counter>,
     pub sink_errors: Family<SinkLabels, Counter>,
+    pub sink_dead_lettered: Family<SinkLabels, Counter>,
     pub sink_last_success: Family<SinkLabels, Gauge>,
 }
 
@@ -94,6 +95,7 @@ impl Metrics {
             sink_lag_bytes: Family::default(),
             sink_delivered: Family::default(),
             sink_errors: Family::default(),
+            sink_dead_lettered: Family::default(),
             sink_last_success: Family::default(),
             registry: Registry::default(),
         };
@@ -168,7 +170,12 @@ impl Metrics {
             m.sink_delivered.clone(),
         );
         r.register(
-            "sink_errors",
+            "sink_dead_lettered_events",
+            "Events a receiver refused for good, written to the dead-letter file",
+            m.sink_dead_lettered.clone(),
+        );
+        r.register(
+            "sink_retries",
             "Failed delivery attempts",
             m.sink_errors.clone(),
         );

@@ -217,9 +217,47 @@ pub struct Tenant {
     pub rate_limit: Option<RateLimit>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpFormat {
+    /// `application/cloudevents-batch+json` (OpenMeter's ingest).
+    CloudEvents,
+    /// A plain JSON array of the same events.
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+/// How a sink groups events into one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPolicy {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    pub max_wait: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub enum SinkKind {
-    File { path: PathBuf },
+    File {
+        path: PathBuf,
+    },
+    Http {
+        url: http::Uri,
+        format: HttpFormat,
+        headers: Vec<(http::HeaderName, Secret)>,
+        gzip: bool,
+        timeout: Duration,
+    },
+    Otlp {
+        endpoint: http::Uri,
+        protocol: OtlpProtocol,
+        headers: Vec<(http::HeaderName, Secret)>,
+        timeout: Duration,
+        tenant_attributes: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -227,6 +265,7 @@ pub struct SinkConfig {
     /// Unique name; names the sink's cursor in the spool.
     pub name: String,
     pub kind: SinkKind,
+    pub batch: BatchPolicy,
 }
 
 impl Policy {

@@ -266,4 +266,16 @@ pub struct RawSink {
     pub endpoint: Option<String>,
     #[serde(default)]
     pub protocol: Option<String>,
+    #[serde(default)]
+    pub batch_max_events: Option<usize>,
+    #[serde(default)]
+    pub batch_max_bytes: Option<usize>,
+    #[serde(default)]
+    pub batch_max_wait: Option<String>,
+    #[serde(default)]
+    pub gzip: Option<bool>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub tenant_attributes: Option<bool>,
 }

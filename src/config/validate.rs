@@ -252,7 +252,7 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
     let mut sinks = Vec::new();
     let mut sink_names = HashSet::new();
     for (i, s) in raw.sinks.iter().enumerate() {
-        let sink = sink(&format!("sinks[{i}]"), s, i)?;
+        let sink = sink(&format!("sinks[{i}]"), s, i, env)?;
         if !sink_names.insert(sink.name.clone()) {
             return Err(invalid(format!("sinks[{i}].name"), "duplicate sink name"));
         }
@@ -380,7 +380,12 @@ fn upstream(
     })
 }
 
-fn sink(key: &str, s: &RawSink, index: usize) -> Result<SinkConfig, Invalid> {
+fn sink(
+    key: &str,
+    s: &RawSink,
+    index: usize,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<SinkConfig, Invalid> {
     let only = |allowed: &[&str]| -> Result<(), Invalid> {
         let given = [
             ("path", s.path.is_some()),
@@ -389,6 +394,12 @@ fn sink(key: &str, s: &RawSink, index: usize) -> Result<SinkConfig, Invalid> {
             ("headers", !s.headers.is_empty()),
             ("endpoint", s.endpoint.is_some()),
             ("protocol", s.protocol.is_some()),
+            ("batch_max_events", s.batch_max_events.is_some()),
+            ("batch_max_bytes", s.batch_max_bytes.is_some()),
+            ("batch_max_wait", s.batch_max_wait.is_some()),
+            ("gzip", s.gzip.is_some()),
+            ("timeout", s.timeout.is_some()),
+            ("tenant_attributes", s.tenant_attributes.is_some()),
         ];
         match given.iter().find(|(k, set)| *set && !allowed.contains(k)) {
             Some((k, _)) => Err(invalid(
@@ -398,9 +409,26 @@ fn sink(key: &str, s: &RawSink, index: usize) -> Result<SinkConfig, Invalid> {
             None => Ok(()),
         }
     };
+    const BATCH: [&str; 3] = ["batch_max_events", "batch_max_bytes", "batch_max_wait"];
+    let (default_events, default_wait) = match s.kind.as_str() {
+        "file" => (1000, Duration::ZERO),
+        _ => (100, Duration::from_secs(1)),
+    };
+    let batch = BatchPolicy {
+        max_events: s.batch_max_events.unwrap_or(default_events).max(1),
+        max_bytes: s.batch_max_bytes.unwrap_or(1 << 20).max(1024),
+        max_wait: match &s.batch_max_wait {
+            Some(w) => duration(&format!("{key}.batch_max_wait"), w)?,
+            None => default_wait,
+        },
+    };
+    let timeout = match &s.timeout {
+        Some(t) => duration(&format!("{key}.timeout"), t)?,
+        None => Duration::from_secs(10),
+    };
     let kind = match s.kind.as_str() {
         "file" => {
-            only(&["path"])?;
+            only(&["path", "batch_max_events", "batch_max_bytes"])?;
             let path = s
                 .path
                 .as_ref()
@@ -409,10 +437,78 @@ fn sink(key: &str, s: &RawSink, index: usize) -> Result<SinkConfig, Invalid> {
                 path: PathBuf::from(path),
             }
         }
+        "http" => {
+            only(
+                &[
+                    &["url", "format", "headers", "gzip", "timeout"][..],
+                    &BATCH[..],
+                ]
+                .concat(),
+            )?;
+            let url = http_url(
+                &format!("{key}.url"),
+                s.url.as_deref(),
+                "an http sink needs a url",
+            )?;
+            let format = match s.format.as_deref().unwrap_or("cloudevents") {
+                "cloudevents" => HttpFormat::CloudEvents,
+                "json" => HttpFormat::Json,
+                other => {
+                    return Err(invalid(
+                        format!("{key}.format"),
+                        format!("{other:?}: expected \"cloudevents\" or \"json\""),
+                    ))
+                }
+            };
+            SinkKind::Http {
+                url,
+                format,
+                headers: sink_headers(key, &s.headers, env)?,
+                gzip: s.gzip.unwrap_or(false),
+                timeout,
+            }
+        }
+        "otlp" => {
+            only(
+                &[
+                    &[
+                        "endpoint",
+                        "protocol",
+                        "headers",
+                        "timeout",
+                        "tenant_attributes",
+                    ][..],
+                    &BATCH[..],
+                ]
+                .concat(),
+            )?;
+            let endpoint = http_url(
+                &format!("{key}.endpoint"),
+                s.endpoint.as_deref(),
+                "an otlp sink needs an endpoint",
+            )?;
+            let protocol = match s.protocol.as_deref().unwrap_or("grpc") {
+                "grpc" => OtlpProtocol::Grpc,
+                "http" | "http/protobuf" => OtlpProtocol::HttpProtobuf,
+                other => {
+                    return Err(invalid(
+                        format!("{key}.protocol"),
+                        format!("{other:?}: expected \"grpc\" or \"http\""),
+                    ))
+                }
+            };
+            SinkKind::Otlp {
+                endpoint,
+                protocol,
+                headers: sink_headers(key, &s.headers, env)?,
+                timeout,
+                tenant_attributes: s.tenant_attributes.unwrap_or(false),
+            }
+        }
         other => {
             return Err(invalid(
                 format!("{key}.type"),
-                format!("{other:?}: expected \"file\" (\"http\" and \"otlp\" are not built yet)"),
+                format!("{other:?}: expected \"file\", \"http\" or \"otlp\""),
             ))
         }
     };
@@ -421,16 +517,66 @@ fn sink(key: &str, s: &RawSink, index: usize) -> Result<SinkConfig, Invalid> {
         .clone()
         .unwrap_or_else(|| format!("{}-{index}", s.kind));
     if name.is_empty()
+        || name.starts_with('_')
         || !name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
         return Err(invalid(
             format!("{key}.name"),
-            "use letters, digits, '-' and '_'",
+            "use letters, digits, '-' and '_', not starting with '_' (reserved)",
         ));
     }
-    Ok(SinkConfig { name, kind })
+    Ok(SinkConfig { name, kind, batch })
+}
+
+fn http_url(key: &str, s: Option<&str>, missing: &str) -> Result<http::Uri, Invalid> {
+    let s = s.ok_or_else(|| invalid(key, missing))?;
+    let url: http::Uri = s
+        .parse()
+        .map_err(|e| invalid(key, format!("invalid URL: {e}")))?;
+    match url.scheme_str() {
+        Some("http") | Some("https") if url.host().is_some() => Ok(url),
+        _ => Err(invalid(key, "must be an absolute http:// or https:// URL")),
+    }
+}
+
+/// `headers = { authorization_env = "METER_TOKEN", x-source = "tollgate" }`:
+/// a key ending in `_env` names an environment variable holding the value.
+/// An `authorization` value without a scheme gets `Bearer `.
+fn sink_headers(
+    key: &str,
+    raw: &std::collections::BTreeMap<String, String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<(http::HeaderName, Secret)>, Invalid> {
+    let mut out = Vec::new();
+    for (k, v) in raw {
+        let hkey = format!("{key}.headers.{k}");
+        let (name, value) = match k.strip_suffix("_env") {
+            Some(name) => (
+                name,
+                env(v).filter(|x| !x.is_empty()).ok_or_else(|| {
+                    invalid(&hkey, format!("environment variable {v} is not set"))
+                })?,
+            ),
+            None => (k.as_str(), v.clone()),
+        };
+        let name = http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+            .map_err(|_| invalid(&hkey, "not a valid header name"))?;
+        let value = if name == http::header::AUTHORIZATION && !value.contains(' ') {
+            format!("Bearer {value}")
+        } else {
+            value
+        };
+        if http::HeaderValue::from_str(&value).is_err() {
+            return Err(invalid(
+                &hkey,
+                "value has characters not allowed in a header",
+            ));
+        }
+        out.push((name, Secret(value)));
+    }
+    Ok(out)
 }
 
 /// A stable short digest of the price table, used as `price_version` when the

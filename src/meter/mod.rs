@@ -205,7 +205,9 @@ impl CallState {
         if s.upstream.provider == Provider::Generic && outcome == Outcome::Ok {
             cost += s.upstream.price_per_call;
         }
-        let unpriced = llm && price.is_none();
+        // Flag only calls whose model was read and has no price (not, say, a
+        // 401 refused before the body was parsed).
+        let unpriced = llm && s.request.model.is_some() && price.is_none();
         let data = CallData {
             schema_version: SCHEMA_VERSION.into(),
             tenant: s.tenant.clone(),

@@ -24,12 +24,14 @@ impl Clients {
     pub fn get(&self, connect_timeout: Duration) -> HttpClient {
         let mut map = self.by_connect_timeout.lock().unwrap();
         map.entry(connect_timeout)
-            .or_insert_with(|| build(connect_timeout))
+            .or_insert_with(|| build(connect_timeout, false))
             .clone()
     }
 }
 
-fn build(connect_timeout: Duration) -> HttpClient {
+/// A client; `h2_only` speaks HTTP/2 with prior knowledge on plain http://
+/// (gRPC) and by ALPN on https://.
+pub fn build(connect_timeout: Duration, h2_only: bool) -> HttpClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(connect_timeout));
@@ -43,6 +45,7 @@ fn build(connect_timeout: Duration) -> HttpClient {
         .enable_http2()
         .wrap_connector(http);
     Client::builder(TokioExecutor::new())
+        .http2_only(h2_only)
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
         .build(https)

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use tokio::io::AsyncWriteExt;
 
-use super::{BoxFuture, Sink, SinkError};
+use super::{BoxFuture, Delivered, Sink, SinkError};
 use crate::spool::Batch;
 
 pub struct FileSink {
@@ -54,10 +54,7 @@ impl Sink for FileSink {
         Box::pin(self.open(saved))
     }
 
-    fn deliver<'a>(
-        &'a mut self,
-        batch: &'a Batch,
-    ) -> BoxFuture<'a, Result<Option<u64>, SinkError>> {
+    fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<Delivered, SinkError>> {
         Box::pin(async move {
             if self.file.is_none() {
                 self.open(None).await?;
@@ -80,7 +77,10 @@ impl Sink for FileSink {
                 return Err(e.into());
             }
             self.len += buf.len() as u64;
-            Ok(Some(self.len))
+            Ok(Delivered {
+                sink_offset: Some(self.len),
+                dead_lettered: 0,
+            })
         })
     }
 }

@@ -5,6 +5,8 @@
 //! the proxy: sinks are not on the request path.
 
 pub mod file;
+pub mod http;
+pub mod otlp;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,8 +17,9 @@ use tokio::sync::watch;
 
 use crate::server::stopped;
 
-use crate::config::{SinkConfig, SinkKind};
+use crate::config::{BatchPolicy, SinkConfig, SinkKind};
 use crate::metrics::{Metrics, SinkLabels};
+use crate::proxy::client::Clients;
 use crate::spool::{Batch, Reader, Spool};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -25,14 +28,31 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub enum SinkError {
     #[error("sink I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The receiver did not take the batch this time; try again later
+    /// (`after`: what it asked for, e.g. `retry-after`).
+    #[error("delivery failed: {reason}")]
+    Retry {
+        reason: String,
+        after: Option<Duration>,
+    },
 }
 
 impl SinkError {
     pub fn kind(&self) -> &'static str {
         match self {
             SinkError::Io(_) => "io",
+            SinkError::Retry { .. } => "retry",
         }
     }
+}
+
+/// A batch the receiver took (or that was set aside in a dead-letter file).
+#[derive(Debug, Default)]
+pub struct Delivered {
+    /// Saved with the cursor (file sinks: the file's length).
+    pub sink_offset: Option<u64>,
+    /// Events written to the dead-letter file instead of delivered.
+    pub dead_lettered: usize,
 }
 
 /// One destination for events.
@@ -41,31 +61,52 @@ pub trait Sink: Send {
     /// cursor by the previous run (file sinks truncate to it).
     fn start(&mut self, saved_offset: Option<u64>) -> BoxFuture<'_, Result<(), SinkError>>;
 
-    /// Delivers a batch. `Ok(offset)` means the receiver has it; the offset is
-    /// saved with the cursor.
-    fn deliver<'a>(&'a mut self, batch: &'a Batch)
-        -> BoxFuture<'a, Result<Option<u64>, SinkError>>;
+    /// Delivers a batch. `Ok` means the receiver has it (or it was
+    /// dead-lettered); only then does the cursor move.
+    fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<Delivered, SinkError>>;
 }
 
-pub fn build(cfg: &SinkConfig) -> Box<dyn Sink> {
+pub fn build(cfg: &SinkConfig, data_dir: &std::path::Path, clients: &Clients) -> Box<dyn Sink> {
     match &cfg.kind {
         SinkKind::File { path } => Box::new(file::FileSink::new(path.clone())),
+        SinkKind::Http {
+            url,
+            format,
+            headers,
+            gzip,
+            timeout,
+        } => Box::new(http::HttpSink {
+            name: cfg.name.clone(),
+            url: url.clone(),
+            format: *format,
+            headers: headers.clone(),
+            gzip: *gzip,
+            timeout: *timeout,
+            client: clients.get(Duration::from_secs(10)),
+            dead_letter: data_dir
+                .join("deadletter")
+                .join(format!("{}.jsonl", cfg.name)),
+        }),
+        SinkKind::Otlp { .. } => Box::new(otlp::OtlpSink::new(cfg, data_dir)),
     }
 }
-
-const MAX_BATCH_EVENTS: usize = 1000;
-const MAX_BATCH_BYTES: usize = 4 << 20;
 
 /// Runs one sink until `shutdown`; then delivers what is already in the spool
 /// (bounded by the caller's grace period) and returns.
 pub async fn drive(
     name: String,
+    batch_policy: BatchPolicy,
     mut sink: Box<dyn Sink>,
     spool: Arc<Spool>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let labels = SinkLabels { sink: name.clone() };
+    let BatchPolicy {
+        max_events,
+        max_bytes,
+        max_wait,
+    } = batch_policy;
     let mut reader: Reader = match spool.reader(&name) {
         Ok(r) => r,
         Err(e) => {
@@ -80,7 +121,7 @@ pub async fn drive(
             Err(e) => {
                 tracing::warn!(sink = %name, error = %e, "sink failed to start; retrying");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff.next()) => {}
+                    _ = tokio::time::sleep(backoff.next(None)) => {}
                     _ = stopped(&mut shutdown) => return,
                 }
             }
@@ -88,54 +129,116 @@ pub async fn drive(
     }
     let mut draining = false;
     loop {
-        let batch = if draining {
-            match reader.try_batch(MAX_BATCH_EVENTS, MAX_BATCH_BYTES).await {
+        let mut batch = if draining {
+            match reader.try_batch(max_events, max_bytes).await {
                 Ok(b) if b.lines.is_empty() => return,
                 Ok(b) => b,
                 Err(_) => return,
             }
         } else {
             tokio::select! {
-                b = reader.next_batch(MAX_BATCH_EVENTS, MAX_BATCH_BYTES) => match b {
+                b = reader.next_batch(max_events, max_bytes) => match b {
                     Ok(b) => b,
                     Err(_) => return,
                 },
                 _ = stopped(&mut shutdown) => { draining = true; continue; }
             }
         };
+        // A partial batch waits up to `max_wait` for company.
+        if !draining && !max_wait.is_zero() && batch.lines.len() < max_events {
+            let until = tokio::time::Instant::now() + max_wait;
+            while batch.lines.len() < max_events && batch.bytes() < max_bytes {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = stopped(&mut shutdown) => break,
+                    more = reader.next_batch(max_events - batch.lines.len(), max_bytes - batch.bytes()) => match more {
+                        Ok(more) => {
+                            batch.end = more.end;
+                            batch.lines.extend(more.lines);
+                        }
+                        Err(_) => break,
+                    },
+                }
+            }
+        }
         loop {
             match sink.deliver(&batch).await {
-                Ok(offset) => {
-                    if let Err(e) = reader.commit(batch.end, offset) {
+                Ok(done) => {
+                    if let Err(e) = reader.commit(batch.end, done.sink_offset) {
                         tracing::error!(sink = %name, error = %e, "cannot save sink cursor");
                     }
+                    let delivered = batch.lines.len() - done.dead_lettered;
                     metrics
                         .sink_delivered
                         .get_or_create(&labels)
-                        .inc_by(batch.lines.len() as u64);
-                    metrics
-                        .sink_last_success
-                        .get_or_create(&labels)
-                        .set(unix_now());
+                        .inc_by(delivered as u64);
+                    if done.dead_lettered > 0 {
+                        metrics
+                            .sink_dead_lettered
+                            .get_or_create(&labels)
+                            .inc_by(done.dead_lettered as u64);
+                    } else {
+                        metrics
+                            .sink_last_success
+                            .get_or_create(&labels)
+                            .set(unix_now());
+                    }
                     backoff = Backoff::default();
                     break;
                 }
                 Err(e) => {
                     metrics.sink_errors.get_or_create(&labels).inc();
-                    tracing::warn!(sink = %name, error = %e, kind = e.kind(), "delivery failed; will retry");
-                    if draining && *shutdown.borrow() {
-                        // Out of patience at shutdown: the batch stays in the spool.
-                        tokio::time::sleep(backoff.next()).await;
-                    } else {
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff.next()) => {}
-                            _ = stopped(&mut shutdown), if !draining => { draining = true; }
-                        }
+                    let after = match &e {
+                        SinkError::Retry { after, .. } => *after,
+                        _ => None,
+                    };
+                    let wait = backoff.next(after);
+                    tracing::warn!(sink = %name, error = %e, kind = e.kind(), retry_in = ?wait, "delivery failed; will retry");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stopped(&mut shutdown), if !draining => { draining = true; }
                     }
                 }
             }
         }
     }
+}
+
+/// Appends a refused batch to `path` (`data_dir/deadletter/<sink>.jsonl`),
+/// one line an event: `{"time","sink","reason","event"}`; logged at ERROR.
+pub fn dead_letter(
+    path: &std::path::Path,
+    sink: &str,
+    batch: &Batch,
+    reason: &str,
+) -> Result<(), SinkError> {
+    use std::io::Write;
+    tracing::error!(
+        sink,
+        events = batch.lines.len(),
+        reason,
+        "receiver refused a batch; written to the dead-letter file"
+    );
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let now = crate::event::format_time(time::OffsetDateTime::now_utc());
+    let mut out = Vec::new();
+    for line in &batch.lines {
+        let event: serde_json::Value =
+            serde_json::from_slice(line).unwrap_or(serde_json::Value::Null);
+        let entry =
+            serde_json::json!({"time": now, "sink": sink, "reason": reason, "event": event});
+        serde_json::to_writer(&mut out, &entry).expect("serializes");
+        out.push(b'\n');
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(&out)?;
+    f.sync_data()?;
+    Ok(())
 }
 
 fn unix_now() -> i64 {
@@ -145,16 +248,18 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Exponential backoff from 100 ms to 30 s.
+/// Exponential backoff from 100 ms to 30 s with full jitter, or what the
+/// receiver asked for (`retry-after`), whichever is longer.
 #[derive(Default)]
 struct Backoff {
     attempt: u32,
 }
 
 impl Backoff {
-    fn next(&mut self) -> Duration {
-        let d = Duration::from_millis(100u64 << self.attempt.min(8)).min(Duration::from_secs(30));
+    fn next(&mut self, asked: Option<Duration>) -> Duration {
+        let cap = Duration::from_millis(100u64 << self.attempt.min(9)).min(Duration::from_secs(30));
         self.attempt += 1;
-        d
+        let jittered = cap.mul_f64(0.5 + fastrand::f64() / 2.0);
+        asked.map_or(jittered, |a| a.max(jittered))
     }
 }

@@ -35,6 +35,8 @@ pub enum SpoolError {
     Full { used: u64, max: u64 },
     #[error("spool is closed")]
     Closed,
+    #[error("spool is not writable: the last write failed")]
+    Unwritable,
 }
 
 impl SpoolError {
@@ -43,6 +45,7 @@ impl SpoolError {
             SpoolError::Io(_) => "spool_io",
             SpoolError::Full { .. } => "spool_full",
             SpoolError::Closed => "spool_closed",
+            SpoolError::Unwritable => "spool_unwritable",
         }
     }
 }
@@ -59,6 +62,26 @@ pub struct SpoolStats {
     pub dropped_bytes: AtomicU64,
     pub dropped_segments: AtomicU64,
     pub write_errors: AtomicU64,
+    /// Unix millis of the last failed write, 0 once a write succeeds.
+    pub failed_at_ms: AtomicU64,
+}
+
+/// After a failed write, new calls are refused this long; then one is let
+/// through to probe (a circuit breaker that closes on the next good write).
+const FAILED_HOLD_MS: u64 = 1000;
+
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl SpoolStats {
+    fn failing(&self) -> bool {
+        let at = self.failed_at_ms.load(Ordering::Relaxed);
+        at != 0 && unix_ms().saturating_sub(at) < FAILED_HOLD_MS
+    }
 }
 
 pub struct Spool {
@@ -190,6 +213,9 @@ impl Spool {
     /// full spool refuses them (metering fails closed); with `drop_oldest`
     /// the oldest undelivered segments are removed instead, loudly.
     pub fn check_capacity(&self) -> Result<(), SpoolError> {
+        if self.stats.failing() {
+            return Err(SpoolError::Unwritable);
+        }
         let used = self.backlog_bytes();
         if used < self.policy.max_bytes {
             return Ok(());
@@ -204,6 +230,15 @@ impl Spool {
                 Ok(())
             }
         }
+    }
+
+    /// Whether new metered calls would be refused now (read-only, for
+    /// `/readyz`): the last write failed, or the spool is full under
+    /// `when_full = "reject"`.
+    pub fn refuses_calls(&self) -> bool {
+        self.stats.failing()
+            || (self.policy.when_full == WhenFull::Reject
+                && self.backlog_bytes() >= self.policy.max_bytes)
     }
 
     fn min_cursor(&self, end: u64) -> u64 {

@@ -99,6 +99,7 @@ impl Writer {
         }
         match result {
             Ok(()) => {
+                self.stats.failed_at_ms.store(0, Ordering::Relaxed);
                 self.seg_len += buf.len() as u64;
                 self.dirty = self.policy.fsync != Fsync::Always;
                 let n = batch.iter().filter(|a| !a.line.is_empty()).count();
@@ -122,6 +123,9 @@ impl Writer {
                 // Cut anything partially written so the log stays line-aligned.
                 let _ = self.file.set_len(self.seg_len);
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .failed_at_ms
+                    .store(super::unix_ms().max(1), Ordering::Relaxed);
                 tracing::error!(error = %e, events = batch.len(), "spool write failed");
                 for a in batch.drain(..) {
                     if let Some(ack) = a.ack {

@@ -1,0 +1,155 @@
+//! The HTTP sink: batches POSTed as a JSON array of the events, unchanged
+//! (`application/cloudevents-batch+json`, as OpenMeter ingests them, or
+//! `application/json`). Retries with backoff on connection errors, 408, 429
+//! (honouring `retry-after`) and 5xx; any other 4xx would fail forever, so
+//! that batch goes to a dead-letter file with the reason and delivery goes on.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+
+use super::{dead_letter, BoxFuture, Delivered, Sink, SinkError};
+use crate::config::{HttpFormat, Secret};
+use crate::proxy::client::HttpClient;
+use crate::spool::Batch;
+
+pub struct HttpSink {
+    pub name: String,
+    pub url: http::Uri,
+    pub format: HttpFormat,
+    pub headers: Vec<(http::HeaderName, Secret)>,
+    pub gzip: bool,
+    pub timeout: Duration,
+    pub client: HttpClient,
+    pub dead_letter: PathBuf,
+}
+
+/// `[` + the event lines joined by `,` + `]`: no re-serialising.
+pub fn json_array(batch: &Batch) -> Vec<u8> {
+    let mut body = Vec::with_capacity(batch.bytes() + 2);
+    body.push(b'[');
+    for (i, line) in batch.lines.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
+    }
+    body.push(b']');
+    body
+}
+
+fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(body)?;
+    enc.finish()
+}
+
+/// Seconds from a `retry-after` header (delta-seconds form).
+fn retry_after(h: &http::HeaderMap) -> Option<Duration> {
+    h.get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+impl HttpSink {
+    async fn post(&self, batch: &Batch) -> Result<Delivered, SinkError> {
+        let mut body = json_array(batch);
+        let mut req = http::Request::post(self.url.clone());
+        let ct = match self.format {
+            HttpFormat::CloudEvents => "application/cloudevents-batch+json",
+            HttpFormat::Json => "application/json",
+        };
+        req = req.header(http::header::CONTENT_TYPE, ct);
+        if self.gzip {
+            body = gzip(&body)?;
+            req = req.header(http::header::CONTENT_ENCODING, "gzip");
+        }
+        for (name, value) in &self.headers {
+            let mut v = http::HeaderValue::from_str(&value.0).expect("validated");
+            v.set_sensitive(true);
+            req = req.header(name, v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid request");
+        let send = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| SinkError::Retry {
+                    reason: format!("connection: {e}"),
+                    after: None,
+                })?;
+            let status = resp.status();
+            let after = retry_after(resp.headers());
+            // Read a little of the body for the reason; never the whole of it.
+            let text = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            Ok::<_, SinkError>((status, after, text))
+        };
+        let (status, after, text) =
+            tokio::time::timeout(self.timeout, send)
+                .await
+                .map_err(|_| SinkError::Retry {
+                    reason: "timed out".into(),
+                    after: None,
+                })??;
+        let snippet = String::from_utf8_lossy(&text[..text.len().min(500)]).into_owned();
+        match status.as_u16() {
+            200..=299 => Ok(Delivered::default()),
+            408 | 429 | 500..=599 => Err(SinkError::Retry {
+                reason: format!("HTTP {status}: {snippet}"),
+                after,
+            }),
+            _ => {
+                let reason = format!("HTTP {status}: {snippet}");
+                dead_letter(&self.dead_letter, &self.name, batch, &reason)?;
+                Ok(Delivered {
+                    sink_offset: None,
+                    dead_lettered: batch.lines.len(),
+                })
+            }
+        }
+    }
+}
+
+impl Sink for HttpSink {
+    fn start(&mut self, _saved: Option<u64>) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<Delivered, SinkError>> {
+        Box::pin(self.post(batch))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn array_joins_lines_unchanged() {
+        let b = Batch {
+            lines: vec![
+                Bytes::from_static(b"{\"a\":1}\n"),
+                Bytes::from_static(b"{\"b\":2}\n"),
+            ],
+            end: 0,
+        };
+        assert_eq!(json_array(&b), b"[{\"a\":1},{\"b\":2}]");
+        let mut h = http::HeaderMap::new();
+        h.insert("retry-after", "7".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+    }
+}
