@@ -41,6 +41,7 @@ pub mod spool;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
@@ -58,6 +59,100 @@ pub struct App {
     pub clients: proxy::client::Clients,
     pub limits: limits::Limits,
     pub draining: AtomicBool,
+    /// Calls whose event is not yet in the spool.
+    pub inflight: watch::Sender<usize>,
+    /// Bumped by each successful config reload.
+    pub config_generation: std::sync::atomic::AtomicU64,
+}
+
+impl App {
+    /// Reloads the config file: validates it and swaps the whole policy
+    /// atomically. In-flight calls finish on the policy they started with;
+    /// spend and counters live outside the policy and are kept. A bad file
+    /// keeps the old policy. Listen addresses, `data_dir`, `[spool]` and
+    /// `[[sinks]]` are bound at start: a change to them is logged as needing
+    /// a restart and keeps running with the old values.
+    pub fn reload(&self, path: &std::path::Path) -> Result<(), config::ConfigError> {
+        let m = &self.metrics;
+        let new = match config::load(path) {
+            Ok(p) => p,
+            Err(e) => {
+                m.config_reloads
+                    .get_or_create(&metrics::ResultLabels { result: "error" })
+                    .inc();
+                m.config_last_reload_ok.set(0);
+                tracing::error!(error = %e, "config reload rejected; the running config stays");
+                return Err(e);
+            }
+        };
+        let old = self.policy.load();
+        let s = (&old.server, &new.server);
+        let mut restart = Vec::new();
+        if s.0.listen != s.1.listen || s.0.admin_listen != s.1.admin_listen {
+            restart.push("server.listen / server.admin_listen");
+        }
+        if s.0.data_dir != s.1.data_dir {
+            restart.push("server.data_dir");
+        }
+        if format!("{:?}", old.spool) != format!("{:?}", new.spool) {
+            restart.push("[spool]");
+        }
+        if format!("{:?}", old.sinks) != format!("{:?}", new.sinks) {
+            restart.push("[[sinks]]");
+        }
+        if !restart.is_empty() {
+            tracing::warn!(changed = ?restart, "these settings change only on restart; running with the old values");
+        }
+        self.policy.store(Arc::new(new));
+        self.config_generation.fetch_add(1, Ordering::Relaxed);
+        m.config_reloads
+            .get_or_create(&metrics::ResultLabels { result: "ok" })
+            .inc();
+        m.config_last_reload_ok.set(1);
+        m.config_last_load.set(unix_seconds());
+        tracing::info!(path = %path.display(), "config reloaded");
+        Ok(())
+    }
+}
+
+fn unix_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Watches `path` for changes (by content, so a ConfigMap's symlink swap
+/// counts) and reloads; also reloads on SIGHUP. Runs until the task is
+/// dropped.
+pub async fn watch_config(app: Arc<App>, path: std::path::PathBuf, every: std::time::Duration) {
+    use sha2::{Digest, Sha256};
+    let digest = |p: &std::path::Path| std::fs::read(p).ok().map(|b| Sha256::digest(&b));
+    let mut seen = digest(&path);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .expect("SIGHUP handler");
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        #[cfg(unix)]
+        let forced = tokio::select! {
+            _ = tick.tick() => false,
+            _ = hup.recv() => true,
+        };
+        #[cfg(not(unix))]
+        let forced = {
+            tick.tick().await;
+            false
+        };
+        let now = digest(&path);
+        if forced || now != seen {
+            seen = now;
+            let app = app.clone();
+            let p = path.clone();
+            let _ = tokio::task::spawn_blocking(move || app.reload(&p)).await;
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +172,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub app: Arc<App>,
     shutdown: watch::Sender<bool>,
+    force: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -84,9 +180,24 @@ impl Running {
     /// Stops accepting, lets in-flight calls finish within the grace period,
     /// flushes the spool and gives sinks a last chance, then returns.
     pub async fn shutdown(self) {
+        self.begin_shutdown();
+        let _ = self.task.await;
+    }
+
+    /// Starts the drain: `/readyz` turns 503 at once, listeners close.
+    pub fn begin_shutdown(&self) {
         self.app.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
-        let _ = self.task.await;
+    }
+
+    /// Cuts what is still open now (a second signal); events still land.
+    pub fn force(&self) {
+        let _ = self.force.send(true);
+    }
+
+    /// Resolves when the drain begun by `begin_shutdown` has finished.
+    pub async fn finished(&mut self) {
+        let _ = (&mut self.task).await;
     }
 }
 
@@ -139,8 +250,16 @@ pub async fn run(
         clients: Default::default(),
         limits: limits::Limits::new(limits::budget::MemoryStore::with_ledger(ledger.clone())),
         draining: AtomicBool::new(false),
+        inflight: watch::channel(0).0,
+        config_generation: Default::default(),
     });
+    metrics.config_last_load.set(unix_seconds());
+    metrics.config_last_reload_ok.set(1);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (force_tx, force_rx) = watch::channel(false);
+    // The admin listener stays up through the drain (`/readyz` answers 503,
+    // `/metrics` stays scrapeable) and closes last.
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
 
     let mut sink_tasks = Vec::new();
     let (sink_stop_tx, sink_stop_rx) = watch::channel(false);
@@ -168,20 +287,33 @@ pub async fn run(
         proxy_listener,
         move |req| proxy::handle(a.clone(), req),
         shutdown_rx.clone(),
+        force_rx.clone(),
         grace,
     ));
     let a = app.clone();
     let admin = tokio::spawn(server::serve(
         admin_listener,
         move |req| admin::handle(a.clone(), req),
-        shutdown_rx.clone(),
-        grace,
+        admin_stop_rx,
+        force_rx,
+        Duration::from_secs(1),
     ));
     let mut stop = shutdown_rx;
+    let drained = app.clone();
     let task = tokio::spawn(async move {
         let _ = stop.wait_for(|s| *s).await;
         let started = tokio::time::Instant::now();
         let _ = proxy.await;
+        // Calls cut at the end of the grace finish on their own tasks: wait
+        // (briefly) until every one has its event in the spool.
+        let mut inflight = drained.inflight.subscribe();
+        let settle = inflight.wait_for(|n| *n == 0);
+        if tokio::time::timeout(std::time::Duration::from_secs(5), settle)
+            .await
+            .is_err()
+        {
+            tracing::error!("calls still unfinished at exit; their events may be lost");
+        }
         // In-flight calls have finished (or the grace ran out): their events
         // are in the spool. Sinks get what is left of the grace to deliver.
         let _ = sink_stop_tx.send(true);
@@ -191,13 +323,15 @@ pub async fn run(
             tracing::warn!("sinks did not finish within the grace period; undelivered events stay in the spool");
         }
         spool.close().await;
-        admin.abort();
+        let _ = admin_stop_tx.send(true);
+        let _ = admin.await;
     });
     Ok(Running {
         proxy_addr,
         admin_addr,
         app,
         shutdown: shutdown_tx,
+        force: force_tx,
         task,
     })
 }

@@ -69,7 +69,7 @@ fn init_tracing(format: Option<LogFormat>, default_level: &str) {
         builder
             .json()
             .flatten_event(true)
-            .with_current_span(false)
+            .with_current_span(true)
             .init();
     } else {
         builder.init();
@@ -119,7 +119,7 @@ fn main() -> Result<()> {
         Command::Run { config } => {
             init_tracing(cli.log_format, "info");
             let policy = tollgate::config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
-            runtime()?.block_on(run(policy))
+            runtime()?.block_on(run(policy, config))
         }
         Command::Mock { listen } => {
             init_tracing(cli.log_format, "info");
@@ -145,12 +145,27 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-async fn run(policy: tollgate::config::Policy) -> Result<()> {
-    let running = tollgate::start(policy).await?;
+async fn run(policy: tollgate::config::Policy, config: PathBuf) -> Result<()> {
+    let grace = policy.server.shutdown_grace;
+    let mut running = tollgate::start(policy).await?;
     tracing::info!(proxy = %running.proxy_addr, admin = %running.admin_addr, "listening");
+    let watcher = tokio::spawn(tollgate::watch_config(
+        running.app.clone(),
+        config,
+        std::time::Duration::from_secs(1),
+    ));
     shutdown_signal().await;
-    tracing::info!("shutting down: draining in-flight calls");
-    running.shutdown().await;
+    watcher.abort();
+    tracing::info!(grace = ?grace, "shutting down: draining in-flight calls");
+    running.begin_shutdown();
+    tokio::select! {
+        _ = running.finished() => {}
+        _ = shutdown_signal() => {
+            tracing::warn!("second signal: stopping now; finished events are in the spool");
+            running.force();
+            running.finished().await;
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

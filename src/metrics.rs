@@ -40,6 +40,11 @@ pub struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TenantLabels {
     pub tenant: String,
 }
@@ -57,6 +62,9 @@ pub struct Metrics {
     pub rejections: Family<ReasonLabels, Counter>,
     pub unpriced: Family<UpstreamLabels, Counter>,
     pub events_lost: Counter,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    pub config_last_load: Gauge,
+    pub config_last_reload_ok: Gauge,
     pub tenant_spent: Family<TenantLabels, Gauge<f64, AtomicU64>>,
     pub tenant_remaining: Family<TenantLabels, Gauge<f64, AtomicU64>>,
     pub spool_disk_bytes: Gauge,
@@ -86,6 +94,9 @@ impl Metrics {
             rejections: Family::default(),
             unpriced: Family::default(),
             events_lost: Counter::default(),
+            config_reloads: Family::default(),
+            config_last_load: Gauge::default(),
+            config_last_reload_ok: Gauge::default(),
             tenant_spent: Family::default(),
             tenant_remaining: Family::default(),
             spool_disk_bytes: Gauge::default(),
@@ -138,6 +149,21 @@ impl Metrics {
             "tenant_remaining_usd",
             "Budget left in the current window (tenants with a budget)",
             m.tenant_remaining.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Config reload attempts by result (ok, error)",
+            m.config_reloads.clone(),
+        );
+        r.register(
+            "config_last_load_timestamp_seconds",
+            "Unix time the running config was loaded",
+            m.config_last_load.clone(),
+        );
+        r.register(
+            "config_last_reload_ok",
+            "1 if the last reload attempt succeeded, 0 if the file was rejected",
+            m.config_last_reload_ok.clone(),
         );
         r.register(
             "spool_disk_bytes",

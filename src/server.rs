@@ -28,11 +28,14 @@ pub fn full(b: impl Into<Bytes>) -> Body {
 }
 
 /// Serves `handler` on `listener` until `shutdown` turns true, then waits up
-/// to `grace` for open connections to finish their requests.
+/// to `grace` for open connections to finish their requests and streams.
+/// When the grace runs out or `force` turns true, the connections left are
+/// cut: their calls end as `client_aborted` and still write their events.
 pub async fn serve<H, F>(
     listener: TcpListener,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
+    mut force: watch::Receiver<bool>,
     grace: Duration,
 ) where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
@@ -46,7 +49,10 @@ pub async fn serve<H, F>(
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
         .max_concurrent_streams(1024);
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        // Reap finished connection tasks so the set stays small.
+        while conns.try_join_next().is_some() {}
         let (stream, _peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -66,19 +72,25 @@ pub async fn serve<H, F>(
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
+        conns.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
     }
+    // Stop accepting: new connections are refused from here on.
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(grace = ?grace, "shutdown grace ran out with requests still open");
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(grace = ?grace, open = conns.len(), "shutdown grace ran out; cutting open connections");
+        }
+        _ = stopped(&mut force) => {
+            tracing::warn!(open = conns.len(), "second signal: cutting open connections");
+        }
     }
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
 }
 
 /// Resolves once the shutdown flag is set (or its sender is gone).

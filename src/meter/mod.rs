@@ -80,6 +80,7 @@ impl Call {
         upstream: Arc<Upstream>,
         op: Operation,
     ) -> Call {
+        app.inflight.send_modify(|n| *n += 1);
         Call {
             state: Some(Box::new(CallState {
                 app,
@@ -144,6 +145,15 @@ impl CallState {
             now,
         );
         record_metrics(&app, &data);
+        tracing::debug!(
+            event_id = %event.id,
+            outcome = data.outcome.as_str(),
+            status = data.http_status,
+            input_tokens = data.usage.input_tokens,
+            output_tokens = data.usage.output_tokens,
+            cost = %data.cost,
+            "call metered"
+        );
         if let Err(e) = app.spool.append(event.to_line()).await {
             app.metrics.events_lost.inc();
             tracing::error!(
@@ -153,6 +163,7 @@ impl CallState {
                 "usage event lost: spool append failed"
             );
         }
+        app.inflight.send_modify(|n| *n -= 1);
     }
 
     /// Builds the event: provider usage when reported, else an estimate when

@@ -33,6 +33,18 @@ pub use error::ProxyError;
 pub const UNKNOWN_TENANT: &str = "unknown";
 
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "call",
+        upstream = tracing::field::Empty,
+        tenant = tracing::field::Empty,
+        model = tracing::field::Empty,
+    );
+    phases(app, req).instrument(span).await
+}
+
+/// The request phases, in order; every exit path finishes the call.
+async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let policy = app.policy.load_full();
     // route
     let Some((upstream, rest)) = policy.route(req.uri().path()) else {
@@ -44,6 +56,8 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         None => rest.to_string(),
     };
     let op = Operation::classify(upstream.provider, req.method(), rest);
+    let span = tracing::Span::current();
+    span.record("upstream", upstream.name.as_str());
 
     // authenticate
     let tenant = authenticate(&policy, req.headers());
@@ -54,8 +68,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         upstream.clone(),
         op,
     );
-    if tenant.is_none() {
-        return reject(call, ProxyError::Unauthenticated, upstream.provider).await;
+    match &tenant {
+        Some(t) => {
+            span.record("tenant", t.as_str());
+        }
+        None => return reject(call, ProxyError::Unauthenticated, upstream.provider).await,
     }
 
     // read
@@ -104,6 +121,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
                     return reject(call, e, upstream.provider).await;
                 }
             }
+        }
+        if let Some(m) = &info.model {
+            span.record("model", m.as_str());
         }
         call.state().request = info;
     }
