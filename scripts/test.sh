@@ -21,3 +21,6 @@ cargo test --doc
 step "SDK end-to-end tests"
 cargo build --bin tollgate
 TOLLGATE_BIN="$PWD/target/debug/tollgate" bash scripts/e2e.sh
+
+step "Kubernetes manifests"
+TOLLGATE_BIN="$PWD/target/debug/tollgate" bash scripts/deploy-check.sh
