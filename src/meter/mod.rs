@@ -108,9 +108,12 @@ impl Call {
 
     /// Ends the call: estimates if needed, prices, writes the event to the
     /// spool and waits until it is there.
+    ///
+    /// The work runs on its own task, so a caller that is dropped halfway
+    /// (the client went away) cannot cancel the event's write.
     pub async fn finish(mut self, end: End) {
         let state = self.state.take().expect("finish runs once");
-        state.finish(end).await
+        let _ = tokio::spawn(state.finish(end)).await;
     }
 }
 

@@ -192,10 +192,11 @@ pub struct Proxy {
 }
 
 pub fn start_proxy(config: &Path) -> Proxy {
-    let proc = Proc::spawn(
-        &["run", "--config", config.to_str().unwrap()],
-        &[("TEST_UPSTREAM_KEY", UPSTREAM_KEY)],
-    );
+    start_proxy_env(config, &[("TEST_UPSTREAM_KEY", UPSTREAM_KEY)])
+}
+
+pub fn start_proxy_env(config: &Path, envs: &[(&str, &str)]) -> Proxy {
+    let proc = Proc::spawn(&["run", "--config", config.to_str().unwrap()], envs);
     let v = proc.wait_for("listening");
     Proxy {
         addr: v["proxy"].as_str().unwrap().to_string(),
