@@ -91,6 +91,9 @@ impl App {
         if s.0.listen != s.1.listen || s.0.admin_listen != s.1.admin_listen {
             restart.push("server.listen / server.admin_listen");
         }
+        if s.0.shutdown_grace != s.1.shutdown_grace {
+            restart.push("server.shutdown_grace");
+        }
         if s.0.data_dir != s.1.data_dir {
             restart.push("server.data_dir");
         }

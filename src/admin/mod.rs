@@ -40,10 +40,11 @@ fn ready(app: &App) -> Response<Body> {
     if app.draining.load(Ordering::Relaxed) {
         return json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"draining"}"#);
     }
-    if app.spool.check_capacity().is_err() {
+    // Read-only: a probe must never trigger `drop_oldest`.
+    if app.spool.refuses_calls() {
         return json(
             StatusCode::SERVICE_UNAVAILABLE,
-            r#"{"status":"spool_full"}"#,
+            r#"{"status":"spool_unavailable"}"#,
         );
     }
     if !app.spool.dir().is_dir() {
