@@ -50,8 +50,20 @@ impl FileSink {
 }
 
 impl Sink for FileSink {
-    fn start(&mut self, saved: Option<u64>) -> BoxFuture<'_, Result<(), SinkError>> {
-        Box::pin(self.open(saved))
+    fn sync(&mut self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async {
+            if let Some(f) = self.file.as_mut() {
+                f.sync_data().await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn start(&mut self, saved: Option<u64>) -> BoxFuture<'_, Result<Option<u64>, SinkError>> {
+        Box::pin(async move {
+            self.open(saved).await?;
+            Ok(Some(self.len))
+        })
     }
 
     fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<Delivered, SinkError>> {
@@ -66,8 +78,7 @@ impl Sink for FileSink {
             }
             if let Err(e) = async {
                 file.write_all(&buf).await?;
-                file.flush().await?;
-                file.sync_data().await
+                file.flush().await
             }
             .await
             {

@@ -125,8 +125,8 @@ impl HttpSink {
 }
 
 impl Sink for HttpSink {
-    fn start(&mut self, _saved: Option<u64>) -> BoxFuture<'_, Result<(), SinkError>> {
-        Box::pin(async { Ok(()) })
+    fn start(&mut self, _saved: Option<u64>) -> BoxFuture<'_, Result<Option<u64>, SinkError>> {
+        Box::pin(async { Ok(None) })
     }
 
     fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<Delivered, SinkError>> {

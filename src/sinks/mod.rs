@@ -58,12 +58,20 @@ pub struct Delivered {
 /// One destination for events.
 pub trait Sink: Send {
     /// Called once before the first batch with the offset saved alongside the
-    /// cursor by the previous run (file sinks truncate to it).
-    fn start(&mut self, saved_offset: Option<u64>) -> BoxFuture<'_, Result<(), SinkError>>;
+    /// cursor by the previous run (file sinks truncate to it). Returns the
+    /// offset to record with the cursor right away, if the sink keeps one.
+    fn start(&mut self, saved_offset: Option<u64>)
+        -> BoxFuture<'_, Result<Option<u64>, SinkError>>;
 
     /// Delivers a batch. `Ok` means the receiver has it (or it was
     /// dead-lettered); only then does the cursor move.
     fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<Delivered, SinkError>>;
+
+    /// Makes delivered batches durable before the cursor moves past them
+    /// (the file sink's fsync). Most receivers acknowledge durably already.
+    fn sync(&mut self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 pub fn build(cfg: &SinkConfig, data_dir: &std::path::Path, clients: &Clients) -> Box<dyn Sink> {
@@ -117,7 +125,16 @@ pub async fn drive(
     let mut backoff = Backoff::default();
     loop {
         match sink.start(reader.sink_offset()).await {
-            Ok(()) => break,
+            Ok(offset) => {
+                // Record where the sink starts, so a crash before the first
+                // commit cuts back to here rather than duplicating.
+                if offset.is_some() && offset != reader.sink_offset() {
+                    if let Err(e) = reader.commit(reader.position(), offset) {
+                        tracing::error!(sink = %name, error = %e, "cannot save sink cursor");
+                    }
+                }
+                break;
+            }
             Err(e) => {
                 tracing::warn!(sink = %name, error = %e, "sink failed to start; retrying");
                 tokio::select! {
@@ -128,21 +145,30 @@ pub async fn drive(
         }
     }
     let mut draining = false;
+    // Delivered but not yet committed: (position, sink offset).
+    let mut pending: Option<(u64, Option<u64>)> = None;
+    let mut last_commit = tokio::time::Instant::now();
     loop {
-        let mut batch = if draining {
+        let batch = if draining {
             match reader.try_batch(max_events, max_bytes).await {
-                Ok(b) if b.lines.is_empty() => return,
-                Ok(b) => b,
-                Err(_) => return,
+                Ok(b) if !b.lines.is_empty() => Some(b),
+                _ => None,
             }
         } else {
+            let due = last_commit + COMMIT_EVERY;
             tokio::select! {
-                b = reader.next_batch(max_events, max_bytes) => match b {
-                    Ok(b) => b,
-                    Err(_) => return,
-                },
+                b = reader.next_batch(max_events, max_bytes) => b.ok(),
+                _ = tokio::time::sleep_until(due), if pending.is_some() => {
+                    commit(&name, &mut *sink, &mut reader, &mut pending).await;
+                    last_commit = tokio::time::Instant::now();
+                    continue;
+                }
                 _ = stopped(&mut shutdown) => { draining = true; continue; }
             }
+        };
+        let Some(mut batch) = batch else {
+            commit(&name, &mut *sink, &mut reader, &mut pending).await;
+            return;
         };
         // A partial batch waits up to `max_wait` for company.
         if !draining && !max_wait.is_zero() && batch.lines.len() < max_events {
@@ -164,9 +190,7 @@ pub async fn drive(
         loop {
             match sink.deliver(&batch).await {
                 Ok(done) => {
-                    if let Err(e) = reader.commit(batch.end, done.sink_offset) {
-                        tracing::error!(sink = %name, error = %e, "cannot save sink cursor");
-                    }
+                    pending = Some((batch.end, done.sink_offset));
                     let delivered = batch.lines.len() - done.dead_lettered;
                     metrics
                         .sink_delivered
@@ -184,6 +208,10 @@ pub async fn drive(
                             .set(unix_now());
                     }
                     backoff = Backoff::default();
+                    if draining || last_commit.elapsed() >= COMMIT_EVERY {
+                        commit(&name, &mut *sink, &mut reader, &mut pending).await;
+                        last_commit = tokio::time::Instant::now();
+                    }
                     break;
                 }
                 Err(e) => {
@@ -194,6 +222,8 @@ pub async fn drive(
                     };
                     let wait = backoff.next(after);
                     tracing::warn!(sink = %name, error = %e, kind = e.kind(), retry_in = ?wait, "delivery failed; will retry");
+                    // What was delivered before stays delivered.
+                    commit(&name, &mut *sink, &mut reader, &mut pending).await;
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = stopped(&mut shutdown), if !draining => { draining = true; }
@@ -201,6 +231,29 @@ pub async fn drive(
                 }
             }
         }
+    }
+}
+
+/// Cursor commits are batched in time: a crash re-delivers at most this much
+/// (the file sink re-writes it exactly, cutting its file back first).
+const COMMIT_EVERY: Duration = Duration::from_millis(100);
+
+/// Makes what was delivered durable at the sink, then moves the cursor.
+async fn commit(
+    name: &str,
+    sink: &mut dyn Sink,
+    reader: &mut Reader,
+    pending: &mut Option<(u64, Option<u64>)>,
+) {
+    let Some((end, offset)) = pending.take() else {
+        return;
+    };
+    if let Err(e) = sink.sync().await {
+        tracing::error!(sink = %name, error = %e, "sink sync failed; cursor not moved");
+        return;
+    }
+    if let Err(e) = reader.commit(end, offset) {
+        tracing::error!(sink = %name, error = %e, "cannot save sink cursor");
     }
 }
 

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{SpoolPolicy, WhenFull};
+use crate::config::{Fsync, SpoolPolicy, WhenFull};
 
 pub use cursor::Cursor;
 pub use reader::{Batch, Reader};
@@ -87,13 +87,15 @@ impl SpoolStats {
 pub struct Spool {
     dir: PathBuf,
     policy: SpoolPolicy,
-    tx: mpsc::Sender<Append>,
+    log: Arc<writer::Log>,
+    /// The group-commit queue (`fsync = "always"` only).
+    tx: Option<mpsc::Sender<Append>>,
     /// End of the written log (next append position).
     end: watch::Receiver<u64>,
     /// Start of the oldest segment still on disk.
     start: AtomicU64,
     cursors: Mutex<Vec<(String, u64)>>,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     pub stats: Arc<SpoolStats>,
 }
 
@@ -118,24 +120,48 @@ impl Spool {
             cursors.push((name.clone(), c.position.clamp(start, end)));
         }
         let (end_tx, end_rx) = watch::channel(end);
-        let (tx, rx) = mpsc::channel(QUEUE);
         let stats = Arc::new(SpoolStats::default());
+        let log = Arc::new(writer::Log::open(
+            dir.to_path_buf(),
+            policy.clone(),
+            &segs,
+            end_tx,
+            stats.clone(),
+        )?);
+        let mut threads = Vec::new();
+        let mut tx = None;
+        match policy.fsync {
+            Fsync::Always => {
+                let (t, rx) = mpsc::channel(QUEUE);
+                tx = Some(t);
+                let l = log.clone();
+                threads.push(
+                    std::thread::Builder::new()
+                        .name("tollgate-spool".into())
+                        .spawn(move || writer::run_group_commit(l, rx))?,
+                );
+            }
+            Fsync::Interval(every) => {
+                let l = log.clone();
+                threads.push(
+                    std::thread::Builder::new()
+                        .name("tollgate-fsync".into())
+                        .spawn(move || writer::run_syncer(l, every))?,
+                );
+            }
+            Fsync::Never => {}
+        }
         let spool = Arc::new(Spool {
             dir: dir.to_path_buf(),
             policy: policy.clone(),
+            log,
             tx,
             end: end_rx,
             start: AtomicU64::new(start),
             cursors: Mutex::new(cursors),
-            writer: Mutex::new(None),
-            stats: stats.clone(),
+            threads: Mutex::new(threads),
+            stats,
         });
-        let w = writer::Writer::new(dir.to_path_buf(), policy, segs, end_tx, stats)?;
-        let handle = tokio::runtime::Handle::current();
-        let thread = std::thread::Builder::new()
-            .name("tollgate-spool".into())
-            .spawn(move || w.run(rx, handle))?;
-        *spool.writer.lock().unwrap() = Some(thread);
         spool.collect_garbage();
         Ok(spool)
     }
@@ -148,49 +174,25 @@ impl Spool {
     /// spool file (and on disk with `fsync = "always"`). Returns the position
     /// just past it.
     pub async fn append(&self, line: Vec<u8>) -> Result<u64, SpoolError> {
+        let Some(tx) = &self.tx else {
+            return self.append_now(&line);
+        };
         let (ack, rx) = oneshot::channel();
-        self.tx
-            .send(Append {
-                line,
-                ack: Some(ack),
-            })
-            .await
-            .map_err(|_| SpoolError::Closed)?;
+        tx.send(Append {
+            line,
+            ack: Some(ack),
+        })
+        .await
+        .map_err(|_| SpoolError::Closed)?;
         rx.await.map_err(|_| SpoolError::Closed)?
     }
 
-    /// Appends without waiting, for paths that cannot await (a dropped
-    /// request). Still bounded: when the queue is full the send waits on a
-    /// task. Failures are logged at ERROR and counted.
-    pub fn append_detached(self: &Arc<Self>, line: Vec<u8>) {
-        let (ack, rx) = oneshot::channel();
-        let msg = Append {
-            line,
-            ack: Some(ack),
-        };
-        let stats = self.stats.clone();
-        let report = move |r: Result<Result<u64, SpoolError>, oneshot::error::RecvError>| {
-            if let Err(e) = r.map_err(|_| SpoolError::Closed).and_then(|r| r) {
-                stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "usage event lost: spool append failed");
-            }
-        };
-        match self.tx.try_send(msg) {
-            Ok(()) => {
-                tokio::spawn(async move { report(rx.await) });
-            }
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                let tx = self.tx.clone();
-                tokio::spawn(async move {
-                    if tx.send(msg).await.is_ok() {
-                        report(rx.await)
-                    } else {
-                        report(Ok(Err(SpoolError::Closed)))
-                    }
-                });
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => report(Ok(Err(SpoolError::Closed))),
+    /// One `write` into the page cache, on the caller's thread.
+    fn append_now(&self, line: &[u8]) -> Result<u64, SpoolError> {
+        if self.log.closed.load(Ordering::Relaxed) {
+            return Err(SpoolError::Closed);
         }
+        self.log.write(line, 1)
     }
 
     /// Undelivered bytes: from the slowest sink's cursor to the end.
@@ -351,17 +353,24 @@ impl Spool {
 
     /// Stops the writer after it has written (and synced) everything queued.
     pub async fn close(&self) {
-        let _ = self
-            .tx
-            .send(Append {
-                line: Vec::new(),
-                ack: None,
-            })
-            .await;
-        let handle = self.writer.lock().unwrap().take();
-        if let Some(h) = handle {
-            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        if let Some(tx) = &self.tx {
+            let _ = tx
+                .send(Append {
+                    line: Vec::new(),
+                    ack: None,
+                })
+                .await;
         }
+        self.log.closed.store(true, Ordering::Relaxed);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap());
+        let log = self.log.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+            log.sync();
+        })
+        .await;
     }
 }
 

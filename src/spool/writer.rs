@@ -1,167 +1,164 @@
-//! The spool's single writer: a dedicated thread that takes queued events in
-//! batches, writes each batch with one `write`, syncs per the fsync policy,
-//! and only then acknowledges the batch (group commit).
+//! Writing the spool. The log (active segment, position, rolling) sits
+//! behind one mutex held only for a `write` into the page cache, so an append
+//! costs one syscall on the caller's thread and no thread hop; that is what
+//! survives `kill -9`. Syncing to disk is separate:
+//! - `fsync = "interval"`: a syncer thread `fdatasync`s a handle of its own
+//!   every interval, without holding the lock;
+//! - `fsync = "always"`: appends go through a group-commit thread that writes
+//!   a batch, syncs it, then acknowledges every event in it.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
 use super::segments::{self, Segment};
-use super::{Append, SpoolError, SpoolStats};
+use super::{unix_ms, Append, SpoolError, SpoolStats};
 use crate::config::{Fsync, SpoolPolicy};
 
 const MAX_BATCH_EVENTS: usize = 1024;
 
-pub struct Writer {
+pub struct Log {
     dir: PathBuf,
     policy: SpoolPolicy,
-    file: File,
-    seg_start: u64,
-    seg_len: u64,
+    state: Mutex<State>,
     end_tx: watch::Sender<u64>,
-    dirty: bool,
-    last_sync: Instant,
     stats: Arc<SpoolStats>,
+    pub closed: AtomicBool,
 }
 
-impl Writer {
-    pub fn new(
+struct State {
+    file: Arc<File>,
+    seg_start: u64,
+    seg_len: u64,
+    dirty: bool,
+}
+
+impl Log {
+    pub fn open(
         dir: PathBuf,
         policy: SpoolPolicy,
-        segs: Vec<Segment>,
+        segs: &[Segment],
         end_tx: watch::Sender<u64>,
         stats: Arc<SpoolStats>,
-    ) -> std::io::Result<Writer> {
-        let (seg_start, seg_len) = match segs.last() {
-            Some(s) => (s.start, s.len),
-            None => (0, 0),
-        };
-        let file = open_segment(&dir, seg_start)?;
-        Ok(Writer {
+    ) -> std::io::Result<Log> {
+        let (seg_start, seg_len) = segs.last().map(|s| (s.start, s.len)).unwrap_or((0, 0));
+        let file = Arc::new(open_segment(&dir, seg_start)?);
+        Ok(Log {
             dir,
             policy,
-            file,
-            seg_start,
-            seg_len,
+            state: Mutex::new(State {
+                file,
+                seg_start,
+                seg_len,
+                dirty: false,
+            }),
             end_tx,
-            dirty: false,
-            last_sync: Instant::now(),
             stats,
+            closed: AtomicBool::new(false),
         })
     }
 
-    pub fn run(mut self, mut rx: mpsc::Receiver<Append>, rt: tokio::runtime::Handle) {
-        let tick = match self.policy.fsync {
-            Fsync::Interval(d) => d.max(Duration::from_millis(1)),
-            _ => Duration::from_secs(3600),
-        };
-        let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
-        let mut buf = Vec::with_capacity(256 * 1024);
-        loop {
-            let got = rt.block_on(async {
-                tokio::time::timeout(tick, rx.recv_many(&mut batch, MAX_BATCH_EVENTS)).await
-            });
-            match got {
-                Err(_elapsed) => {
-                    self.sync_if_due(true);
-                    continue;
-                }
-                Ok(0) => break,
-                Ok(_) => {}
-            }
-            let closing = batch.iter().any(|a| a.line.is_empty() && a.ack.is_none());
-            self.write_batch(&mut batch, &mut buf);
-            if closing {
-                break;
+    /// Appends whole lines; returns the log position after them. A failed
+    /// write is cut back so the log stays line-aligned.
+    pub fn write(&self, buf: &[u8], events: u64) -> Result<u64, SpoolError> {
+        let mut s = self.state.lock().unwrap();
+        if let Err(e) = (&*s.file).write_all(buf) {
+            let _ = s.file.set_len(s.seg_len);
+            self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .failed_at_ms
+                .store(unix_ms().max(1), Ordering::Relaxed);
+            tracing::error!(error = %e, events, "spool write failed");
+            return Err(e.into());
+        }
+        s.seg_len += buf.len() as u64;
+        s.dirty = true;
+        let end = s.seg_start + s.seg_len;
+        self.stats.failed_at_ms.store(0, Ordering::Relaxed);
+        self.stats
+            .appended_events
+            .fetch_add(events, Ordering::Relaxed);
+        self.end_tx.send_replace(end);
+        if s.seg_len >= self.policy.segment_bytes {
+            if let Err(e) = self.roll(&mut s) {
+                tracing::error!(error = %e, "spool: cannot start a new segment");
             }
         }
-        if let Err(e) = self.file.sync_data() {
-            tracing::error!(error = %e, "spool: final sync failed");
+        Ok(end)
+    }
+
+    /// Syncs what was written so far (no lock held during the sync).
+    pub fn sync(&self) {
+        let file = {
+            let mut s = self.state.lock().unwrap();
+            if !s.dirty {
+                return;
+            }
+            s.dirty = false;
+            s.file.clone()
+        };
+        if let Err(e) = file.sync_data() {
+            tracing::error!(error = %e, "spool: fsync failed");
         }
     }
 
-    fn write_batch(&mut self, batch: &mut Vec<Append>, buf: &mut Vec<u8>) {
+    fn roll(&self, s: &mut State) -> std::io::Result<()> {
+        if self.policy.fsync != Fsync::Never {
+            s.file.sync_data()?;
+        }
+        let start = s.seg_start + s.seg_len;
+        s.file = Arc::new(open_segment(&self.dir, start)?);
+        s.seg_start = start;
+        s.seg_len = 0;
+        s.dirty = false;
+        Ok(())
+    }
+}
+
+/// `fsync = "interval"`: syncs every `every` until the log is closed.
+pub fn run_syncer(log: Arc<Log>, every: Duration) {
+    let every = every.max(Duration::from_millis(1));
+    while !log.closed.load(Ordering::Relaxed) {
+        std::thread::sleep(every);
+        log.sync();
+    }
+}
+
+/// `fsync = "always"`: group commit. Takes queued events in batches, writes
+/// each batch with one `write`, syncs, then acknowledges.
+pub fn run_group_commit(log: Arc<Log>, mut rx: mpsc::Receiver<Append>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
+    let mut buf = Vec::with_capacity(256 * 1024);
+    loop {
+        if rx.blocking_recv_many(&mut batch, MAX_BATCH_EVENTS) == 0 {
+            break;
+        }
+        let closing = batch.iter().any(|a| a.ack.is_none() && a.line.is_empty());
         buf.clear();
         let mut ends = Vec::with_capacity(batch.len());
+        let base = *log.end_tx.borrow();
         for a in batch.iter() {
             buf.extend_from_slice(&a.line);
-            ends.push(self.seg_start + self.seg_len + buf.len() as u64);
+            ends.push(base + buf.len() as u64);
         }
-        let mut result = self.file.write_all(buf);
-        if result.is_ok() && self.policy.fsync == Fsync::Always {
-            result = self.file.sync_data();
-            self.last_sync = Instant::now();
-        }
-        match result {
-            Ok(()) => {
-                self.stats.failed_at_ms.store(0, Ordering::Relaxed);
-                self.seg_len += buf.len() as u64;
-                self.dirty = self.policy.fsync != Fsync::Always;
-                let n = batch.iter().filter(|a| !a.line.is_empty()).count();
-                self.stats
-                    .appended_events
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                self.end_tx.send_replace(self.seg_start + self.seg_len);
-                for (a, end) in batch.drain(..).zip(ends) {
-                    if let Some(ack) = a.ack {
-                        let _ = ack.send(Ok(end));
-                    }
-                }
-                self.sync_if_due(false);
-                if self.seg_len >= self.policy.segment_bytes {
-                    if let Err(e) = self.roll() {
-                        tracing::error!(error = %e, "spool: cannot start a new segment");
-                    }
-                }
-            }
-            Err(e) => {
-                // Cut anything partially written so the log stays line-aligned.
-                let _ = self.file.set_len(self.seg_len);
-                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .failed_at_ms
-                    .store(super::unix_ms().max(1), Ordering::Relaxed);
-                tracing::error!(error = %e, events = batch.len(), "spool write failed");
-                for a in batch.drain(..) {
-                    if let Some(ack) = a.ack {
-                        let _ = ack.send(Err(SpoolError::Io(std::io::Error::new(
-                            e.kind(),
-                            e.to_string(),
-                        ))));
-                    }
-                }
+        let n = batch.iter().filter(|a| !a.line.is_empty()).count() as u64;
+        let result = log.write(&buf, n).map(|_| log.sync());
+        for (a, end) in batch.drain(..).zip(ends) {
+            if let Some(ack) = a.ack {
+                let _ = ack.send(match &result {
+                    Ok(()) => Ok(end),
+                    Err(e) => Err(SpoolError::Io(std::io::Error::other(e.to_string()))),
+                });
             }
         }
-    }
-
-    fn sync_if_due(&mut self, force: bool) {
-        let Fsync::Interval(every) = self.policy.fsync else {
-            return;
-        };
-        if self.dirty && (force || self.last_sync.elapsed() >= every) {
-            if let Err(e) = self.file.sync_data() {
-                tracing::error!(error = %e, "spool: fsync failed");
-            }
-            self.dirty = false;
-            self.last_sync = Instant::now();
+        if closing {
+            break;
         }
-    }
-
-    fn roll(&mut self) -> std::io::Result<()> {
-        if self.policy.fsync != Fsync::Never {
-            self.file.sync_data()?;
-        }
-        let start = self.seg_start + self.seg_len;
-        self.file = open_segment(&self.dir, start)?;
-        self.seg_start = start;
-        self.seg_len = 0;
-        self.dirty = false;
-        Ok(())
     }
 }
 

@@ -194,8 +194,8 @@ impl OtlpSink {
 }
 
 impl Sink for OtlpSink {
-    fn start(&mut self, _saved: Option<u64>) -> BoxFuture<'_, Result<(), SinkError>> {
-        Box::pin(async { Ok(()) })
+    fn start(&mut self, _saved: Option<u64>) -> BoxFuture<'_, Result<Option<u64>, SinkError>> {
+        Box::pin(async { Ok(None) })
     }
 
     fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<Delivered, SinkError>> {
