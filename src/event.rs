@@ -56,9 +56,10 @@ impl Outcome {
 }
 
 /// The CloudEvents envelope. `id` (a ULID) and `time` are fixed at creation
-/// and never change on resend.
+/// and never change on resend. Written with typed `data` (no intermediate
+/// JSON tree); read back with `data` as a JSON value.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Event {
+pub struct Event<D = serde_json::Value> {
     pub specversion: String,
     pub id: String,
     pub source: String,
@@ -67,7 +68,7 @@ pub struct Event {
     pub subject: String,
     pub time: String,
     pub datacontenttype: String,
-    pub data: serde_json::Value,
+    pub data: D,
 }
 
 /// `data` of an `llm.call` or `tool.call` event.
@@ -120,19 +121,13 @@ pub struct CreditData {
     pub reason: String,
 }
 
-impl Event {
+impl<D: Serialize> Event<D> {
     /// A new event with a fresh ULID and the current time.
-    pub fn new(source: &str, kind: &str, subject: &str, data: impl Serialize) -> Event {
+    pub fn new(source: &str, kind: &str, subject: &str, data: D) -> Event<D> {
         Event::at(OffsetDateTime::now_utc(), source, kind, subject, data)
     }
 
-    pub fn at(
-        now: OffsetDateTime,
-        source: &str,
-        kind: &str,
-        subject: &str,
-        data: impl Serialize,
-    ) -> Event {
+    pub fn at(now: OffsetDateTime, source: &str, kind: &str, subject: &str, data: D) -> Event<D> {
         Event {
             specversion: "1.0".into(),
             id: ulid::Ulid::from_datetime(now.into()).to_string(),
@@ -141,17 +136,20 @@ impl Event {
             subject: subject.into(),
             time: format_time(now),
             datacontenttype: "application/json".into(),
-            data: serde_json::to_value(data).expect("event data serializes"),
+            data,
         }
     }
 
     /// The JSONL line (with trailing newline) as written to the spool.
     pub fn to_line(&self) -> Vec<u8> {
-        let mut line = serde_json::to_vec(self).expect("event serializes");
+        let mut line = Vec::with_capacity(768);
+        serde_json::to_writer(&mut line, self).expect("event serializes");
         line.push(b'\n');
         line
     }
+}
 
+impl Event<serde_json::Value> {
     pub fn call_data(&self) -> Option<CallData> {
         match self.kind.as_str() {
             "llm.call" | "tool.call" => serde_json::from_value(self.data.clone()).ok(),

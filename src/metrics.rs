@@ -62,6 +62,7 @@ pub struct Metrics {
     pub rejections: Family<ReasonLabels, Counter>,
     pub unpriced: Family<UpstreamLabels, Counter>,
     pub events_lost: Counter,
+    pub rejected_unrecorded: Counter,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub config_last_load: Gauge,
     pub config_last_reload_ok: Gauge,
@@ -94,6 +95,7 @@ impl Metrics {
             rejections: Family::default(),
             unpriced: Family::default(),
             events_lost: Counter::default(),
+            rejected_unrecorded: Counter::default(),
             config_reloads: Family::default(),
             config_last_load: Gauge::default(),
             config_last_reload_ok: Gauge::default(),
@@ -164,6 +166,11 @@ impl Metrics {
             "config_last_reload_ok",
             "1 if the last reload attempt succeeded, 0 if the file was rejected",
             m.config_last_reload_ok.clone(),
+        );
+        r.register(
+            "rejected_unrecorded",
+            "Calls refused with 503 metering_unavailable: counted here, not written to the full spool",
+            m.rejected_unrecorded.clone(),
         );
         r.register(
             "spool_disk_bytes",

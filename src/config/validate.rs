@@ -411,7 +411,7 @@ fn sink(
     };
     const BATCH: [&str; 3] = ["batch_max_events", "batch_max_bytes", "batch_max_wait"];
     let (default_events, default_wait) = match s.kind.as_str() {
-        "file" => (1000, Duration::ZERO),
+        "file" => (1000, Duration::from_millis(10)),
         _ => (100, Duration::from_secs(1)),
     };
     let batch = BatchPolicy {
@@ -428,7 +428,7 @@ fn sink(
     };
     let kind = match s.kind.as_str() {
         "file" => {
-            only(&["path", "batch_max_events", "batch_max_bytes"])?;
+            only(&[&["path"][..], &BATCH[..]].concat())?;
             let path = s
                 .path
                 .as_ref()

@@ -113,7 +113,11 @@ impl Call {
     /// (the client went away) cannot cancel the event's write.
     pub async fn finish(mut self, end: End) {
         let state = self.state.take().expect("finish runs once");
-        let _ = tokio::spawn(state.finish(end)).await;
+        let mut fut = Box::pin(state.finish(end));
+        // Usually done in one poll (provider usage, an inline spool write).
+        if futures_util::FutureExt::now_or_never(&mut fut).is_none() {
+            let _ = tokio::spawn(fut).await;
+        }
     }
 }
 
@@ -136,7 +140,12 @@ impl CallState {
         let app = self.app.clone();
         let admission = self.admission.take();
         let now = time::OffsetDateTime::now_utc();
-        let (event, data) = self.into_event(end, now).await;
+        let end_kind = match end {
+            End::Rejected { kind, .. } => Some(kind),
+            _ => None,
+        };
+        let event = self.into_event(end, now).await;
+        let data = &event.data;
         // Settle before the event is written: the spend is live at once and
         // the snapshot keeper counts the event when it reads it.
         app.limits.settle(
@@ -147,7 +156,7 @@ impl CallState {
             data.usage.output_tokens,
             now,
         );
-        record_metrics(&app, &data);
+        record_metrics(&app, data);
         tracing::debug!(
             event_id = %event.id,
             outcome = data.outcome.as_str(),
@@ -157,7 +166,13 @@ impl CallState {
             cost = %data.cost,
             "call metered"
         );
-        if let Err(e) = app.spool.append(event.to_line()).await {
+        // A call refused because metering is unavailable (spool full under
+        // `reject`, or failing) is not written: its event would grow the very
+        // backlog that is full. It is counted in the metrics instead.
+        let refused_unmetered = matches!(end_kind, Some("metering_unavailable"));
+        if refused_unmetered {
+            app.metrics.rejected_unrecorded.inc();
+        } else if let Err(e) = app.spool.append(event.to_line()).await {
             app.metrics.events_lost.inc();
             tracing::error!(
                 error = %e,
@@ -171,7 +186,7 @@ impl CallState {
 
     /// Builds the event: provider usage when reported, else an estimate when
     /// tokens were spent, else none.
-    async fn into_event(self: Box<Self>, end: End, now: time::OffsetDateTime) -> (Event, CallData) {
+    async fn into_event(self: Box<Self>, end: End, now: time::OffsetDateTime) -> Event<CallData> {
         let s = *self;
         let meter = s.meter.as_ref();
         let provider_usage = meter.and_then(|m| m.usage());
@@ -253,8 +268,7 @@ impl CallState {
         } else {
             "llm.call"
         };
-        let event = Event::at(now, &s.policy.server.source, kind, &s.tenant, &data);
-        (event, data)
+        Event::at(now, &s.policy.server.source, kind, &s.tenant, data)
     }
 }
 

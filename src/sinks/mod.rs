@@ -149,15 +149,13 @@ pub async fn drive(
     let mut pending: Option<(u64, Option<u64>)> = None;
     let mut last_commit = tokio::time::Instant::now();
     loop {
-        let batch = if draining {
-            match reader.try_batch(max_events, max_bytes).await {
-                Ok(b) if !b.lines.is_empty() => Some(b),
-                _ => None,
-            }
-        } else {
+        if !draining {
             let due = last_commit + COMMIT_EVERY;
             tokio::select! {
-                b = reader.next_batch(max_events, max_bytes) => b.ok(),
+                r = reader.wait_data() => if r.is_err() {
+                    commit(&name, &mut *sink, &mut reader, &mut pending).await;
+                    return;
+                },
                 _ = tokio::time::sleep_until(due), if pending.is_some() => {
                     commit(&name, &mut *sink, &mut reader, &mut pending).await;
                     last_commit = tokio::time::Instant::now();
@@ -165,28 +163,33 @@ pub async fn drive(
                 }
                 _ = stopped(&mut shutdown) => { draining = true; continue; }
             }
-        };
-        let Some(mut batch) = batch else {
-            commit(&name, &mut *sink, &mut reader, &mut pending).await;
-            return;
-        };
-        // A partial batch waits up to `max_wait` for company.
-        if !draining && !max_wait.is_zero() && batch.lines.len() < max_events {
-            let until = tokio::time::Instant::now() + max_wait;
-            while batch.lines.len() < max_events && batch.bytes() < max_bytes {
+            // Let a batch fill for up to `max_wait` (one read per batch, not
+            // one per event), unless a full batch is already there.
+            if !max_wait.is_zero() && reader.lag_bytes() < max_bytes as u64 {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(until) => break,
-                    _ = stopped(&mut shutdown) => break,
-                    more = reader.next_batch(max_events - batch.lines.len(), max_bytes - batch.bytes()) => match more {
-                        Ok(more) => {
-                            batch.end = more.end;
-                            batch.lines.extend(more.lines);
-                        }
-                        Err(_) => break,
-                    },
+                    _ = tokio::time::sleep(max_wait) => {}
+                    _ = stopped(&mut shutdown) => { draining = true; }
                 }
             }
         }
+        let batch = match reader.try_batch(max_events, max_bytes).await {
+            Ok(b) if !b.lines.is_empty() => b,
+            Ok(_) if !draining => continue,
+            Ok(_) => {
+                commit(&name, &mut *sink, &mut reader, &mut pending).await;
+                return;
+            }
+            Err(e) => {
+                // Never give up silently: log, back off, read again.
+                tracing::error!(sink = %name, error = %e, "sink cannot read the spool; retrying");
+                if draining {
+                    commit(&name, &mut *sink, &mut reader, &mut pending).await;
+                    return;
+                }
+                tokio::time::sleep(backoff.next(None)).await;
+                continue;
+            }
+        };
         loop {
             match sink.deliver(&batch).await {
                 Ok(done) => {

@@ -288,7 +288,8 @@ impl Spool {
         {
             let mut cursors = self.cursors.lock().unwrap();
             if let Some(c) = cursors.iter_mut().find(|(n, _)| n == sink) {
-                c.1 = cursor.position;
+                // Never behind the oldest segment (`drop_oldest` moved it on).
+                c.1 = cursor.position.max(self.start.load(Ordering::Relaxed));
             }
         }
         self.collect_garbage();

@@ -81,6 +81,18 @@ impl Reader {
         }
     }
 
+    /// Waits until there are events past the cursor.
+    pub async fn wait_data(&mut self) -> Result<(), SpoolError> {
+        loop {
+            if *self.end.borrow_and_update() > self.position {
+                return Ok(());
+            }
+            if self.end.changed().await.is_err() {
+                return Err(SpoolError::Closed);
+            }
+        }
+    }
+
     /// Whatever is available now, without waiting (empty when caught up).
     pub async fn try_batch(
         &mut self,
@@ -123,8 +135,27 @@ impl Reader {
 }
 
 /// Reads whole lines from `from`. Returns the position actually read from
-/// (later than `from` if those segments were dropped) and the lines.
+/// (later than `from` if those segments were dropped) and the lines. A
+/// segment removed between listing and opening (by cleanup or `drop_oldest`)
+/// means listing again.
 fn read_lines(
+    dir: &std::path::Path,
+    from: u64,
+    max_events: usize,
+    max_bytes: usize,
+) -> Result<(u64, Vec<Bytes>), SpoolError> {
+    let mut attempts = 0;
+    loop {
+        match read_lines_once(dir, from, max_events, max_bytes) {
+            Err(SpoolError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound && attempts < 8 => {
+                attempts += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn read_lines_once(
     dir: &std::path::Path,
     mut from: u64,
     max_events: usize,

@@ -27,10 +27,13 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<Segment>> {
         else {
             continue;
         };
-        segs.push(Segment {
-            start,
-            len: entry.metadata()?.len(),
-        });
+        // A segment may be removed (cleaned up) while we list.
+        let len = match entry.metadata() {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        segs.push(Segment { start, len });
     }
     segs.sort_by_key(|s| s.start);
     Ok(segs)

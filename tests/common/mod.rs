@@ -285,10 +285,11 @@ pub async fn chat(proxy: &str, key: &str, body: &str, extra: &[(&str, &str)]) ->
     .await
 }
 
-/// Events in the JSONL file.
+/// Events in the JSONL file: complete lines only (the sink may be writing).
 pub fn events(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("events.jsonl"))
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(dir.join("events.jsonl")).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
         .collect()

@@ -1,0 +1,470 @@
+//! In-process test receivers for the sinks, on 127.0.0.1 ephemeral ports:
+//!
+//! - [`HttpReceiver`]: an OpenMeter-style ingest that records every POST
+//!   (headers, the decoded JSON array, gunzipped when `content-encoding:
+//!   gzip`) and fails on demand ([`HttpReceiver::fail_next`],
+//!   [`HttpReceiver::always`]). "Not listening at all" is a port from
+//!   [`reserve_port`] that a receiver is started on later ([`HttpReceiver::start_on`]).
+//! - [`OtlpReceiver`]: an OTLP collector on the official protobuf messages
+//!   (opentelemetry-proto), speaking gRPC over h2c and HTTP/protobuf, that
+//!   records the decoded export requests.
+//!
+//! Both stop (and drop every open connection) when dropped.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// A 127.0.0.1 port nobody listens on (bound to port 0, then released), for a
+/// receiver that is down now and started later on the same port.
+pub fn reserve_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap()
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+/// Accepts connections on `listener` and serves each (HTTP/1.1 or h2c by
+/// prior knowledge) with `handle`, until the returned task is aborted; the
+/// connections live in the task's `JoinSet`, so they go with it.
+fn serve<F, Fut>(listener: TcpListener, handle: F) -> JoinHandle<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handle = handle.clone();
+            conns.spawn(async move {
+                let svc = service_fn(move |req| {
+                    let handle = handle.clone();
+                    async move { Ok::<_, Infallible>(handle(req).await) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+            // Reap finished connections.
+            while conns.try_join_next().is_some() {}
+        }
+    })
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most `limit`.
+pub async fn poll<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP (OpenMeter-style) receiver
+
+/// One POST the HTTP receiver got.
+#[derive(Clone, Debug)]
+pub struct Posted {
+    pub at: Instant,
+    pub path: String,
+    pub headers: HeaderMap,
+    /// The body as received (possibly gzip).
+    pub raw: Bytes,
+    /// The body's JSON array (after gunzip); empty when it was not one.
+    pub events: Vec<serde_json::Value>,
+    /// Whether the body decoded as a JSON array.
+    pub valid: bool,
+    /// What the receiver answered.
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct HttpState {
+    posts: Vec<Posted>,
+    /// Answers for the next requests, in order: (status, retry-after).
+    script: VecDeque<(u16, Option<u64>)>,
+    /// Answer every request (after the script) with this status.
+    always: Option<u16>,
+    /// Wait this long before answering.
+    delay: Duration,
+}
+
+pub struct HttpReceiver {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<HttpState>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for HttpReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl HttpReceiver {
+    pub async fn start() -> HttpReceiver {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts on a fixed address (one from [`reserve_port`]).
+    pub async fn start_on(addr: SocketAddr) -> HttpReceiver {
+        let listener = TcpListener::bind(addr)
+            .await
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(HttpState::default()));
+        let st = state.clone();
+        let task = serve(listener, move |req| Self::handle(st.clone(), req));
+        HttpReceiver { addr, state, task }
+    }
+
+    /// The URL of the ingest endpoint.
+    pub fn url(&self) -> String {
+        format!("http://{}/api/v1/events", self.addr)
+    }
+
+    /// Fails the next `n` requests with `status` (and `retry-after` seconds).
+    pub fn fail_next(&self, n: usize, status: u16, retry_after: Option<u64>) {
+        let mut s = self.state.lock().unwrap();
+        for _ in 0..n {
+            s.script.push_back((status, retry_after));
+        }
+    }
+
+    /// Answers every request with `status` from now on (`None`: accept).
+    pub fn always(&self, status: Option<u16>) {
+        self.state.lock().unwrap().always = status;
+    }
+
+    /// Answers every request only after `delay` (a slow receiver).
+    pub fn delay(&self, delay: Duration) {
+        self.state.lock().unwrap().delay = delay;
+    }
+
+    /// Every POST so far, accepted or not.
+    pub fn posts(&self) -> Vec<Posted> {
+        self.state.lock().unwrap().posts.clone()
+    }
+
+    /// Events of the batches the receiver accepted (2xx), in arrival order.
+    pub fn accepted(&self) -> Vec<serde_json::Value> {
+        self.state
+            .lock()
+            .unwrap()
+            .posts
+            .iter()
+            .filter(|p| (200..300).contains(&p.status))
+            .flat_map(|p| p.events.clone())
+            .collect()
+    }
+
+    async fn handle(state: Arc<Mutex<HttpState>>, req: Request<Incoming>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let raw = match body.collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(_) => return full(StatusCode::BAD_REQUEST, "unreadable body"),
+        };
+        let gzipped = parts
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+        let decoded = if gzipped {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(&raw[..])
+                .read_to_end(&mut out)
+                .ok()
+                .map(|_| out)
+        } else {
+            Some(raw.to_vec())
+        };
+        let parsed: Option<Vec<serde_json::Value>> =
+            decoded.and_then(|d| serde_json::from_slice(&d).ok());
+        let valid = parsed.is_some() && parts.method == http::Method::POST;
+        let (status, retry_after, delay) = {
+            let mut s = state.lock().unwrap();
+            let (status, retry_after) = if !valid {
+                (400, None)
+            } else if let Some(next) = s.script.pop_front() {
+                next
+            } else if let Some(st) = s.always {
+                (st, None)
+            } else {
+                (204, None)
+            };
+            s.posts.push(Posted {
+                at: Instant::now(),
+                path: parts.uri.path().to_string(),
+                headers: parts.headers,
+                raw,
+                events: parsed.unwrap_or_default(),
+                valid,
+                status,
+            });
+            (status, retry_after, s.delay)
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let mut resp = full(
+            StatusCode::from_u16(status).unwrap(),
+            if status < 300 {
+                String::new()
+            } else {
+                format!("{{\"title\":\"receiver says {status}\"}}")
+            },
+        );
+        if let Some(ra) = retry_after {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, ra.to_string().parse().unwrap());
+        }
+        resp
+    }
+}
+
+// ---------------------------------------------------------------------------
+// OTLP receiver
+
+pub const GRPC_LOGS: &str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
+pub const GRPC_METRICS: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+
+/// One export request the OTLP receiver got (decoded or not).
+#[derive(Clone, Debug)]
+pub struct OtlpCall {
+    pub path: String,
+    pub version: http::Version,
+    pub headers: HeaderMap,
+    /// Decoded as the message its path calls for.
+    pub ok: bool,
+}
+
+#[derive(Default)]
+struct OtlpState {
+    calls: Vec<OtlpCall>,
+    logs: Vec<ExportLogsServiceRequest>,
+    metrics: Vec<ExportMetricsServiceRequest>,
+}
+
+pub struct OtlpReceiver {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<OtlpState>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// gRPC message framing: compressed flag 0, u32 big-endian length, message.
+fn grpc_frame(msg: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(msg.len() + 5);
+    b.put_u8(0);
+    b.put_u32(msg.len() as u32);
+    b.put_slice(msg);
+    b.freeze()
+}
+
+/// The one message of a unary gRPC request body.
+fn grpc_unframe(body: &[u8]) -> Option<&[u8]> {
+    let (&flag, rest) = body.split_first()?;
+    if flag != 0 || rest.len() < 4 {
+        return None;
+    }
+    let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+    (rest.len() - 4 == len).then(|| &rest[4..])
+}
+
+/// A gRPC answer: 200, `application/grpc`, the framed message, then the
+/// `grpc-status` trailer.
+fn grpc_answer(msg: Option<Vec<u8>>, status: u32, message: &str) -> Response<Body> {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", status.to_string().parse().unwrap());
+    if !message.is_empty() {
+        trailers.insert("grpc-message", message.parse().unwrap());
+    }
+    let mut frames = Vec::new();
+    if let Some(m) = msg {
+        frames.push(Ok::<_, Infallible>(Frame::data(grpc_frame(&m))));
+    }
+    frames.push(Ok(Frame::trailers(trailers)));
+    let body = StreamBody::new(futures_util::stream::iter(frames));
+    let mut r = Response::new(BodyExt::boxed(body));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        "application/grpc".parse().unwrap(),
+    );
+    r
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> OtlpReceiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(OtlpState::default()));
+        let st = state.clone();
+        let task = serve(listener, move |req| Self::handle(st.clone(), req));
+        OtlpReceiver { addr, state, task }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn calls(&self) -> Vec<OtlpCall> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    pub fn logs(&self) -> Vec<ExportLogsServiceRequest> {
+        self.state.lock().unwrap().logs.clone()
+    }
+
+    pub fn metrics(&self) -> Vec<ExportMetricsServiceRequest> {
+        self.state.lock().unwrap().metrics.clone()
+    }
+
+    async fn handle(state: Arc<Mutex<OtlpState>>, req: Request<Incoming>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path().to_string();
+        let body = body.collect().await.map(|c| c.to_bytes()).ok();
+        let ct = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let mut s = state.lock().unwrap();
+        let mut record = |ok: bool| {
+            s.calls.push(OtlpCall {
+                path: path.clone(),
+                version: parts.version,
+                headers: parts.headers.clone(),
+                ok,
+            })
+        };
+        let grpc = path == GRPC_LOGS || path == GRPC_METRICS;
+        if grpc {
+            let msg = body.as_deref().and_then(grpc_unframe);
+            let ok = ct.starts_with("application/grpc") && msg.is_some();
+            let answer = if !ok {
+                record(false);
+                grpc_answer(None, 3, "bad request framing or content-type")
+            } else if path == GRPC_LOGS {
+                match ExportLogsServiceRequest::decode(msg.unwrap()) {
+                    Ok(m) => {
+                        record(true);
+                        s.logs.push(m);
+                        grpc_answer(
+                            Some(ExportLogsServiceResponse::default().encode_to_vec()),
+                            0,
+                            "",
+                        )
+                    }
+                    Err(_) => {
+                        record(false);
+                        grpc_answer(None, 3, "undecodable ExportLogsServiceRequest")
+                    }
+                }
+            } else {
+                match ExportMetricsServiceRequest::decode(msg.unwrap()) {
+                    Ok(m) => {
+                        record(true);
+                        s.metrics.push(m);
+                        grpc_answer(
+                            Some(ExportMetricsServiceResponse::default().encode_to_vec()),
+                            0,
+                            "",
+                        )
+                    }
+                    Err(_) => {
+                        record(false);
+                        grpc_answer(None, 3, "undecodable ExportMetricsServiceRequest")
+                    }
+                }
+            };
+            return answer;
+        }
+        let (Some(body), true) = (body, ct.starts_with("application/x-protobuf")) else {
+            record(false);
+            return full(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "want application/x-protobuf",
+            );
+        };
+        let answer = match path.as_str() {
+            "/v1/logs" => ExportLogsServiceRequest::decode(body).map(|m| {
+                s.logs.push(m);
+                ExportLogsServiceResponse::default().encode_to_vec()
+            }),
+            "/v1/metrics" => ExportMetricsServiceRequest::decode(body).map(|m| {
+                s.metrics.push(m);
+                ExportMetricsServiceResponse::default().encode_to_vec()
+            }),
+            _ => {
+                s.calls.push(OtlpCall {
+                    path: path.clone(),
+                    version: parts.version,
+                    headers: parts.headers.clone(),
+                    ok: false,
+                });
+                return full(StatusCode::NOT_FOUND, "no such OTLP path");
+            }
+        };
+        let ok = answer.is_ok();
+        s.calls.push(OtlpCall {
+            path,
+            version: parts.version,
+            headers: parts.headers,
+            ok,
+        });
+        match answer {
+            Ok(bytes) => {
+                let mut r = full(StatusCode::OK, bytes);
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    "application/x-protobuf".parse().unwrap(),
+                );
+                r
+            }
+            Err(_) => full(StatusCode::BAD_REQUEST, "undecodable export request"),
+        }
+    }
+}
