@@ -19,7 +19,6 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use super::ledger::Ledger;
-use crate::event::{CallData, CreditData, Event, OutcomeData};
 use crate::spool::{Spool, SpoolError};
 
 /// The spool cursor of the state keeper.
@@ -60,31 +59,54 @@ pub async fn recover(data_dir: &Path, spool: &Arc<Spool>) -> Result<(Ledger, u64
     Ok((ledger, position))
 }
 
+/// The few fields of an event the ledger needs, borrowed from the line;
+/// everything else is skipped without building a JSON tree.
+#[derive(Deserialize)]
+struct View<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(borrow)]
+    time: &'a str,
+    #[serde(borrow)]
+    data: DataView<'a>,
+}
+
+#[derive(Deserialize)]
+struct DataView<'a> {
+    #[serde(borrow)]
+    tenant: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    cost: Option<rust_decimal::Decimal>,
+    #[serde(default)]
+    amount: Option<rust_decimal::Decimal>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
 /// Folds one spool line into the ledger.
 pub fn apply(ledger: &mut Ledger, line: &[u8]) {
-    let Ok(event) = serde_json::from_slice::<Event>(line) else {
+    let Ok(v) = serde_json::from_slice::<View<'_>>(line) else {
         tracing::error!("state: unreadable event line in the spool; skipped");
         return;
     };
-    let Ok(at) = OffsetDateTime::parse(&event.time, &Rfc3339) else {
+    let Ok(at) = OffsetDateTime::parse(v.time, &Rfc3339) else {
         return;
     };
-    match event.kind.as_str() {
+    let d = v.data;
+    match v.kind {
         "llm.call" | "tool.call" => {
-            if let Ok(d) = serde_json::from_value::<CallData>(event.data) {
-                ledger.spend(&d.tenant, d.cost, at);
+            if let Some(cost) = d.cost {
+                ledger.spend(&d.tenant, cost, at);
             }
         }
         "credit" => {
-            if let Ok(d) = serde_json::from_value::<CreditData>(event.data) {
-                ledger.credit(&d.tenant, d.amount, at);
+            if let Some(amount) = d.amount {
+                ledger.credit(&d.tenant, amount, at);
             }
         }
         "outcome" => {
-            if let Ok(d) = serde_json::from_value::<OutcomeData>(event.data) {
-                if let Some(k) = d.idempotency_key {
-                    ledger.remember_key(&d.tenant, &k, at);
-                }
+            if let Some(k) = d.idempotency_key {
+                ledger.remember_key(&d.tenant, &k, at);
             }
         }
         _ => {}
