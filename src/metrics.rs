@@ -20,6 +20,7 @@ pub struct CallLabels {
 pub struct TokenLabels {
     pub upstream: String,
     pub model: String,
+    pub outcome: String,
     pub r#type: &'static str,
 }
 
@@ -27,6 +28,7 @@ pub struct TokenLabels {
 pub struct CostLabels {
     pub upstream: String,
     pub model: String,
+    pub outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -344,6 +344,7 @@ fn record_metrics(app: &App, d: &CallData) {
                 .get_or_create(&TokenLabels {
                     upstream: d.upstream.clone(),
                     model: model.clone(),
+                    outcome: d.outcome.as_str().into(),
                     r#type: token_type,
                 })
                 .inc_by(n);
@@ -355,6 +356,7 @@ fn record_metrics(app: &App, d: &CallData) {
                 .get_or_create(&CostLabels {
                     upstream: d.upstream.clone(),
                     model,
+                    outcome: d.outcome.as_str().into(),
                 })
                 .inc_by(c);
         }
