@@ -61,6 +61,9 @@ pub struct App {
     pub draining: AtomicBool,
     /// Calls whose event is not yet in the spool.
     pub inflight: watch::Sender<usize>,
+    /// The main runtime: calls cut on a worker finish here, so their events
+    /// are written even while that worker shuts down.
+    pub rt: tokio::runtime::Handle,
     /// Bumped by each successful config reload.
     pub config_generation: std::sync::atomic::AtomicU64,
 }
@@ -254,6 +257,7 @@ pub async fn run(
         limits: limits::Limits::new(limits::budget::MemoryStore::with_ledger(ledger.clone())),
         draining: AtomicBool::new(false),
         inflight: watch::channel(0).0,
+        rt: tokio::runtime::Handle::current(),
         config_generation: Default::default(),
     });
     metrics.config_last_load.set(unix_seconds());
@@ -286,20 +290,27 @@ pub async fn run(
     )));
 
     let a = app.clone();
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let proxy = tokio::spawn(server::serve(
         proxy_listener,
         move |req| proxy::handle(a.clone(), req),
-        shutdown_rx.clone(),
-        force_rx.clone(),
-        grace,
+        server::Stop {
+            shutdown: shutdown_rx.clone(),
+            force: force_rx.clone(),
+            grace,
+        },
+        workers,
     ));
     let a = app.clone();
     let admin = tokio::spawn(server::serve(
         admin_listener,
         move |req| admin::handle(a.clone(), req),
-        admin_stop_rx,
-        force_rx,
-        Duration::from_secs(1),
+        server::Stop {
+            shutdown: admin_stop_rx,
+            force: force_rx,
+            grace: Duration::from_secs(1),
+        },
+        0,
     ));
     let mut stop = shutdown_rx;
     let drained = app.clone();

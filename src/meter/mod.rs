@@ -113,10 +113,11 @@ impl Call {
     /// (the client went away) cannot cancel the event's write.
     pub async fn finish(mut self, end: End) {
         let state = self.state.take().expect("finish runs once");
+        let rt = state.app.rt.clone();
         let mut fut = Box::pin(state.finish(end));
         // Usually done in one poll (provider usage, an inline spool write).
         if futures_util::FutureExt::now_or_never(&mut fut).is_none() {
-            let _ = tokio::spawn(fut).await;
+            let _ = rt.spawn(fut).await;
         }
     }
 }
@@ -124,13 +125,10 @@ impl Call {
 impl Drop for Call {
     fn drop(&mut self) {
         if let Some(state) = self.state.take() {
-            // Dropped mid-flight: the client went away. Finish on a task.
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    rt.spawn(state.finish(End::ClientAborted));
-                }
-                Err(_) => tracing::error!("usage event lost: call dropped outside the runtime"),
-            }
+            // Dropped mid-flight: the client went away. Finish on a task of
+            // the main runtime (a worker's may be shutting down).
+            let rt = state.app.rt.clone();
+            rt.spawn(state.finish(End::ClientAborted));
         }
     }
 }

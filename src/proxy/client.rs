@@ -2,8 +2,9 @@
 //! (ring provider), HTTP/1.1 and HTTP/2 by ALPN, a connect timeout. Built once
 //! per distinct connect timeout and shared by every request.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,17 +16,24 @@ use hyper_util::rt::TokioExecutor;
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// Clients per thread: each runtime (the main one, each worker) keeps its own
+/// pool, so a pooled connection is driven by the thread that uses it and
+/// never outlives its runtime.
 #[derive(Default)]
-pub struct Clients {
-    by_connect_timeout: Mutex<HashMap<Duration, HttpClient>>,
+pub struct Clients;
+
+thread_local! {
+    static CLIENTS: RefCell<HashMap<Duration, HttpClient>> = RefCell::new(HashMap::new());
 }
 
 impl Clients {
     pub fn get(&self, connect_timeout: Duration) -> HttpClient {
-        let mut map = self.by_connect_timeout.lock().unwrap();
-        map.entry(connect_timeout)
-            .or_insert_with(|| build(connect_timeout, false))
-            .clone()
+        CLIENTS.with(|c| {
+            c.borrow_mut()
+                .entry(connect_timeout)
+                .or_insert_with(|| build(connect_timeout, false))
+                .clone()
+        })
     }
 }
 
