@@ -139,8 +139,12 @@ fn main() -> Result<()> {
     }
 }
 
+/// The main runtime runs the acceptors and background work (sinks, the
+/// state keeper, reload); proxied connections run on the library's per-core
+/// worker threads, so one thread is enough here.
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()?)
 }
