@@ -197,32 +197,6 @@ async fn wait_metric(admin: &str, series: &str, pred: impl Fn(f64) -> bool) -> S
     }
 }
 
-/// The file sink's events: complete lines only (the harness's `events`
-/// panics on a line the sink is writing at that moment).
-fn file_events(dir: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(dir.join("events.jsonl")).unwrap_or_default();
-    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    complete
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
-        .collect()
-}
-
-/// Waits (bounded) until `pred` holds for the file sink's events.
-async fn wait_file(dir: &Path, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let ev = file_events(dir);
-        if pred(&ev) {
-            return ev;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out waiting for {what}; have {} events", ev.len());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn id(e: &Value) -> String {
     e["id"].as_str().expect("event id").to_string()
 }
@@ -284,7 +258,7 @@ async fn http_sink_retries_503_and_429_and_delivers_every_event_unchanged() {
     );
     let proxy = start(&cfg);
     serve(&proxy.addr, 10).await;
-    let file = wait_file(dir.path(), "10 events", |ev| ev.len() >= 10).await;
+    let file = wait_events(dir.path(), "10 events", |ev| ev.len() >= 10).await;
 
     let acc = wait_accepted(&rx, 10, Duration::from_secs(20)).await;
     assert_same_events(&file, &acc, "http sink");
@@ -345,7 +319,7 @@ async fn http_sink_json_format_and_gzip() {
     let cfg = config(dir.path(), &mock.addr, "", &sinks);
     let proxy = start(&cfg);
     serve(&proxy.addr, 6).await;
-    let file = wait_file(dir.path(), "6 events", |ev| ev.len() >= 6).await;
+    let file = wait_events(dir.path(), "6 events", |ev| ev.len() >= 6).await;
 
     let acc = wait_accepted(&json_rx, 6, Duration::from_secs(15)).await;
     assert_same_events(&file, &acc, "json sink");
@@ -381,7 +355,7 @@ async fn receiver_down_through_kill9_and_restart_gets_every_event_unchanged() {
     let cfg = config(dir.path(), &mock.addr, "", &http_sink("meter", &url, ""));
     let mut proxy = start(&cfg);
     serve(&proxy.addr, 20).await;
-    let before = wait_file(dir.path(), "20 events", |ev| ev.len() >= 20).await;
+    let before = wait_events(dir.path(), "20 events", |ev| ev.len() >= 20).await;
     // The sink is trying (and failing) to reach the receiver.
     wait_metric(
         &proxy.admin,
@@ -394,7 +368,7 @@ async fn receiver_down_through_kill9_and_restart_gets_every_event_unchanged() {
     let proxy = start(&cfg);
     let rx = HttpReceiver::start_on(port).await;
     let acc = wait_accepted(&rx, 20, Duration::from_secs(30)).await;
-    let file = file_events(dir.path());
+    let file = events(dir.path());
     assert_eq!(file, before, "the file sink changed across the restart");
     assert_same_events(&file, &acc, "http sink after restart");
     assert_no_duplicates(&acc, "http sink after restart");
@@ -416,7 +390,7 @@ async fn kill9_after_64_calls_every_sink_gets_every_event() {
     proxy.proc.kill9();
 
     let proxy = start(&cfg);
-    let file = wait_file(dir.path(), "64 events", |ev| ev.len() >= 64).await;
+    let file = wait_events(dir.path(), "64 events", |ev| ev.len() >= 64).await;
     let got: HashSet<String> = file
         .iter()
         .map(|e| e["data"]["request_id"].as_str().unwrap().to_string())
@@ -456,7 +430,7 @@ async fn receiver_refusing_with_400_dead_letters_the_batch_and_delivery_goes_on(
     );
     let proxy = start(&cfg);
     serve(&proxy.addr, 3).await;
-    let first = wait_file(dir.path(), "3 events", |ev| ev.len() >= 3).await;
+    let first = wait_events(dir.path(), "3 events", |ev| ev.len() >= 3).await;
     let dl_path = dir.path().join("data/deadletter/meter.jsonl");
     let dead: Vec<Value> = poll("3 dead-lettered events", Duration::from_secs(15), || {
         let text = std::fs::read_to_string(&dl_path).ok()?;
@@ -480,7 +454,7 @@ async fn receiver_refusing_with_400_dead_letters_the_batch_and_delivery_goes_on(
     // The receiver recovers: later events are delivered.
     rx.always(None);
     serve(&proxy.addr, 3).await;
-    let file = wait_file(dir.path(), "6 events", |ev| ev.len() >= 6).await;
+    let file = wait_events(dir.path(), "6 events", |ev| ev.len() >= 6).await;
     let acc = wait_accepted(&rx, 3, Duration::from_secs(15)).await;
     assert_same_events(&file[3..], &acc, "http sink after recovery");
     // A 400 is never retried: each refused event was posted once.
@@ -539,7 +513,7 @@ async fn a_failing_sink_holds_back_no_other() {
     let started = Instant::now();
     serve(&proxy.addr, 20).await;
     let served_in = started.elapsed();
-    let file = wait_file(dir.path(), "21 events", |ev| ev.len() >= 21).await;
+    let file = wait_events(dir.path(), "21 events", |ev| ev.len() >= 21).await;
     let caught_up = started.elapsed();
     assert!(
         caught_up < served_in + Duration::from_secs(2),
@@ -607,7 +581,7 @@ async fn full_spool_with_reject_fails_closed_then_recovers() {
     let backlog = metric(&m, "tollgate_spool_backlog_bytes").expect("backlog gauge");
     assert!(backlog >= 4096.0, "backlog {backlog}; metrics:\n{m}");
     // Every call that was served has its event.
-    let file = wait_file(dir.path(), "served calls' events", |ev| {
+    let file = wait_events(dir.path(), "served calls' events", |ev| {
         let got: HashSet<&str> = ev
             .iter()
             .filter_map(|e| e["data"]["request_id"].as_str())
@@ -699,7 +673,7 @@ async fn full_spool_with_drop_oldest_keeps_serving_and_counts_the_loss() {
     // The file sink goes on (with a 4 KB spool, even it can be more than
     // max_bytes / 2 behind for a moment and lose some: no assertion on that).
     let last = served.last().unwrap();
-    let file = wait_file(dir.path(), "the last call's event", |ev| {
+    let file = wait_events(dir.path(), "the last call's event", |ev| {
         ev.iter().any(|e| e["data"]["request_id"] == last.as_str())
     })
     .await;
@@ -785,7 +759,7 @@ async fn storm_keeps_every_sink_alive(spool: &str, delays: [u64; 3], dropping: b
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut lags: HashMap<String, (f64, Instant)> = HashMap::new();
     loop {
-        let file = has(&file_events(dir.path()));
+        let file = has(&events(dir.path()));
         let http: Vec<bool> = rxs.iter().map(|rx| has(&rx.accepted())).collect();
         if file && http.iter().all(|h| *h) {
             break;
@@ -840,7 +814,7 @@ async fn sigterm_delivers_every_event_and_exits_zero() {
     let cfg = config(dir.path(), &mock.addr, "", &sink);
     let mut proxy = start(&cfg);
     serve(&proxy.addr, 15).await;
-    let file = wait_file(dir.path(), "15 events", |ev| ev.len() >= 15).await;
+    let file = wait_events(dir.path(), "15 events", |ev| ev.len() >= 15).await;
 
     let pid = proxy.proc.child.id().to_string();
     let st = std::process::Command::new("kill")
@@ -860,7 +834,7 @@ async fn sigterm_delivers_every_event_and_exits_zero() {
     let acc = rx.accepted();
     assert_same_events(&file, &acc, "http sink at shutdown");
     assert_no_duplicates(&acc, "http sink at shutdown");
-    assert_eq!(file_events(dir.path()), file);
+    assert_eq!(events(dir.path()), file);
 }
 
 // ---------------------------------------------------------------------------
@@ -1118,7 +1092,7 @@ async fn otlp_follows_genai_conventions(protocol: &str) {
     let cfg = config(dir.path(), &mock.addr, "", &sinks);
     let proxy = start(&cfg);
     serve(&proxy.addr, 6).await;
-    let file = wait_file(dir.path(), "6 events", |ev| ev.len() >= 6).await;
+    let file = wait_events(dir.path(), "6 events", |ev| ev.len() >= 6).await;
     for rx in [&plain, &tenant] {
         poll(
             "6 log records and 6 durations",
