@@ -64,8 +64,6 @@ pub struct App {
     /// The main runtime: calls cut on a worker finish here, so their events
     /// are written even while that worker shuts down.
     pub rt: tokio::runtime::Handle,
-    /// Bumped by each successful config reload.
-    pub config_generation: std::sync::atomic::AtomicU64,
 }
 
 impl App {
@@ -110,7 +108,6 @@ impl App {
             tracing::warn!(changed = ?restart, "these settings change only on restart; running with the old values");
         }
         self.policy.store(Arc::new(new));
-        self.config_generation.fetch_add(1, Ordering::Relaxed);
         m.config_reloads
             .get_or_create(&metrics::ResultLabels { result: "ok" })
             .inc();
@@ -258,7 +255,6 @@ pub async fn run(
         draining: AtomicBool::new(false),
         inflight: watch::channel(0).0,
         rt: tokio::runtime::Handle::current(),
-        config_generation: Default::default(),
     });
     metrics.config_last_load.set(unix_seconds());
     metrics.config_last_reload_ok.set(1);

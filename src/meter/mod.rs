@@ -136,6 +136,7 @@ impl Drop for Call {
 impl CallState {
     async fn finish(mut self: Box<Self>, end: End) {
         let app = self.app.clone();
+        let policy = self.policy.clone();
         let admission = self.admission.take();
         let now = time::OffsetDateTime::now_utc();
         let end_kind = match end {
@@ -154,7 +155,7 @@ impl CallState {
             data.usage.output_tokens,
             now,
         );
-        record_metrics(&app, data);
+        record_metrics(&app, &policy, data);
         tracing::debug!(
             event_id = %event.id,
             outcome = data.outcome.as_str(),
@@ -307,10 +308,11 @@ async fn estimate(s: &CallState, partial: Option<Usage>) -> Usage {
     }
 }
 
-fn record_metrics(app: &App, d: &CallData) {
+/// `policy` is the one the call ran on, so labels match its price table.
+fn record_metrics(app: &App, policy: &Policy, d: &CallData) {
     let m = &app.metrics;
     let model = match (&d.unpriced, &d.request_model) {
-        (false, Some(model)) if app.policy.load().models.contains_key(model) => model.clone(),
+        (false, Some(model)) if policy.models.contains_key(model) => model.clone(),
         (false, _) if d.provider == "generic" => "none".to_string(),
         (false, _) => "priced".to_string(),
         (true, _) => "unpriced".to_string(),

@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Policy, Provider, Tenancy, UnknownModel, Upstream};
+use crate::config::{Policy, Provider, Tenancy, Tenant, UnknownModel, Upstream};
 use crate::limits::{Ask, Refusal};
 use crate::meter::{self, Call, End, Format, MeteredBody, Operation, RequestInfo, ResponseMeter};
 use crate::server::Body;
@@ -60,20 +60,20 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     span.record("upstream", upstream.name.as_str());
 
     // authenticate
-    let tenant = authenticate(&policy, req.headers());
+    let tenant = authenticate(&policy, req.headers()).cloned();
     let mut call = Call::new(
         app.clone(),
         policy.clone(),
-        tenant.clone().unwrap_or_else(|| UNKNOWN_TENANT.to_string()),
+        tenant
+            .as_ref()
+            .map_or_else(|| UNKNOWN_TENANT.to_string(), |t| t.id.clone()),
         upstream.clone(),
         op,
     );
-    match &tenant {
-        Some(t) => {
-            span.record("tenant", t.as_str());
-        }
-        None => return reject(call, ProxyError::Unauthenticated, upstream.provider).await,
-    }
+    let Some(tenant) = tenant else {
+        return reject(call, ProxyError::Unauthenticated, upstream.provider).await;
+    };
+    span.record("tenant", tenant.id.as_str());
 
     // read
     let (parts, body) = req.into_parts();
@@ -135,13 +135,10 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         return reject(call, ProxyError::SpoolUnavailable, upstream.provider).await;
     }
 
-    let Some(tenant_policy) = policy.tenants.get(tenant.as_deref().unwrap_or_default()) else {
-        return reject(call, ProxyError::Unauthenticated, upstream.provider).await;
-    };
     let state = call.state();
     let ask = Ask {
         policy: &policy,
-        tenant: tenant_policy,
+        tenant: &tenant,
         upstream: &upstream,
         op,
         info: &state.request,
@@ -213,12 +210,9 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
 }
 
 /// The tenant of a request, or `None` (401).
-fn authenticate(policy: &Policy, h: &HeaderMap) -> Option<String> {
-    match &policy.tenancy {
-        Tenancy::Header(name) => {
-            let id = h.get(name)?.to_str().ok()?;
-            policy.tenants.get(id).map(|t| t.id.clone())
-        }
+fn authenticate<'p>(policy: &'p Policy, h: &HeaderMap) -> Option<&'p Arc<Tenant>> {
+    let id = match &policy.tenancy {
+        Tenancy::Header(name) => h.get(name)?.to_str().ok()?,
         Tenancy::Key => {
             let key = h
                 .get(http::header::AUTHORIZATION)
@@ -229,9 +223,10 @@ fn authenticate(policy: &Policy, h: &HeaderMap) -> Option<String> {
                 })
                 .or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()))?;
             let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
-            policy.keys.get(&digest).cloned()
+            policy.keys.get(&digest)?
         }
-    }
+    };
+    policy.tenants.get(id)
 }
 
 async fn read_body(body: Incoming, h: &HeaderMap, limit: u64) -> Result<Bytes, ProxyError> {

@@ -60,8 +60,6 @@ struct Append {
 pub struct SpoolStats {
     pub appended_events: AtomicU64,
     pub dropped_bytes: AtomicU64,
-    pub dropped_segments: AtomicU64,
-    pub write_errors: AtomicU64,
     /// Unix millis of the last failed write, 0 once a write succeeds.
     pub failed_at_ms: AtomicU64,
 }
@@ -345,7 +343,6 @@ impl Spool {
                 self.start.store(s.start + s.len, Ordering::Relaxed);
                 if lost {
                     self.stats.dropped_bytes.fetch_add(s.len, Ordering::Relaxed);
-                    self.stats.dropped_segments.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }

@@ -60,27 +60,6 @@ impl Reader {
         self.spool.end().saturating_sub(self.position)
     }
 
-    /// Waits for events past the cursor; returns up to `max_events` lines and
-    /// about `max_bytes` (at least one line).
-    pub async fn next_batch(
-        &mut self,
-        max_events: usize,
-        max_bytes: usize,
-    ) -> Result<Batch, SpoolError> {
-        loop {
-            let end = *self.end.borrow_and_update();
-            if end > self.position {
-                let batch = self.read(max_events, max_bytes).await?;
-                if !batch.lines.is_empty() {
-                    return Ok(batch);
-                }
-            }
-            if self.end.changed().await.is_err() {
-                return Err(SpoolError::Closed);
-            }
-        }
-    }
-
     /// Waits until there are events past the cursor.
     pub async fn wait_data(&mut self) -> Result<(), SpoolError> {
         loop {

@@ -10,6 +10,12 @@ fn policy(max_bytes: u64, segment_bytes: u64, when_full: WhenFull) -> SpoolPolic
     }
 }
 
+/// Waits for events, then reads them.
+async fn next(r: &mut Reader, max_events: usize, max_bytes: usize) -> Result<Batch, SpoolError> {
+    r.wait_data().await?;
+    r.try_batch(max_events, max_bytes).await
+}
+
 fn line(i: usize) -> Vec<u8> {
     format!("{{\"n\":{i},\"pad\":\"{}\"}}\n", "x".repeat(40)).into_bytes()
 }
@@ -29,7 +35,7 @@ async fn appends_read_back_in_order_across_segments() {
     let mut r = spool.reader("a").unwrap();
     let mut seen = Vec::new();
     while seen.len() < 300 {
-        let b = r.next_batch(64, 1 << 20).await.unwrap();
+        let b = next(&mut r, 64, 1 << 20).await.unwrap();
         for l in &b.lines {
             seen.push(l.to_vec());
         }
@@ -56,7 +62,7 @@ async fn recovers_torn_tail_and_resumes_from_cursor() {
             spool.append(line(i)).await.unwrap();
         }
         let mut r = spool.reader("a").unwrap();
-        let b = r.next_batch(4, 1 << 20).await.unwrap();
+        let b = next(&mut r, 4, 1 << 20).await.unwrap();
         r.commit(b.end, Some(123)).unwrap();
         spool.close().await;
     }
@@ -74,11 +80,11 @@ async fn recovers_torn_tail_and_resumes_from_cursor() {
     .unwrap();
     let mut r = spool.reader("a").unwrap();
     assert_eq!(r.sink_offset(), Some(123));
-    let b = r.next_batch(100, 1 << 20).await.unwrap();
+    let b = next(&mut r, 100, 1 << 20).await.unwrap();
     assert_eq!(b.lines.len(), 6);
     assert_eq!(&b.lines[0][..], &line(4)[..]);
     spool.append(line(10)).await.unwrap();
-    let b = r.next_batch(100, 1 << 20).await.unwrap();
+    let b = next(&mut r, 100, 1 << 20).await.unwrap();
     assert_eq!(&b.lines[..], &[bytes::Bytes::from(line(10))]);
     spool.close().await;
 }
@@ -107,7 +113,7 @@ async fn full_spool_rejects_or_drops_oldest() {
     assert!(spool.stats.dropped_bytes.load(Ordering::Relaxed) > 0);
     // The slow sink resumes at the oldest event still there: the newest survive.
     let mut r = spool.reader("slow").unwrap();
-    let b = r.next_batch(1000, 1 << 20).await.unwrap();
+    let b = next(&mut r, 1000, 1 << 20).await.unwrap();
     assert_eq!(b.lines.last().unwrap().to_vec(), line(199));
     spool.close().await;
 }

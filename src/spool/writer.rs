@@ -69,7 +69,6 @@ impl Log {
         let mut s = self.state.lock().unwrap();
         if let Err(e) = (&*s.file).write_all(buf) {
             let _ = s.file.set_len(s.seg_len);
-            self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .failed_at_ms
                 .store(unix_ms().max(1), Ordering::Relaxed);
