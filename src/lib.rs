@@ -60,10 +60,46 @@ pub struct App {
     pub limits: limits::Limits,
     pub draining: AtomicBool,
     /// Calls whose event is not yet in the spool.
-    pub inflight: watch::Sender<usize>,
+    pub inflight: Inflight,
     /// The main runtime: calls cut on a worker finish here, so their events
     /// are written even while that worker shuts down.
     pub rt: tokio::runtime::Handle,
+}
+
+/// Calls whose event is not yet in the spool: a counter the drain waits on.
+/// Counting costs two atomic operations a call; waking happens only once
+/// somebody waits.
+#[derive(Default)]
+pub struct Inflight {
+    n: std::sync::atomic::AtomicUsize,
+    watching: AtomicBool,
+    zero: tokio::sync::Notify,
+}
+
+impl Inflight {
+    pub fn enter(&self) {
+        self.n.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn exit(&self) {
+        if self.n.fetch_sub(1, Ordering::SeqCst) == 1 && self.watching.load(Ordering::SeqCst) {
+            self.zero.notify_waiters();
+        }
+    }
+
+    /// Resolves once no call is in flight.
+    pub async fn zero(&self) {
+        self.watching.store(true, Ordering::SeqCst);
+        loop {
+            let notified = self.zero.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.n.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 impl App {
@@ -245,7 +281,7 @@ pub async fn run(
     let data_dir = policy.server.data_dir.clone();
     let grace = policy.server.shutdown_grace;
     let sinks = policy.sinks.clone();
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_events_lost(spool.stats.lost_events.clone()));
     let app = Arc::new(App {
         policy: ArcSwap::from_pointee(policy),
         spool: spool.clone(),
@@ -253,7 +289,7 @@ pub async fn run(
         clients: Default::default(),
         limits: limits::Limits::new(limits::budget::MemoryStore::with_ledger(ledger.clone())),
         draining: AtomicBool::new(false),
-        inflight: watch::channel(0).0,
+        inflight: Inflight::default(),
         rt: tokio::runtime::Handle::current(),
     });
     metrics.config_last_load.set(unix_seconds());
@@ -316,8 +352,7 @@ pub async fn run(
         let _ = proxy.await;
         // Calls cut at the end of the grace finish on their own tasks: wait
         // (briefly) until every one has its event in the spool.
-        let mut inflight = drained.inflight.subscribe();
-        let settle = inflight.wait_for(|n| *n == 0);
+        let settle = drained.inflight.zero();
         if tokio::time::timeout(std::time::Duration::from_secs(5), settle)
             .await
             .is_err()

@@ -73,6 +73,7 @@ pub struct Metrics {
     pub spool_disk_bytes: Gauge,
     pub spool_backlog_bytes: Gauge,
     pub spool_appended: Gauge,
+    pub spool_writes: Gauge,
     pub spool_dropped_bytes: Gauge,
     pub sink_lag_bytes: Family<SinkLabels, Gauge>,
     pub sink_delivered: Family<SinkLabels, Counter>,
@@ -89,6 +90,11 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
+        Metrics::with_events_lost(Counter::default())
+    }
+
+    /// `events_lost` is the spool's own counter (it counts failed writes).
+    pub fn with_events_lost(events_lost: Counter) -> Metrics {
         let mut r = Registry::with_prefix("tollgate");
         let m = Metrics {
             calls: Family::default(),
@@ -96,7 +102,7 @@ impl Metrics {
             cost: Family::default(),
             rejections: Family::default(),
             unpriced: Family::default(),
-            events_lost: Counter::default(),
+            events_lost,
             rejected_unrecorded: Counter::default(),
             config_reloads: Family::default(),
             config_last_load: Gauge::default(),
@@ -106,6 +112,7 @@ impl Metrics {
             spool_disk_bytes: Gauge::default(),
             spool_backlog_bytes: Gauge::default(),
             spool_appended: Gauge::default(),
+            spool_writes: Gauge::default(),
             spool_dropped_bytes: Gauge::default(),
             sink_lag_bytes: Family::default(),
             sink_delivered: Family::default(),
@@ -188,6 +195,11 @@ impl Metrics {
             "spool_appended_events",
             "Events appended since start",
             m.spool_appended.clone(),
+        );
+        r.register(
+            "spool_writes",
+            "Writes into the spool since start (events share a write when batched)",
+            m.spool_writes.clone(),
         );
         r.register(
             "spool_dropped_bytes",

@@ -203,7 +203,11 @@ async fn credit(
     };
     let event = Event::at(now, &policy.server.source, "credit", id, &data);
     // Durable first: the credit exists once its event is in the spool.
-    if let Err(e) = app.spool.append(event.to_line()).await {
+    if let Err(e) = app
+        .spool
+        .append(event.to_line(), crate::spool::Flush::Batch)
+        .await
+    {
         tracing::error!(error = %e, tenant = %id, "credit not recorded: spool append failed");
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -279,7 +283,11 @@ async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Res
         idempotency_key: body.id.clone(),
     };
     let event = Event::at(now, &policy.server.source, "outcome", &body.tenant, &data);
-    if let Err(e) = app.spool.append(event.to_line()).await {
+    if let Err(e) = app
+        .spool
+        .append(event.to_line(), crate::spool::Flush::Batch)
+        .await
+    {
         if let Some(key) = &body.id {
             app.limits
                 .budgets

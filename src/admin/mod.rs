@@ -63,6 +63,8 @@ fn metrics(app: &App) -> Response<Body> {
     m.spool_backlog_bytes.set(spool.backlog_bytes() as i64);
     m.spool_appended
         .set(spool.stats.appended_events.load(Ordering::Relaxed) as i64);
+    m.spool_writes
+        .set(spool.stats.writes.load(Ordering::Relaxed) as i64);
     m.spool_dropped_bytes
         .set(spool.stats.dropped_bytes.load(Ordering::Relaxed) as i64);
     let end = spool.end();

@@ -37,6 +37,9 @@ pub struct MeteredBody<B> {
     done: bool,
     /// Bytes still expected when the response has a `content-length`.
     remaining: Option<u64>,
+    /// The client has been told to wait at least once (so the response
+    /// head is already out).
+    waited: bool,
     deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -63,6 +66,7 @@ where
             held: VecDeque::new(),
             done: false,
             remaining: content_length,
+            waited: false,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
         }
     }
@@ -81,6 +85,10 @@ where
                 }
             }
         }
+        // A response whose head has not gone out yet (a whole JSON body in
+        // one frame) is written in one go once the event is: writing the
+        // event at once keeps it that way.
+        call.state().write_now = !self.waited;
         match release {
             // A strip-mode tail goes out after the frame that ended the stream.
             Release::Frame(f) => self.held.push_front(Release::Frame(f)),
@@ -163,7 +171,10 @@ where
                 continue;
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    this.waited = true;
+                    return Poll::Pending;
+                }
                 Poll::Ready(Some(Ok(frame))) => {
                     let frame = match frame.into_data() {
                         Ok(data) => {

@@ -8,6 +8,7 @@
 //! a detached finish: one event, never zero, never two.
 
 mod body;
+pub mod needles;
 pub mod price;
 pub mod request;
 pub mod response;
@@ -70,6 +71,9 @@ pub struct CallState {
     pub meter: Option<ResponseMeter>,
     /// What admission granted (reservation, token charge); settled at the end.
     pub admission: Option<crate::limits::Admission>,
+    /// Nothing of the response has gone out yet: write the event at once
+    /// rather than with the scheduler pass's batch (see `Spool::append`).
+    pub write_now: bool,
 }
 
 impl Call {
@@ -80,7 +84,7 @@ impl Call {
         upstream: Arc<Upstream>,
         op: Operation,
     ) -> Call {
-        app.inflight.send_modify(|n| *n += 1);
+        app.inflight.enter();
         Call {
             state: Some(Box::new(CallState {
                 app,
@@ -96,6 +100,7 @@ impl Call {
                 request_id: None,
                 meter: None,
                 admission: None,
+                write_now: false,
             })),
         }
     }
@@ -109,15 +114,19 @@ impl Call {
     /// Ends the call: estimates if needed, prices, writes the event to the
     /// spool and waits until it is there.
     ///
-    /// The work runs on its own task, so a caller that is dropped halfway
-    /// (the client went away) cannot cancel the event's write.
+    /// Recording (building the event, settling, queueing its line) is done
+    /// in one poll unless usage has to be estimated; then it runs on its own
+    /// task, so a caller dropped halfway (the client went away) cannot cancel
+    /// it. Once the line is queued, waiting for the write is safe to drop.
     pub async fn finish(mut self, end: End) {
         let state = self.state.take().expect("finish runs once");
         let rt = state.app.rt.clone();
-        let mut fut = Box::pin(state.finish(end));
-        // Usually done in one poll (provider usage, an inline spool write).
-        if futures_util::FutureExt::now_or_never(&mut fut).is_none() {
-            let _ = rt.spawn(fut).await;
+        let mut record = Box::pin(state.record(end));
+        match futures_util::FutureExt::now_or_never(&mut record) {
+            Some(written) => written.await,
+            None => {
+                let _ = rt.spawn(async move { record.await.await }).await;
+            }
         }
     }
 }
@@ -128,20 +137,38 @@ impl Drop for Call {
             // Dropped mid-flight: the client went away. Finish on a task of
             // the main runtime (a worker's may be shutting down).
             let rt = state.app.rt.clone();
-            rt.spawn(state.finish(End::ClientAborted));
+            rt.spawn(async move { state.record(End::ClientAborted).await.await });
         }
     }
 }
 
+/// Counts the call out of `App::inflight` when the event is written (or
+/// whatever ends the call's task first).
+struct InflightGuard(Arc<App>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.exit();
+    }
+}
+
 impl CallState {
-    async fn finish(mut self: Box<Self>, end: End) {
+    /// Builds the event, settles the limits and queues the event's line in
+    /// the spool; the returned future waits until the line is written.
+    async fn record(mut self: Box<Self>, end: End) -> impl std::future::Future<Output = ()> {
         let app = self.app.clone();
+        let guard = InflightGuard(app.clone());
         let policy = self.policy.clone();
         let admission = self.admission.take();
         let now = time::OffsetDateTime::now_utc();
         let end_kind = match end {
             End::Rejected { kind, .. } => Some(kind),
             _ => None,
+        };
+        let flush = if self.write_now {
+            crate::spool::Flush::Now
+        } else {
+            crate::spool::Flush::Batch
         };
         let event = self.into_event(end, now).await;
         let data = &event.data;
@@ -169,18 +196,26 @@ impl CallState {
         // `reject`, or failing) is not written: its event would grow the very
         // backlog that is full. It is counted in the metrics instead.
         let refused_unmetered = matches!(end_kind, Some("metering_unavailable"));
+        let written = (!refused_unmetered).then(|| app.spool.append(event.to_line(), flush));
         if refused_unmetered {
             app.metrics.rejected_unrecorded.inc();
-        } else if let Err(e) = app.spool.append(event.to_line()).await {
-            app.metrics.events_lost.inc();
-            tracing::error!(
-                error = %e,
-                event_id = %event.id,
-                tenant = %data.tenant,
-                "usage event lost: spool append failed"
-            );
         }
-        app.inflight.send_modify(|n| *n -= 1);
+        let (event_id, tenant) = (event.id, event.data.tenant);
+        async move {
+            if let Some(Err(e)) = match written {
+                Some(w) => Some(w.await),
+                None => None,
+            } {
+                // Counted in `events_lost` by the spool.
+                tracing::error!(
+                    error = %e,
+                    event_id = %event_id,
+                    tenant = %tenant,
+                    "usage event lost: spool append failed"
+                );
+            }
+            drop(guard);
+        }
     }
 
     /// Builds the event: provider usage when reported, else an estimate when

@@ -113,7 +113,7 @@ impl RequestInfo {
 /// returns the body with `stream_options.include_usage = true`. The common
 /// case (no `stream_options` at all) splices bytes instead of re-serialising.
 pub fn inject_include_usage(body: &Bytes) -> Result<Bytes, MalformedJson> {
-    if memchr::memmem::find(body, b"\"stream_options\"").is_none() {
+    if super::needles::STREAM_OPTIONS.find(body).is_none() {
         // `RequestInfo::parse` accepted the body, so it is one JSON object.
         let close = body
             .iter()

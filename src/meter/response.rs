@@ -11,7 +11,6 @@
 //! proxy: the usage-only chunk is dropped and `"usage":null` removed.
 
 use bytes::{Bytes, BytesMut};
-use memchr::memmem;
 
 use super::request::Operation;
 use super::sse::SseDecoder;
@@ -141,7 +140,7 @@ impl ResponseMeter {
         let json = std::mem::take(&mut self.json);
         if self.json_overflow {
             // Usage sits near the end of every supported body.
-            if let Some(at) = memmem::rfind(&json, b"\"usage\"") {
+            if let Some(at) = super::needles::USAGE_KEY_REV.rfind(&json) {
                 let after = &json[at + 7..];
                 let start = after.iter().position(|&b| b == b'{');
                 if let Some(u) = start.and_then(|s| {
@@ -215,7 +214,7 @@ impl ResponseMeter {
                 return env.choices.is_some_and(|c| c.is_empty());
             }
         }
-        if memmem::find(data, b"\"error\"").is_some() && data.starts_with(b"{\"error\"") {
+        if data.starts_with(b"{\"error\"") {
             self.stream_error = true;
         }
         self.keep_text(data);
@@ -330,7 +329,7 @@ fn collect_text(v: &serde_json::Value, key: Option<&str>, out: &mut String) {
 
 /// `"usage":` followed by an object (not `null`).
 fn has_usage_object(data: &[u8]) -> bool {
-    memmem::find_iter(data, b"\"usage\":").any(|at| {
+    super::needles::USAGE_MEMBER.find_iter(data).any(|at| {
         data[at + 8..]
             .iter()
             .find(|b| !b.is_ascii_whitespace())
@@ -340,7 +339,7 @@ fn has_usage_object(data: &[u8]) -> bool {
 
 /// The `"type"` of an event's JSON data, for streams without `event:` lines.
 fn type_of(data: &[u8]) -> &[u8] {
-    let Some(at) = memmem::find(data, b"\"type\":") else {
+    let Some(at) = super::needles::TYPE_MEMBER.find(data) else {
         return b"";
     };
     let rest = &data[at + 7..];
@@ -358,7 +357,7 @@ fn type_of(data: &[u8]) -> &[u8] {
 /// every chunk once `include_usage` is on.
 fn remove_usage_null(event: &[u8], out: &mut BytesMut) {
     let mut rest = event;
-    while let Some(at) = memmem::find(rest, b"\"usage\":null") {
+    while let Some(at) = super::needles::USAGE_NULL.find(rest) {
         let (mut start, mut end) = (at, at + 12);
         if rest[..start].ends_with(b",") {
             start -= 1;

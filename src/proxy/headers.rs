@@ -6,30 +6,48 @@ use http::header::{self, HeaderMap, HeaderName};
 
 use crate::config::Upstream;
 
-const HOP_BY_HOP: &[HeaderName] = &[
-    header::CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+/// Hop-by-hop headers (lower case, as `HeaderName` keeps them).
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Removes hop-by-hop headers, those named by `Connection`, and those
+/// `also` picks, in one pass over the names (nothing is allocated when
+/// there is nothing to remove, the common case).
+fn strip(h: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
+    let mut doomed: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| is_hop_by_hop(k.as_str()) || also(k))
+        .cloned()
+        .collect();
+    if h.contains_key(header::CONNECTION) {
+        doomed.extend(
+            h.get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
+        );
+    }
+    for n in doomed {
+        h.remove(n);
+    }
+}
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named.iter().chain(HOP_BY_HOP) {
-        h.remove(n);
-    }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
+    strip(h, |_| false);
 }
 
 /// Prepares client headers for the upstream: no hop-by-hop, no client
@@ -40,24 +58,13 @@ pub fn upstream_request_headers(
     tenancy_header: Option<&HeaderName>,
     metered: bool,
 ) {
-    strip_hop_by_hop(h);
-    h.remove(header::HOST);
-    h.remove(header::CONTENT_LENGTH);
-    h.remove(header::AUTHORIZATION);
-    h.remove("x-api-key");
-    h.remove("api-key");
-    h.remove(header::COOKIE);
-    if let Some(t) = tenancy_header {
-        h.remove(t);
-    }
-    let tollgate: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-tollgate-"))
-        .cloned()
-        .collect();
-    for k in tollgate {
-        h.remove(k);
-    }
+    strip(h, |k| {
+        matches!(
+            k.as_str(),
+            "host" | "content-length" | "authorization" | "x-api-key" | "api-key" | "cookie"
+        ) || k.as_str().starts_with("x-tollgate-")
+            || tenancy_header == Some(k)
+    });
     if metered {
         // The meter reads the body: ask for it uncompressed.
         h.insert(

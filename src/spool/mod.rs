@@ -8,11 +8,13 @@
 //! from their cursor and commit it after delivery; a segment is removed once
 //! every sink has passed it. The undelivered bytes are bounded by `max_bytes`.
 
+mod batch;
 mod cursor;
 mod reader;
 mod segments;
 mod writer;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,6 +52,15 @@ impl SpoolError {
     }
 }
 
+/// When a queued line is written (`fsync = "interval"` and `"never"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    /// With the other lines of this scheduler pass (one `write` for all).
+    Batch,
+    /// Now, taking along whatever this thread has pending.
+    Now,
+}
+
 struct Append {
     line: Vec<u8>,
     ack: Option<oneshot::Sender<Result<u64, SpoolError>>>,
@@ -59,9 +70,13 @@ struct Append {
 #[derive(Default)]
 pub struct SpoolStats {
     pub appended_events: AtomicU64,
+    /// `write` calls into the log (fewer than events when batched).
+    pub writes: AtomicU64,
     pub dropped_bytes: AtomicU64,
     /// Unix millis of the last failed write, 0 once a write succeeds.
     pub failed_at_ms: AtomicU64,
+    /// Events whose write failed (exported as `tollgate_events_lost_total`).
+    pub lost_events: prometheus_client::metrics::counter::Counter,
 }
 
 /// After a failed write, new calls are refused this long; then one is let
@@ -88,6 +103,10 @@ pub struct Spool {
     log: Arc<writer::Log>,
     /// The group-commit queue (`fsync = "always"` only).
     tx: Option<mpsc::Sender<Append>>,
+    /// Per-thread batching (`fsync = "interval"` and `"never"`).
+    batcher: Option<Arc<batch::Batcher>>,
+    /// Where a queue-full `fsync = "always"` append finishes sending.
+    rt: tokio::runtime::Handle,
     /// End of the written log (next append position).
     end: watch::Receiver<u64>,
     /// Start of the oldest segment still on disk.
@@ -149,11 +168,16 @@ impl Spool {
             }
             Fsync::Never => {}
         }
+        let batcher = tx
+            .is_none()
+            .then(|| Arc::new(batch::Batcher::new(log.clone())));
         let spool = Arc::new(Spool {
             dir: dir.to_path_buf(),
             policy: policy.clone(),
             log,
             tx,
+            batcher,
+            rt: tokio::runtime::Handle::current(),
             end: end_rx,
             start: AtomicU64::new(start),
             cursors: Mutex::new(cursors),
@@ -168,29 +192,57 @@ impl Spool {
         &self.dir
     }
 
-    /// Appends one event line (ending in `\n`) and waits until it is in the
-    /// spool file (and on disk with `fsync = "always"`). Returns the position
-    /// just past it.
-    pub async fn append(&self, line: Vec<u8>) -> Result<u64, SpoolError> {
-        let Some(tx) = &self.tx else {
-            return self.append_now(&line);
-        };
-        let (ack, rx) = oneshot::channel();
-        tx.send(Append {
-            line,
-            ack: Some(ack),
-        })
-        .await
-        .map_err(|_| SpoolError::Closed)?;
-        rx.await.map_err(|_| SpoolError::Closed)?
-    }
-
-    /// One `write` into the page cache, on the caller's thread.
-    fn append_now(&self, line: &[u8]) -> Result<u64, SpoolError> {
-        if self.log.closed.load(Ordering::Relaxed) {
-            return Err(SpoolError::Closed);
+    /// Queues one event line (ending in `\n`) at once; the future resolves
+    /// when it is in the spool file (and on disk with `fsync = "always"`),
+    /// with the position just past it. The line is written even if the
+    /// future is dropped: a caller that goes away cannot lose its event.
+    ///
+    /// Lines queued on one thread in the same scheduler pass share a
+    /// `write`, which makes the caller wait for that pass to end. A caller
+    /// that would hold back a response not yet started passes
+    /// [`Flush::Now`]: waiting would only split the response's write.
+    pub fn append(
+        &self,
+        line: Vec<u8>,
+        flush: Flush,
+    ) -> impl Future<Output = Result<u64, SpoolError>> + Send + 'static {
+        enum Queued {
+            Failed(SpoolError),
+            Batch(batch::Queued),
+            Group(oneshot::Receiver<Result<u64, SpoolError>>),
         }
-        self.log.write(line, 1)
+        let queued = if self.log.closed.load(Ordering::Relaxed) {
+            Queued::Failed(SpoolError::Closed)
+        } else if let Some(b) = &self.batcher {
+            Queued::Batch(b.queue(&line, flush == Flush::Now))
+        } else {
+            let tx = self
+                .tx
+                .as_ref()
+                .expect("no batcher means a group-commit queue");
+            let (ack, rx) = oneshot::channel();
+            match tx.try_send(Append {
+                line,
+                ack: Some(ack),
+            }) {
+                Ok(()) => Queued::Group(rx),
+                // Full: the send finishes on the spool's runtime, so the
+                // caller still cannot lose the line by going away.
+                Err(mpsc::error::TrySendError::Full(a)) => {
+                    let tx = tx.clone();
+                    self.rt.spawn(async move { tx.send(a).await });
+                    Queued::Group(rx)
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => Queued::Failed(SpoolError::Closed),
+            }
+        };
+        async move {
+            match queued {
+                Queued::Failed(e) => Err(e),
+                Queued::Batch(q) => q.done.wait(q.end_in_batch).await,
+                Queued::Group(rx) => rx.await.map_err(|_| SpoolError::Closed)?,
+            }
+        }
     }
 
     /// Undelivered bytes: from the slowest sink's cursor to the end.
@@ -351,6 +403,9 @@ impl Spool {
 
     /// Stops the writer after it has written (and synced) everything queued.
     pub async fn close(&self) {
+        if let Some(b) = &self.batcher {
+            b.flush_all();
+        }
         if let Some(tx) = &self.tx {
             let _ = tx
                 .send(Append {

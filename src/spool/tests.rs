@@ -26,7 +26,7 @@ async fn appends_read_back_in_order_across_segments() {
     let sinks = vec!["a".to_string()];
     let spool = Spool::open(dir.path(), policy(1 << 20, 4096, WhenFull::Reject), &sinks).unwrap();
     for i in 0..300 {
-        spool.append(line(i)).await.unwrap();
+        spool.append(line(i), Flush::Batch).await.unwrap();
     }
     assert!(
         segments::list(dir.path()).unwrap().len() > 1,
@@ -59,7 +59,7 @@ async fn recovers_torn_tail_and_resumes_from_cursor() {
         )
         .unwrap();
         for i in 0..10 {
-            spool.append(line(i)).await.unwrap();
+            spool.append(line(i), Flush::Batch).await.unwrap();
         }
         let mut r = spool.reader("a").unwrap();
         let b = next(&mut r, 4, 1 << 20).await.unwrap();
@@ -83,7 +83,7 @@ async fn recovers_torn_tail_and_resumes_from_cursor() {
     let b = next(&mut r, 100, 1 << 20).await.unwrap();
     assert_eq!(b.lines.len(), 6);
     assert_eq!(&b.lines[0][..], &line(4)[..]);
-    spool.append(line(10)).await.unwrap();
+    spool.append(line(10), Flush::Batch).await.unwrap();
     let b = next(&mut r, 100, 1 << 20).await.unwrap();
     assert_eq!(&b.lines[..], &[bytes::Bytes::from(line(10))]);
     spool.close().await;
@@ -95,7 +95,7 @@ async fn full_spool_rejects_or_drops_oldest() {
     let sinks = vec!["slow".to_string()];
     let spool = Spool::open(dir.path(), policy(8192, 2048, WhenFull::Reject), &sinks).unwrap();
     for i in 0..200 {
-        spool.append(line(i)).await.unwrap();
+        spool.append(line(i), Flush::Batch).await.unwrap();
     }
     assert!(matches!(
         spool.check_capacity(),
@@ -106,7 +106,7 @@ async fn full_spool_rejects_or_drops_oldest() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), policy(8192, 2048, WhenFull::DropOldest), &sinks).unwrap();
     for i in 0..200 {
-        spool.append(line(i)).await.unwrap();
+        spool.append(line(i), Flush::Batch).await.unwrap();
     }
     spool.check_capacity().unwrap();
     assert!(spool.backlog_bytes() < 8192);
@@ -116,4 +116,87 @@ async fn full_spool_rejects_or_drops_oldest() {
     let b = next(&mut r, 1000, 1 << 20).await.unwrap();
     assert_eq!(b.lines.last().unwrap().to_vec(), line(199));
     spool.close().await;
+}
+
+/// Everything written to the log so far, as lines.
+fn written_lines(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let mut all = Vec::new();
+    for s in segments::list(dir).unwrap() {
+        all.extend(std::fs::read(segments::path(dir, s.start)).unwrap());
+    }
+    all.split_inclusive(|&b| b == b'\n')
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn appends_in_one_scheduler_pass_share_one_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), policy(1 << 20, 1 << 20, WhenFull::Reject), &[]).unwrap();
+    let appends: Vec<_> = (0..10)
+        .map(|i| spool.append(line(i), Flush::Batch))
+        .collect();
+    let ends: Vec<u64> = futures_util::future::join_all(appends)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        spool.stats.writes.load(Ordering::Relaxed),
+        1,
+        "one write for the pass"
+    );
+    // Each append learns where its own line ends.
+    let mut at = 0;
+    for (i, end) in ends.iter().enumerate() {
+        at += line(i).len() as u64;
+        assert_eq!(*end, at);
+    }
+    assert_eq!(
+        written_lines(dir.path()),
+        (0..10).map(line).collect::<Vec<_>>()
+    );
+    // `Flush::Now` writes at once, taking along what is pending.
+    let pending = spool.append(line(10), Flush::Batch);
+    let now = spool.append(line(11), Flush::Now);
+    assert_eq!(spool.stats.writes.load(Ordering::Relaxed), 2);
+    assert!(futures_util::FutureExt::now_or_never(now).unwrap().is_ok());
+    assert!(futures_util::FutureExt::now_or_never(pending)
+        .unwrap()
+        .is_ok());
+    spool.close().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_dropped_append_is_still_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), policy(1 << 20, 1 << 20, WhenFull::Reject), &[]).unwrap();
+    // The caller goes away before the write: the scheduled flush writes it.
+    drop(spool.append(line(1), Flush::Batch));
+    tokio::task::yield_now().await;
+    assert_eq!(written_lines(dir.path()), vec![line(1)]);
+    // Closing writes what is still pending, before the flush task runs.
+    drop(spool.append(line(2), Flush::Batch));
+    spool.close().await;
+    assert_eq!(written_lines(dir.path()), vec![line(1), line(2)]);
+}
+
+#[test]
+fn a_flush_whose_runtime_shuts_down_still_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let spool = rt.block_on(async {
+        let spool =
+            Spool::open(dir.path(), policy(1 << 20, 1 << 20, WhenFull::Reject), &[]).unwrap();
+        drop(spool.append(line(7), Flush::Batch));
+        spool
+    });
+    // The flush task never ran; dropping the runtime drops it, and that writes.
+    assert!(written_lines(dir.path()).is_empty());
+    drop(rt);
+    assert_eq!(written_lines(dir.path()), vec![line(7)]);
+    drop(spool);
 }

@@ -66,7 +66,28 @@ impl Log {
     /// Appends whole lines; returns the log position after them. A failed
     /// write is cut back so the log stays line-aligned.
     pub fn write(&self, buf: &[u8], events: u64) -> Result<u64, SpoolError> {
-        let mut s = self.state.lock().unwrap();
+        let s = self.state.lock().unwrap();
+        self.write_locked(s, buf, events)
+    }
+
+    /// Like [`Log::write`], but `None` rather than waiting when another
+    /// thread is writing (a worker thread must not sleep on the lock: every
+    /// connection it serves would wait).
+    pub fn try_write(&self, buf: &[u8], events: u64) -> Option<Result<u64, SpoolError>> {
+        let s = match self.state.try_lock() {
+            Ok(s) => s,
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        Some(self.write_locked(s, buf, events))
+    }
+
+    fn write_locked(
+        &self,
+        mut s: std::sync::MutexGuard<'_, State>,
+        buf: &[u8],
+        events: u64,
+    ) -> Result<u64, SpoolError> {
         if let Err(e) = (&*s.file).write_all(buf) {
             let _ = s.file.set_len(s.seg_len);
             self.stats
@@ -82,6 +103,7 @@ impl Log {
         self.stats
             .appended_events
             .fetch_add(events, Ordering::Relaxed);
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.end_tx.send_replace(end);
         if s.seg_len >= self.policy.segment_bytes {
             if let Err(e) = self.roll(&mut s) {
@@ -89,6 +111,11 @@ impl Log {
             }
         }
         Ok(end)
+    }
+
+    /// Counts events whose write failed.
+    pub fn count_lost(&self, events: u64) {
+        self.stats.lost_events.inc_by(events);
     }
 
     /// Syncs what was written so far (no lock held during the sync).
@@ -147,6 +174,9 @@ pub fn run_group_commit(log: Arc<Log>, mut rx: mpsc::Receiver<Append>) {
         }
         let n = batch.iter().filter(|a| !a.line.is_empty()).count() as u64;
         let result = log.write(&buf, n).map(|_| log.sync());
+        if result.is_err() {
+            log.count_lost(n);
+        }
         for (a, end) in batch.drain(..).zip(ends) {
             if let Some(ack) = a.ack {
                 let _ = ack.send(match &result {
