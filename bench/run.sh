@@ -4,8 +4,8 @@
 # rate limit and the file sink on. Builds the release binary, installs its
 # tools when missing (nginx and wrk from Debian, oha from crates.io), runs
 # everything on 127.0.0.1 and writes bench/results/<time>.json.
-#   bash bench/run.sh            # full run (~3 minutes)
-#   BENCH_SECONDS=5 bash bench/run.sh   # quicker, noisier
+#   bash bench/run.sh            # full run (~4 minutes)
+#   BENCH_ROUNDS=1 BENCH_SECONDS=3 bash bench/run.sh   # quicker, noisier
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

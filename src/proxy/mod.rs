@@ -32,7 +32,12 @@ pub use error::ProxyError;
 /// Tenant id recorded for calls whose credential matched no tenant.
 pub const UNKNOWN_TENANT: &str = "unknown";
 
-pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+/// The request's future, boxed once: it is a few KiB, and hyper moves it
+/// around by value otherwise (each move a copy).
+pub fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> {
     use tracing::Instrument;
     let span = tracing::info_span!(
         "call",
@@ -40,7 +45,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         tenant = tracing::field::Empty,
         model = tracing::field::Empty,
     );
-    phases(app, req).instrument(span).await
+    Box::pin(phases(app, req).instrument(span))
 }
 
 /// The request phases, in order; every exit path finishes the call.
@@ -261,21 +266,23 @@ async fn reject(mut call: Call, e: ProxyError, provider: Provider) -> Response<B
         .rejections
         .get_or_create(&crate::metrics::ReasonLabels { reason: e.kind() })
         .inc();
-    call.finish(End::Rejected {
+    // Boxed: a large future inlined here would make every request's
+    // future (and each move of it) that much larger.
+    Box::pin(call.finish(End::Rejected {
         status,
         outcome: e.outcome(),
         kind: e.kind(),
-    })
+    }))
     .await;
     e.to_response(provider)
 }
 
 /// The upstream gave no response: the event records it, the client gets 502/504.
 async fn fail(call: Call, e: ProxyError, provider: Provider) -> Response<Body> {
-    call.finish(End::NoResponse {
+    Box::pin(call.finish(End::NoResponse {
         status: e.status().as_u16(),
         kind: e.kind(),
-    })
+    }))
     .await;
     e.to_response(provider)
 }

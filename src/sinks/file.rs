@@ -2,16 +2,16 @@
 //! saved with the cursor, so after a crash the sink cuts off a batch it wrote
 //! but had not committed and writes it again: no duplicate, no gap.
 
+use std::io::Write;
 use std::path::PathBuf;
-
-use tokio::io::AsyncWriteExt;
+use std::sync::Arc;
 
 use super::{BoxFuture, Delivered, Sink, SinkError};
 use crate::spool::Batch;
 
 pub struct FileSink {
     path: PathBuf,
-    file: Option<tokio::fs::File>,
+    file: Option<Arc<std::fs::File>>,
     len: u64,
 }
 
@@ -28,23 +28,22 @@ impl FileSink {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(dir).await?;
         }
-        let file = tokio::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.path)
-            .await?;
-        let on_disk = file.metadata().await?.len();
+            .open(&self.path)?;
+        let on_disk = file.metadata()?.len();
         self.len = match saved {
             // Written after the last commit: it will be written again.
             Some(saved) if saved < on_disk => {
-                file.set_len(saved).await?;
+                file.set_len(saved)?;
                 tracing::info!(path = %self.path.display(), cut_bytes = on_disk - saved, "file sink: removed lines written after the last commit");
                 saved
             }
             // Shorter than we left it: rotated or truncated by someone else.
             _ => on_disk,
         };
-        self.file = Some(file);
+        self.file = Some(Arc::new(file));
         Ok(())
     }
 }
@@ -52,8 +51,8 @@ impl FileSink {
 impl Sink for FileSink {
     fn sync(&mut self) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async {
-            if let Some(f) = self.file.as_mut() {
-                f.sync_data().await?;
+            if let Some(f) = self.file.clone() {
+                blocking(move || f.sync_data()).await?;
             }
             Ok(())
         })
@@ -71,27 +70,30 @@ impl Sink for FileSink {
             if self.file.is_none() {
                 self.open(None).await?;
             }
-            let file = self.file.as_mut().expect("opened above");
+            let file = self.file.clone().expect("opened above");
             let mut buf = Vec::with_capacity(batch.bytes());
             for line in &batch.lines {
                 buf.extend_from_slice(line);
             }
-            if let Err(e) = async {
-                file.write_all(&buf).await?;
-                file.flush().await
-            }
-            .await
-            {
+            let len = buf.len() as u64;
+            // One `write` on a blocking thread for the whole batch.
+            if let Err(e) = blocking(move || (&*file).write_all(&buf)).await {
                 // Reopen next time, cutting back to the committed length.
                 self.file = None;
                 let _ = self.open(Some(self.len)).await;
                 return Err(e.into());
             }
-            self.len += buf.len() as u64;
+            self.len += len;
             Ok(Delivered {
                 sink_offset: Some(self.len),
                 dead_lettered: 0,
             })
         })
     }
+}
+
+async fn blocking(f: impl FnOnce() -> std::io::Result<()> + Send + 'static) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }

@@ -109,12 +109,15 @@ impl Batcher {
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
                     lines.flush_scheduled = true;
+                    drop(lines);
                     let guard = FlushOnDrop {
                         batcher: self.clone(),
                         pending: pending.clone(),
                     };
                     // Queued behind the tasks already runnable: the calls
-                    // finishing in this pass join the batch.
+                    // finishing in this pass join the batch. (Spawned with
+                    // the buffer unlocked: a runtime that is shutting down
+                    // drops the task at once, and the guard flushes.)
                     rt.spawn(async move { drop(guard) });
                 }
                 // Not on a runtime: write now.

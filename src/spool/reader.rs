@@ -113,6 +113,9 @@ impl Reader {
     }
 }
 
+/// The most read from a segment at once (a batch may span several reads).
+const READ_CHUNK: usize = 256 * 1024;
+
 /// Reads whole lines from `from`. Returns the position actually read from
 /// (later than `from` if those segments were dropped) and the lines. A
 /// segment removed between listing and opening (by cleanup or `drop_oldest`)
@@ -155,11 +158,22 @@ fn read_lines_once(
         let mut f = std::fs::File::open(segments::path(dir, seg.start))?;
         let offset = pos - seg.start;
         f.seek(SeekFrom::Start(offset))?;
-        let want = ((seg.len - offset) as usize).min(max_bytes.saturating_sub(taken).max(1 << 16));
-        let mut buf = vec![0u8; want];
-        let n = read_full(&mut f, &mut buf)?;
-        buf.truncate(n);
-        let buf = Bytes::from(buf);
+        let left = (seg.len - offset) as usize;
+        let mut want = left
+            .min(max_bytes.saturating_sub(taken).max(1 << 16))
+            .min(READ_CHUNK);
+        // Read into spare capacity: no zeroing, and chunks small enough for
+        // the allocator to reuse rather than map fresh pages each time. A
+        // line longer than the chunk doubles it until the line fits.
+        let buf = loop {
+            let mut buf = Vec::with_capacity(want);
+            (&mut f).take(want as u64).read_to_end(&mut buf)?;
+            if want >= left || memchr::memchr(b'\n', &buf).is_some() {
+                break Bytes::from(buf);
+            }
+            want = (want * 2).min(left);
+            f.seek(SeekFrom::Start(offset))?;
+        };
         let mut at = 0;
         while let Some(i) = memchr::memchr(b'\n', &buf[at..]) {
             let line = buf.slice(at..at + i + 1);
@@ -177,15 +191,4 @@ fn read_lines_once(
         }
     }
     Ok((from, lines))
-}
-
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
