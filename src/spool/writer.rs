@@ -36,6 +36,11 @@ struct State {
     seg_start: u64,
     seg_len: u64,
     dirty: bool,
+    /// `fsync = "interval"`: segments closed by a roll, and whether the
+    /// directory gained an entry, still to sync. The syncer does it, off
+    /// the lock: a worker that rolls never waits for the disk.
+    rolled: Vec<Arc<File>>,
+    dir_dirty: bool,
 }
 
 impl Log {
@@ -48,6 +53,7 @@ impl Log {
     ) -> std::io::Result<Log> {
         let (seg_start, seg_len) = segs.last().map(|s| (s.start, s.len)).unwrap_or((0, 0));
         let file = Arc::new(open_segment(&dir, seg_start)?);
+        sync_dir(&dir);
         Ok(Log {
             dir,
             policy,
@@ -56,6 +62,8 @@ impl Log {
                 seg_start,
                 seg_len,
                 dirty: false,
+                rolled: Vec::new(),
+                dir_dirty: false,
             }),
             end_tx,
             stats,
@@ -118,27 +126,47 @@ impl Log {
         self.stats.lost_events.inc_by(events);
     }
 
-    /// Syncs what was written so far (no lock held during the sync).
+    /// Syncs what was written so far (no lock held during the sync):
+    /// segments closed since the last sync, the active one, the directory.
     pub fn sync(&self) {
-        let file = {
+        let (rolled, file, dir_dirty) = {
             let mut s = self.state.lock().unwrap();
-            if !s.dirty {
+            if !s.dirty && s.rolled.is_empty() && !s.dir_dirty {
                 return;
             }
-            s.dirty = false;
-            s.file.clone()
+            let file = std::mem::take(&mut s.dirty).then(|| s.file.clone());
+            (
+                std::mem::take(&mut s.rolled),
+                file,
+                std::mem::take(&mut s.dir_dirty),
+            )
         };
-        if let Err(e) = file.sync_data() {
-            tracing::error!(error = %e, "spool: fsync failed");
+        for f in rolled.iter().chain(file.as_ref()) {
+            if let Err(e) = f.sync_data() {
+                tracing::error!(error = %e, "spool: fsync failed");
+            }
+        }
+        if dir_dirty {
+            sync_dir(&self.dir);
         }
     }
 
     fn roll(&self, s: &mut State) -> std::io::Result<()> {
-        if self.policy.fsync != Fsync::Never {
-            s.file.sync_data()?;
-        }
         let start = s.seg_start + s.seg_len;
-        s.file = Arc::new(open_segment(&self.dir, start)?);
+        let file = Arc::new(open_segment(&self.dir, start)?);
+        match self.policy.fsync {
+            // The group-commit thread rolls: it may wait for the disk.
+            Fsync::Always => {
+                s.file.sync_data()?;
+                sync_dir(&self.dir);
+            }
+            Fsync::Interval(_) => {
+                s.rolled.push(s.file.clone());
+                s.dir_dirty = true;
+            }
+            Fsync::Never => {}
+        }
+        s.file = file;
         s.seg_start = start;
         s.seg_len = 0;
         s.dirty = false;
@@ -192,13 +220,15 @@ pub fn run_group_commit(log: Arc<Log>, mut rx: mpsc::Receiver<Append>) {
 }
 
 fn open_segment(dir: &std::path::Path, start: u64) -> std::io::Result<File> {
-    let f = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(segments::path(dir, start))?;
-    // Make the new file's directory entry durable too.
+        .open(segments::path(dir, start))
+}
+
+/// Makes new directory entries (segment files) durable.
+fn sync_dir(dir: &std::path::Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
-    Ok(f)
 }
