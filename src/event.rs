@@ -159,6 +159,12 @@ impl Event<serde_json::Value> {
 }
 
 /// RFC 3339 UTC with milliseconds: `2026-11-23T20:00:00.123Z`.
+/// `t` as events carry it: milliseconds (what a replay of the line reads).
+pub fn event_instant(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_nanosecond(t.nanosecond() / 1_000_000 * 1_000_000)
+        .expect("a whole number of milliseconds is a valid nanosecond")
+}
+
 pub fn format_time(t: OffsetDateTime) -> String {
     let f = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"

@@ -278,6 +278,10 @@ pub async fn run(
         &sink_names,
     )?;
     let (ledger, state_position) = limits::state::recover(&policy.server.data_dir, &spool).await?;
+    // The keeper's copy follows the spool from here, before anything is
+    // appended.
+    let followed: limits::state::Followed = Arc::new(std::sync::Mutex::new(ledger.clone()));
+    spool.follow(followed.clone());
     let data_dir = policy.server.data_dir.clone();
     let grace = policy.server.shutdown_grace;
     let sinks = policy.sinks.clone();
@@ -316,7 +320,7 @@ pub async fn run(
     sink_tasks.push(tokio::spawn(limits::state::keep(
         data_dir,
         spool.clone(),
-        ledger,
+        followed,
         state_position,
         sink_stop_rx.clone(),
     )));

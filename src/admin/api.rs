@@ -202,10 +202,15 @@ async fn credit(
         reason: body.reason,
     };
     let event = Event::at(now, &policy.server.source, "credit", id, &data);
+    let note = crate::limits::state::Note::Credit {
+        tenant: id.to_string(),
+        amount: data.amount,
+        at: crate::event::event_instant(now),
+    };
     // Durable first: the credit exists once its event is in the spool.
     if let Err(e) = app
         .spool
-        .append(event.to_line(), crate::spool::Flush::Batch)
+        .append_noted(event.to_line(), Some(note), crate::spool::Flush::Batch)
         .await
     {
         tracing::error!(error = %e, tenant = %id, "credit not recorded: spool append failed");
@@ -283,9 +288,14 @@ async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Res
         idempotency_key: body.id.clone(),
     };
     let event = Event::at(now, &policy.server.source, "outcome", &body.tenant, &data);
+    let note = body.id.clone().map(|key| crate::limits::state::Note::Key {
+        tenant: body.tenant.clone(),
+        key,
+        at: crate::event::event_instant(now),
+    });
     if let Err(e) = app
         .spool
-        .append(event.to_line(), crate::spool::Flush::Batch)
+        .append_noted(event.to_line(), note, crate::spool::Flush::Batch)
         .await
     {
         if let Some(key) = &body.id {

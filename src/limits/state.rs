@@ -1,17 +1,23 @@
 //! Budget state across restarts: a snapshot of the ledger at a spool
 //! position, plus the spool events after it.
 //!
-//! The keeper is a reader of the spool like a sink (cursor `_state`): it
-//! folds every event into its own copy of the ledger and, now and then,
-//! writes `state/ledger.json` (atomically) with the position it covers,
-//! then commits its cursor so older segments can go. On start the snapshot
-//! is loaded and the events after its position replayed: each event counted
-//! once, whether the last run stopped cleanly or was killed.
+//! Each event's effect on the ledger travels with its line into the spool
+//! as a [`Note`]; the spool applies the notes of the lines it writes to the
+//! keeper's ledger under its write lock, so that ledger always covers
+//! exactly the log up to its end. Once a second the keeper copies it with
+//! that position (under the same lock), writes `state/ledger.json`
+//! atomically and commits its cursor (`_state`) so older segments can go.
+//! Nothing re-reads the log while running (that parse was 12% of the
+//! instructions of a call). On start the snapshot is loaded and the events
+//! after its position are replayed from the spool: each event counted once,
+//! whether the last run stopped cleanly or was killed.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use rust_decimal::Decimal;
 
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
@@ -83,7 +89,44 @@ struct DataView<'a> {
     idempotency_key: Option<String>,
 }
 
-/// Folds one spool line into the ledger.
+/// What one event changes in the ledger, handed to the spool with its line.
+/// `at` is the event's `time` (milliseconds), so a replay agrees.
+#[derive(Debug, Clone)]
+pub enum Note {
+    Spend {
+        tenant: String,
+        amount: Decimal,
+        at: OffsetDateTime,
+    },
+    Credit {
+        tenant: String,
+        amount: Decimal,
+        at: OffsetDateTime,
+    },
+    Key {
+        tenant: String,
+        key: String,
+        at: OffsetDateTime,
+    },
+}
+
+impl Note {
+    /// Folds the note into the ledger, as [`apply`] folds its line.
+    pub fn apply(&self, ledger: &mut Ledger) {
+        match self {
+            Note::Spend { tenant, amount, at } => ledger.spend(tenant, *amount, *at),
+            Note::Credit { tenant, amount, at } => ledger.credit(tenant, *amount, *at),
+            Note::Key { tenant, key, at } => {
+                ledger.remember_key(tenant, key, *at);
+            }
+        }
+    }
+}
+
+/// The keeper's ledger: it covers the spool up to its end.
+pub type Followed = Arc<Mutex<Ledger>>;
+
+/// Folds one spool line into the ledger (recovery).
 pub fn apply(ledger: &mut Ledger, line: &[u8]) {
     let Ok(v) = serde_json::from_slice::<View<'_>>(line) else {
         tracing::error!("state: unreadable event line in the spool; skipped");
@@ -124,20 +167,15 @@ fn store(data_dir: &Path, snap: &Snapshot) -> std::io::Result<()> {
 }
 
 /// Keeps the snapshot current until `shutdown`, then writes a last one.
+/// `ledger` is the one the spool follows (see [`crate::spool::Spool::follow`]),
+/// `position` where the recovered snapshot stands.
 pub async fn keep(
     data_dir: PathBuf,
     spool: Arc<Spool>,
-    mut ledger: Ledger,
+    ledger: Followed,
     position: u64,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut reader = match spool.reader_at(CURSOR, position) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "state keeper cannot read the spool");
-            return;
-        }
-    };
     let mut saved = position;
     let mut tick = tokio::time::interval(EVERY);
     loop {
@@ -145,35 +183,31 @@ pub async fn keep(
             _ = tick.tick() => false,
             _ = crate::server::stopped(&mut shutdown) => true,
         };
-        loop {
-            match reader.try_batch(4096, 8 << 20).await {
-                Ok(b) if b.lines.is_empty() => break,
-                Ok(b) => b.lines.iter().for_each(|l| apply(&mut ledger, l)),
-                Err(e) => {
-                    tracing::error!(error = %e, "state keeper read failed");
-                    break;
-                }
-            }
-        }
-        let position = reader.position();
+        ledger.lock().unwrap().prune(OffsetDateTime::now_utc());
+        // The copy and its position are taken under the spool's write lock.
+        let (position, copy) = spool.at_end(|end| (end, ledger.lock().unwrap().clone()));
         if position != saved {
-            ledger.prune(OffsetDateTime::now_utc());
-            let snap = Snapshot { position, ledger };
+            let snap = Snapshot {
+                position,
+                ledger: copy,
+            };
             let dir = data_dir.clone();
-            let result = tokio::task::spawn_blocking(move || store(&dir, &snap).map(|_| snap))
+            let result = tokio::task::spawn_blocking(move || store(&dir, &snap))
                 .await
                 .expect("snapshot write does not panic");
             match result {
-                Ok(snap) => {
-                    ledger = snap.ledger;
+                Ok(()) => {
                     saved = position;
-                    if let Err(e) = reader.commit(position, None) {
+                    let cursor = crate::spool::Cursor {
+                        position,
+                        sink_offset: None,
+                    };
+                    if let Err(e) = spool.commit(CURSOR, cursor) {
                         tracing::error!(error = %e, "state keeper cannot commit its cursor");
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot write the budget snapshot");
-                    return;
+                    tracing::error!(error = %e, "cannot write the budget snapshot; retrying");
                 }
             }
         }

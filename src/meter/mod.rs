@@ -196,7 +196,13 @@ impl CallState {
         // `reject`, or failing) is not written: its event would grow the very
         // backlog that is full. It is counted in the metrics instead.
         let refused_unmetered = matches!(end_kind, Some("metering_unavailable"));
-        let written = (!refused_unmetered).then(|| app.spool.append(event.to_line(), flush));
+        let note = crate::limits::state::Note::Spend {
+            tenant: data.tenant.clone(),
+            amount: data.cost,
+            at: crate::event::event_instant(now),
+        };
+        let written = (!refused_unmetered)
+            .then(|| app.spool.append_noted(event.to_line(), Some(note), flush));
         if refused_unmetered {
             app.metrics.rejected_unrecorded.inc();
         }

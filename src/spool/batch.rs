@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 
 use super::writer::Log;
 use super::SpoolError;
+use crate::limits::state::Note;
 
 /// A pending buffer this large is written at once, without waiting for the
 /// flush task (bounds the memory a burst can hold).
@@ -40,6 +41,8 @@ struct Pending {
 struct Lines {
     buf: Vec<u8>,
     events: u64,
+    /// The ledger notes of the lines in `buf`.
+    notes: Vec<Note>,
     /// Completed when the lines now in `buf` are written.
     done: Arc<Done>,
     flush_scheduled: bool,
@@ -92,11 +95,12 @@ impl Batcher {
 
     /// Queues `line` in this thread's buffer and makes sure a flush follows
     /// (`now`: at once, with whatever else is pending).
-    pub fn queue(self: &Arc<Self>, line: &[u8], now: bool) -> Queued {
+    pub fn queue(self: &Arc<Self>, line: &[u8], note: Option<Note>, now: bool) -> Queued {
         let pending = self.local();
         let mut lines = pending.inner.lock().unwrap();
         lines.buf.extend_from_slice(line);
         lines.events += 1;
+        lines.notes.extend(note);
         let queued = Queued {
             done: lines.done.clone(),
             end_in_batch: lines.buf.len() as u64,
@@ -154,6 +158,7 @@ impl Batcher {
                 inner: Mutex::new(Lines {
                     buf: Vec::with_capacity(16 * 1024),
                     events: 0,
+                    notes: Vec::new(),
                     done: Arc::default(),
                     flush_scheduled: false,
                 }),
@@ -174,12 +179,12 @@ impl Batcher {
         let result = if self.log.closed.load(Ordering::Relaxed) {
             Err(SpoolError::Closed)
         } else if only_if_free {
-            match self.log.try_write(&lines.buf, lines.events) {
+            match self.log.try_write(&lines.buf, lines.events, &lines.notes) {
                 Some(r) => r,
                 None => return false,
             }
         } else {
-            self.log.write(&lines.buf, lines.events)
+            self.log.write(&lines.buf, lines.events, &lines.notes)
         };
         let done = std::mem::take(&mut lines.done);
         let len = lines.buf.len() as u64;
@@ -192,6 +197,7 @@ impl Batcher {
             lines.buf.shrink_to(16 * 1024);
         }
         lines.events = 0;
+        lines.notes.clear();
         true
     }
 }

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Fsync, SpoolPolicy, WhenFull};
+use crate::limits::state::{Followed, Note};
 
 pub use cursor::Cursor;
 pub use reader::{Batch, Reader};
@@ -63,6 +64,7 @@ pub enum Flush {
 
 struct Append {
     line: Vec<u8>,
+    note: Option<Note>,
     ack: Option<oneshot::Sender<Result<u64, SpoolError>>>,
 }
 
@@ -206,6 +208,17 @@ impl Spool {
         line: Vec<u8>,
         flush: Flush,
     ) -> impl Future<Output = Result<u64, SpoolError>> + Send + 'static {
+        self.append_noted(line, None, flush)
+    }
+
+    /// [`Spool::append`] for an event that changes the budget ledger: `note`
+    /// goes into the followed ledger when (and only if) the line is written.
+    pub fn append_noted(
+        &self,
+        line: Vec<u8>,
+        note: Option<Note>,
+        flush: Flush,
+    ) -> impl Future<Output = Result<u64, SpoolError>> + Send + 'static {
         enum Queued {
             Failed(SpoolError),
             Batch(batch::Queued),
@@ -214,7 +227,7 @@ impl Spool {
         let queued = if self.log.closed.load(Ordering::Relaxed) {
             Queued::Failed(SpoolError::Closed)
         } else if let Some(b) = &self.batcher {
-            Queued::Batch(b.queue(&line, flush == Flush::Now))
+            Queued::Batch(b.queue(&line, note, flush == Flush::Now))
         } else {
             let tx = self
                 .tx
@@ -223,6 +236,7 @@ impl Spool {
             let (ack, rx) = oneshot::channel();
             match tx.try_send(Append {
                 line,
+                note,
                 ack: Some(ack),
             }) {
                 Ok(()) => Queued::Group(rx),
@@ -243,6 +257,20 @@ impl Spool {
                 Queued::Group(rx) => rx.await.map_err(|_| SpoolError::Closed)?,
             }
         }
+    }
+
+    /// From now on, the notes of written lines go into `ledger` (the budget
+    /// state keeper's). Set once, before anything is appended.
+    pub fn follow(&self, ledger: Followed) {
+        if self.log.followed.set(ledger).is_err() {
+            tracing::error!("spool: a ledger is already followed");
+        }
+    }
+
+    /// Runs `f` with the end of the log, no write landing meanwhile (the
+    /// keeper copies its ledger in here).
+    pub fn at_end<R>(&self, f: impl FnOnce(u64) -> R) -> R {
+        self.log.at_end(f)
     }
 
     /// Undelivered bytes: from the slowest sink's cursor to the end.
@@ -410,6 +438,7 @@ impl Spool {
             let _ = tx
                 .send(Append {
                     line: Vec::new(),
+                    note: None,
                     ack: None,
                 })
                 .await;

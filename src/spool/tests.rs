@@ -200,3 +200,44 @@ fn a_flush_whose_runtime_shuts_down_still_writes() {
     assert_eq!(written_lines(dir.path()), vec![line(7)]);
     drop(spool);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_followed_ledger_covers_exactly_the_written_log() {
+    use crate::limits::ledger::Ledger;
+    use crate::limits::state::{Followed, Note};
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), policy(1 << 20, 1 << 20, WhenFull::Reject), &[]).unwrap();
+    let ledger: Followed = Arc::new(Mutex::new(Ledger::default()));
+    spool.follow(ledger.clone());
+    let at = time::OffsetDateTime::now_utc();
+    let spend = |amount: &str| {
+        Some(Note::Spend {
+            tenant: "t".into(),
+            amount: amount.parse().unwrap(),
+            at,
+        })
+    };
+    let spent = |l: &Followed| {
+        l.lock()
+            .unwrap()
+            .tenant("t")
+            .map(|t| t.total_spent.to_string())
+    };
+    spool
+        .append_noted(line(1), spend("1.5"), Flush::Now)
+        .await
+        .unwrap();
+    let pending = spool.append_noted(line(2), spend("2"), Flush::Batch);
+    // Queued but not written: in neither the log nor the ledger.
+    let (end, seen) = spool.at_end(|end| (end, spent(&ledger)));
+    assert_eq!(end, line(1).len() as u64);
+    assert_eq!(seen.as_deref(), Some("1.5"));
+    pending.await.unwrap();
+    let (end, seen) = spool.at_end(|end| (end, spent(&ledger)));
+    assert_eq!(end, (line(1).len() + line(2).len()) as u64);
+    assert_eq!(seen.as_deref(), Some("3.5"));
+    // A line without a note leaves the ledger alone.
+    spool.append(line(3), Flush::Now).await.unwrap();
+    assert_eq!(spent(&ledger).as_deref(), Some("3.5"));
+    spool.close().await;
+}

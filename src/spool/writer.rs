@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use super::segments::{self, Segment};
 use super::{unix_ms, Append, SpoolError, SpoolStats};
 use crate::config::{Fsync, SpoolPolicy};
+use crate::limits::state::{Followed, Note};
 
 const MAX_BATCH_EVENTS: usize = 1024;
 
@@ -29,6 +30,9 @@ pub struct Log {
     end_tx: watch::Sender<u64>,
     stats: Arc<SpoolStats>,
     pub closed: AtomicBool,
+    /// The budget state keeper's ledger: the notes of written lines go
+    /// into it under the lock, so it covers exactly the log up to its end.
+    pub followed: std::sync::OnceLock<Followed>,
 }
 
 struct State {
@@ -68,26 +72,38 @@ impl Log {
             end_tx,
             stats,
             closed: AtomicBool::new(false),
+            followed: std::sync::OnceLock::new(),
         })
     }
 
     /// Appends whole lines; returns the log position after them. A failed
     /// write is cut back so the log stays line-aligned.
-    pub fn write(&self, buf: &[u8], events: u64) -> Result<u64, SpoolError> {
+    pub fn write(&self, buf: &[u8], events: u64, notes: &[Note]) -> Result<u64, SpoolError> {
         let s = self.state.lock().unwrap();
-        self.write_locked(s, buf, events)
+        self.write_locked(s, buf, events, notes)
+    }
+
+    /// Runs `f` with the log's end position, writes held off meanwhile.
+    pub fn at_end<R>(&self, f: impl FnOnce(u64) -> R) -> R {
+        let s = self.state.lock().unwrap();
+        f(s.seg_start + s.seg_len)
     }
 
     /// Like [`Log::write`], but `None` rather than waiting when another
     /// thread is writing (a worker thread must not sleep on the lock: every
     /// connection it serves would wait).
-    pub fn try_write(&self, buf: &[u8], events: u64) -> Option<Result<u64, SpoolError>> {
+    pub fn try_write(
+        &self,
+        buf: &[u8],
+        events: u64,
+        notes: &[Note],
+    ) -> Option<Result<u64, SpoolError>> {
         let s = match self.state.try_lock() {
             Ok(s) => s,
             Err(std::sync::TryLockError::WouldBlock) => return None,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
         };
-        Some(self.write_locked(s, buf, events))
+        Some(self.write_locked(s, buf, events, notes))
     }
 
     fn write_locked(
@@ -95,6 +111,7 @@ impl Log {
         mut s: std::sync::MutexGuard<'_, State>,
         buf: &[u8],
         events: u64,
+        notes: &[Note],
     ) -> Result<u64, SpoolError> {
         if let Err(e) = (&*s.file).write_all(buf) {
             let _ = s.file.set_len(s.seg_len);
@@ -106,6 +123,12 @@ impl Log {
         }
         s.seg_len += buf.len() as u64;
         s.dirty = true;
+        if let Some(ledger) = self.followed.get() {
+            let mut ledger = ledger.lock().unwrap();
+            for n in notes {
+                n.apply(&mut ledger);
+            }
+        }
         let end = s.seg_start + s.seg_len;
         self.stats.failed_at_ms.store(0, Ordering::Relaxed);
         self.stats
@@ -195,13 +218,15 @@ pub fn run_group_commit(log: Arc<Log>, mut rx: mpsc::Receiver<Append>) {
         let closing = batch.iter().any(|a| a.ack.is_none() && a.line.is_empty());
         buf.clear();
         let mut ends = Vec::with_capacity(batch.len());
+        let mut notes = Vec::new();
         let base = *log.end_tx.borrow();
-        for a in batch.iter() {
+        for a in batch.iter_mut() {
             buf.extend_from_slice(&a.line);
             ends.push(base + buf.len() as u64);
+            notes.extend(a.note.take());
         }
         let n = batch.iter().filter(|a| !a.line.is_empty()).count() as u64;
-        let result = log.write(&buf, n).map(|_| log.sync());
+        let result = log.write(&buf, n, &notes).map(|_| log.sync());
         if result.is_err() {
             log.count_lost(n);
         }
