@@ -8,6 +8,7 @@
 //! a detached finish: one event, never zero, never two.
 
 mod body;
+mod json_scan;
 pub mod needles;
 pub mod price;
 pub mod request;

@@ -150,11 +150,17 @@ impl ResponseMeter {
                     self.raw_usage = Some(u);
                 }
             }
-        } else if let Ok(env) = serde_json::from_slice::<Envelope>(&json) {
-            if env.model.is_some() {
-                self.response_model = env.model;
+        } else if let Some([model, usage]) =
+            super::json_scan::top_level(&json, [b"model", b"usage"])
+        {
+            // Only the two members the meter needs are deserialised.
+            if let Some(m) = model.and_then(|m| serde_json::from_slice::<Option<String>>(m).ok()) {
+                self.response_model = m.or(self.response_model.take());
             }
-            self.raw_usage = env.usage;
+            // Plain integers are read directly; anything else goes to serde.
+            self.raw_usage = usage.filter(|u| *u != b"null").and_then(|u| {
+                super::json_scan::raw_usage(u).or_else(|| serde_json::from_slice(u).ok())
+            });
             if self.raw_usage.is_none() && self.text.len() < MAX_TEXT_BYTES {
                 self.text.extend_from_slice(&json);
             }
