@@ -8,9 +8,11 @@
 //! meter wants are then deserialised from their own slices.
 
 /// The raw value of each top-level member of the object in `json` whose key
-/// is in `keys` (same order; `None` when absent). `None` overall when `json`
-/// is not a single well-formed object at the structural level (then the
-/// caller falls back to a full parse, which reports the error).
+/// is in `keys` (same order; `None` when absent; the last one wins when a
+/// key repeats; keys are compared as written, escapes included). `None`
+/// overall when `json` is not a single object at the structural level. The
+/// scan is more lenient than a parser: it does not tell `}` from `]` when
+/// matching brackets, nor check scalars; on valid JSON both agree.
 pub fn top_level<'a, const N: usize>(
     json: &'a [u8],
     keys: [&[u8]; N],

@@ -51,8 +51,15 @@ struct Lines {
 /// The outcome of one flush: where its bytes start in the log.
 #[derive(Default)]
 pub struct Done {
-    start: OnceLock<Result<u64, String>>,
+    start: OnceLock<Result<u64, Failure>>,
     notify: Notify,
+}
+
+/// Why a flush did not write (kept apart so callers see the right kind).
+#[derive(Debug, Clone)]
+enum Failure {
+    Closed,
+    Io(String),
 }
 
 impl Done {
@@ -66,14 +73,15 @@ impl Done {
             if let Some(r) = self.start.get() {
                 return match r {
                     Ok(start) => Ok(start + end_in_batch),
-                    Err(e) => Err(SpoolError::Io(std::io::Error::other(e.clone()))),
+                    Err(Failure::Closed) => Err(SpoolError::Closed),
+                    Err(Failure::Io(e)) => Err(SpoolError::Io(std::io::Error::other(e.clone()))),
                 };
             }
             notified.await;
         }
     }
 
-    fn complete(&self, r: Result<u64, String>) {
+    fn complete(&self, r: Result<u64, Failure>) {
         let _ = self.start.set(r);
         self.notify.notify_waiters();
     }
@@ -191,7 +199,10 @@ impl Batcher {
         if result.is_err() {
             self.log.count_lost(lines.events);
         }
-        done.complete(result.map(|end| end - len).map_err(|e| e.to_string()));
+        done.complete(result.map(|end| end - len).map_err(|e| match e {
+            SpoolError::Closed => Failure::Closed,
+            e => Failure::Io(e.to_string()),
+        }));
         lines.buf.clear();
         if lines.buf.capacity() > FLUSH_AT_BYTES {
             lines.buf.shrink_to(16 * 1024);

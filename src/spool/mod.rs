@@ -225,6 +225,7 @@ impl Spool {
             Group(oneshot::Receiver<Result<u64, SpoolError>>),
         }
         let queued = if self.log.closed.load(Ordering::Relaxed) {
+            self.log.count_lost(1);
             Queued::Failed(SpoolError::Closed)
         } else if let Some(b) = &self.batcher {
             Queued::Batch(b.queue(&line, note, flush == Flush::Now))
@@ -247,7 +248,10 @@ impl Spool {
                     self.rt.spawn(async move { tx.send(a).await });
                     Queued::Group(rx)
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => Queued::Failed(SpoolError::Closed),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.log.count_lost(1);
+                    Queued::Failed(SpoolError::Closed)
+                }
             }
         };
         async move {

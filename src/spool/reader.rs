@@ -155,8 +155,13 @@ fn read_lines_once(
     let mut pos = from;
     let start_pos = pos;
     for seg in segs.iter().filter(|s| s.start + s.len > start_pos) {
+        // The listing may be a moment old (a roll since, or a segment whose
+        // length was read before its last append): stop at any gap rather
+        // than compute a position outside the segment.
+        let Some(offset) = pos.checked_sub(seg.start).filter(|o| *o <= seg.len) else {
+            break;
+        };
         let mut f = std::fs::File::open(segments::path(dir, seg.start))?;
-        let offset = pos - seg.start;
         f.seek(SeekFrom::Start(offset))?;
         let left = (seg.len - offset) as usize;
         let mut want = left

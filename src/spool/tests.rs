@@ -241,3 +241,14 @@ async fn the_followed_ledger_covers_exactly_the_written_log() {
     assert_eq!(spent(&ledger).as_deref(), Some("3.5"));
     spool.close().await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_append_after_close_is_refused_and_counted_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), policy(1 << 20, 1 << 20, WhenFull::Reject), &[]).unwrap();
+    spool.close().await;
+    let r = spool.append(line(1), Flush::Batch).await;
+    assert!(matches!(r, Err(SpoolError::Closed)), "{r:?}");
+    assert_eq!(spool.stats.lost_events.get(), 1);
+    assert!(written_lines(dir.path()).is_empty());
+}

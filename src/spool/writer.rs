@@ -176,13 +176,16 @@ impl Log {
 
     fn roll(&self, s: &mut State) -> std::io::Result<()> {
         let start = s.seg_start + s.seg_len;
+        // The group-commit thread rolls under "always": it may wait for the
+        // disk. The old segment is synced before the new file exists, so a
+        // failed sync leaves no empty segment behind (readers and recovery
+        // take the newest file as the active one).
+        if self.policy.fsync == Fsync::Always {
+            s.file.sync_data()?;
+        }
         let file = Arc::new(open_segment(&self.dir, start)?);
         match self.policy.fsync {
-            // The group-commit thread rolls: it may wait for the disk.
-            Fsync::Always => {
-                s.file.sync_data()?;
-                sync_dir(&self.dir);
-            }
+            Fsync::Always => sync_dir(&self.dir),
             Fsync::Interval(_) => {
                 s.rolled.push(s.file.clone());
                 s.dir_dirty = true;
@@ -239,6 +242,13 @@ pub fn run_group_commit(log: Arc<Log>, mut rx: mpsc::Receiver<Append>) {
             }
         }
         if closing {
+            // Appends queued behind the close marker are never written.
+            rx.close();
+            while let Ok(a) = rx.try_recv() {
+                if !a.line.is_empty() {
+                    log.count_lost(1);
+                }
+            }
             break;
         }
     }
