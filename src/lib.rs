@@ -278,10 +278,9 @@ pub async fn run(
         &sink_names,
     )?;
     let (ledger, state_position) = limits::state::recover(&policy.server.data_dir, &spool).await?;
-    // The keeper's copy follows the spool from here, before anything is
+    // The state keeper follows the spool from here, before anything is
     // appended.
-    let followed: limits::state::Followed = Arc::new(std::sync::Mutex::new(ledger.clone()));
-    spool.follow(followed.clone());
+    spool.follow();
     let data_dir = policy.server.data_dir.clone();
     let grace = policy.server.shutdown_grace;
     let sinks = policy.sinks.clone();
@@ -320,7 +319,7 @@ pub async fn run(
     sink_tasks.push(tokio::spawn(limits::state::keep(
         data_dir,
         spool.clone(),
-        followed,
+        ledger,
         state_position,
         sink_stop_rx.clone(),
     )));

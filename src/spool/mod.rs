@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Fsync, SpoolPolicy, WhenFull};
-use crate::limits::state::{Followed, Note};
+use crate::limits::state::Note;
 
 pub use cursor::Cursor;
 pub use reader::{Batch, Reader};
@@ -212,7 +212,7 @@ impl Spool {
     }
 
     /// [`Spool::append`] for an event that changes the budget ledger: `note`
-    /// goes into the followed ledger when (and only if) the line is written.
+    /// is kept for the state keeper when (and only if) the line is written.
     pub fn append_noted(
         &self,
         line: Vec<u8>,
@@ -263,18 +263,19 @@ impl Spool {
         }
     }
 
-    /// From now on, the notes of written lines go into `ledger` (the budget
-    /// state keeper's). Set once, before anything is appended.
-    pub fn follow(&self, ledger: Followed) {
-        if self.log.followed.set(ledger).is_err() {
-            tracing::error!("spool: a ledger is already followed");
-        }
+    /// From now on, keep the ledger notes of written lines for the budget
+    /// state keeper ([`Spool::take_notes`]). Called before anything is
+    /// appended.
+    pub fn follow(&self) {
+        self.log.follow();
     }
 
-    /// Runs `f` with the end of the log, no write landing meanwhile (the
-    /// keeper copies its ledger in here).
-    pub fn at_end<R>(&self, f: impl FnOnce(u64) -> R) -> R {
-        self.log.at_end(f)
+    /// The end of the log and the notes of all lines written since the last
+    /// call: folded into a ledger that covered the log up to the previous
+    /// end, they make it cover exactly up to this one. `None` once following
+    /// stopped (the notes were not taken for too long).
+    pub fn take_notes(&self) -> Option<(u64, Vec<Note>)> {
+        self.log.take_notes()
     }
 
     /// Undelivered bytes: from the slowest sink's cursor to the end.

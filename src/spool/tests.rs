@@ -202,13 +202,14 @@ fn a_flush_whose_runtime_shuts_down_still_writes() {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn the_followed_ledger_covers_exactly_the_written_log() {
-    use crate::limits::ledger::Ledger;
-    use crate::limits::state::{Followed, Note};
+async fn notes_cover_exactly_the_written_log() {
+    use crate::limits::state::Note;
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), policy(1 << 20, 1 << 20, WhenFull::Reject), &[]).unwrap();
-    let ledger: Followed = Arc::new(Mutex::new(Ledger::default()));
-    spool.follow(ledger.clone());
+    // Not following: nothing is kept.
+    spool.append(line(0), Flush::Now).await.unwrap();
+    assert!(spool.take_notes().is_none());
+    spool.follow();
     let at = time::OffsetDateTime::now_utc();
     let spend = |amount: &str| {
         Some(Note::Spend {
@@ -217,28 +218,32 @@ async fn the_followed_ledger_covers_exactly_the_written_log() {
             at,
         })
     };
-    let spent = |l: &Followed| {
-        l.lock()
-            .unwrap()
-            .tenant("t")
-            .map(|t| t.total_spent.to_string())
+    let amounts = |notes: Vec<Note>| -> Vec<String> {
+        notes
+            .into_iter()
+            .map(|n| match n {
+                Note::Spend { amount, .. } => amount.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
     };
+    let l = |i: usize| line(i).len() as u64;
     spool
         .append_noted(line(1), spend("1.5"), Flush::Now)
         .await
         .unwrap();
     let pending = spool.append_noted(line(2), spend("2"), Flush::Batch);
-    // Queued but not written: in neither the log nor the ledger.
-    let (end, seen) = spool.at_end(|end| (end, spent(&ledger)));
-    assert_eq!(end, line(1).len() as u64);
-    assert_eq!(seen.as_deref(), Some("1.5"));
+    // Queued but not written: neither past the end nor among the notes.
+    let (end, notes) = spool.take_notes().unwrap();
+    assert_eq!(end, l(0) + l(1));
+    assert_eq!(amounts(notes), ["1.5"]);
     pending.await.unwrap();
-    let (end, seen) = spool.at_end(|end| (end, spent(&ledger)));
-    assert_eq!(end, (line(1).len() + line(2).len()) as u64);
-    assert_eq!(seen.as_deref(), Some("3.5"));
-    // A line without a note leaves the ledger alone.
+    // A line without a note adds none; each note is handed out once.
     spool.append(line(3), Flush::Now).await.unwrap();
-    assert_eq!(spent(&ledger).as_deref(), Some("3.5"));
+    let (end, notes) = spool.take_notes().unwrap();
+    assert_eq!(end, l(0) + l(1) + l(2) + l(3));
+    assert_eq!(amounts(notes), ["2"]);
+    assert_eq!(spool.take_notes().unwrap().1.len(), 0);
     spool.close().await;
 }
 

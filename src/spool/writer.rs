@@ -19,7 +19,11 @@ use tokio::sync::{mpsc, watch};
 use super::segments::{self, Segment};
 use super::{unix_ms, Append, SpoolError, SpoolStats};
 use crate::config::{Fsync, SpoolPolicy};
-use crate::limits::state::{Followed, Note};
+use crate::limits::state::Note;
+
+/// Notes held for the state keeper at most; past this it has stopped
+/// draining them (it runs once a second), and following ends.
+const MAX_NOTES: usize = 1 << 22;
 
 const MAX_BATCH_EVENTS: usize = 1024;
 
@@ -30,9 +34,6 @@ pub struct Log {
     end_tx: watch::Sender<u64>,
     stats: Arc<SpoolStats>,
     pub closed: AtomicBool,
-    /// The budget state keeper's ledger: the notes of written lines go
-    /// into it under the lock, so it covers exactly the log up to its end.
-    pub followed: std::sync::OnceLock<Followed>,
 }
 
 struct State {
@@ -45,6 +46,10 @@ struct State {
     /// the lock: a worker that rolls never waits for the disk.
     rolled: Vec<Arc<File>>,
     dir_dirty: bool,
+    /// The ledger notes of the lines written since the state keeper last
+    /// took them, while it follows (see [`Log::take_notes`]).
+    notes: Vec<Note>,
+    following: bool,
 }
 
 impl Log {
@@ -68,11 +73,12 @@ impl Log {
                 dirty: false,
                 rolled: Vec::new(),
                 dir_dirty: false,
+                notes: Vec::new(),
+                following: false,
             }),
             end_tx,
             stats,
             closed: AtomicBool::new(false),
-            followed: std::sync::OnceLock::new(),
         })
     }
 
@@ -83,10 +89,18 @@ impl Log {
         self.write_locked(s, buf, events, notes)
     }
 
-    /// Runs `f` with the log's end position, writes held off meanwhile.
-    pub fn at_end<R>(&self, f: impl FnOnce(u64) -> R) -> R {
-        let s = self.state.lock().unwrap();
-        f(s.seg_start + s.seg_len)
+    /// From now on, keep the notes of written lines for [`Log::take_notes`].
+    pub fn follow(&self) {
+        self.state.lock().unwrap().following = true;
+    }
+
+    /// The end of the log and the notes of every line written since the
+    /// last call (so they cover exactly the log up to that end); `None` once
+    /// following has stopped because nobody took them.
+    pub fn take_notes(&self) -> Option<(u64, Vec<Note>)> {
+        let mut s = self.state.lock().unwrap();
+        let end = s.seg_start + s.seg_len;
+        s.following.then(|| (end, std::mem::take(&mut s.notes)))
     }
 
     /// Like [`Log::write`], but `None` rather than waiting when another
@@ -123,10 +137,15 @@ impl Log {
         }
         s.seg_len += buf.len() as u64;
         s.dirty = true;
-        if let Some(ledger) = self.followed.get() {
-            let mut ledger = ledger.lock().unwrap();
-            for n in notes {
-                n.apply(&mut ledger);
+        if s.following && !notes.is_empty() {
+            if s.notes.len() + notes.len() > MAX_NOTES {
+                tracing::error!(
+                    "budget state keeper stopped taking its notes; snapshots stop until a restart (which replays the spool)"
+                );
+                s.following = false;
+                s.notes = Vec::new();
+            } else {
+                s.notes.extend_from_slice(notes);
             }
         }
         let end = s.seg_start + s.seg_len;
