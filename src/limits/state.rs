@@ -92,7 +92,7 @@ struct DataView<'a> {
 
 /// What one event changes in the ledger, handed to the spool with its line.
 /// `at` is the event's `time` (milliseconds), so a replay agrees.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Note {
     Spend {
         tenant: String,

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame};
 
 use super::{Call, End};
+use crate::spool::Flush;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -85,16 +86,20 @@ where
                 }
             }
         }
-        // A response whose head has not gone out yet (a whole JSON body in
-        // one frame) is written in one go once the event is: writing the
-        // event at once keeps it that way.
-        call.state().write_now = !self.waited;
         match release {
             // A strip-mode tail goes out after the frame that ended the stream.
             Release::Frame(f) => self.held.push_front(Release::Frame(f)),
             other => self.held.push_back(other),
         }
-        self.finishing = Some(Box::pin(call.finish(end)));
+        // A response whose head has not gone out yet (a whole JSON body in
+        // one frame) is written in one go once the event is: writing the
+        // event at once keeps it that way.
+        let flush = if self.waited {
+            Flush::Batch
+        } else {
+            Flush::Now
+        };
+        self.finishing = Some(Box::pin(call.finish(end, flush)));
     }
 
     /// Meters one data frame; returns what to send on (may be empty in strip mode).

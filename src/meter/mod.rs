@@ -21,11 +21,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::future::OptionFuture;
 use rust_decimal::Decimal;
 
 use crate::config::{Policy, Provider, Upstream};
 use crate::event::{CallData, Event, Outcome, Usage, UsageSource, SCHEMA_VERSION};
 use crate::metrics::{CallLabels, CostLabels, TokenLabels, UpstreamLabels};
+use crate::spool::Flush;
 use crate::App;
 
 pub use body::MeteredBody;
@@ -72,9 +74,6 @@ pub struct CallState {
     pub meter: Option<ResponseMeter>,
     /// What admission granted (reservation, token charge); settled at the end.
     pub admission: Option<crate::limits::Admission>,
-    /// Nothing of the response has gone out yet: write the event at once
-    /// rather than with the scheduler pass's batch (see `Spool::append`).
-    pub write_now: bool,
 }
 
 impl Call {
@@ -101,7 +100,6 @@ impl Call {
                 request_id: None,
                 meter: None,
                 admission: None,
-                write_now: false,
             })),
         }
     }
@@ -119,10 +117,11 @@ impl Call {
     /// in one poll unless usage has to be estimated; then it runs on its own
     /// task, so a caller dropped halfway (the client went away) cannot cancel
     /// it. Once the line is queued, waiting for the write is safe to drop.
-    pub async fn finish(mut self, end: End) {
+    /// `flush` says when the line is written (see `Spool::append`).
+    pub async fn finish(mut self, end: End, flush: Flush) {
         let state = self.state.take().expect("finish runs once");
         let rt = state.app.rt.clone();
-        let mut record = Box::pin(state.record(end));
+        let mut record = Box::pin(state.record(end, flush));
         match futures_util::FutureExt::now_or_never(&mut record) {
             Some(written) => written.await,
             None => {
@@ -138,7 +137,7 @@ impl Drop for Call {
             // Dropped mid-flight: the client went away. Finish on a task of
             // the main runtime (a worker's may be shutting down).
             let rt = state.app.rt.clone();
-            rt.spawn(async move { state.record(End::ClientAborted).await.await });
+            rt.spawn(async move { state.record(End::ClientAborted, Flush::Batch).await.await });
         }
     }
 }
@@ -156,7 +155,11 @@ impl Drop for InflightGuard {
 impl CallState {
     /// Builds the event, settles the limits and queues the event's line in
     /// the spool; the returned future waits until the line is written.
-    async fn record(mut self: Box<Self>, end: End) -> impl std::future::Future<Output = ()> {
+    async fn record(
+        mut self: Box<Self>,
+        end: End,
+        flush: Flush,
+    ) -> impl std::future::Future<Output = ()> {
         let app = self.app.clone();
         let guard = InflightGuard(app.clone());
         let policy = self.policy.clone();
@@ -165,11 +168,6 @@ impl CallState {
         let end_kind = match end {
             End::Rejected { kind, .. } => Some(kind),
             _ => None,
-        };
-        let flush = if self.write_now {
-            crate::spool::Flush::Now
-        } else {
-            crate::spool::Flush::Batch
         };
         let event = self.into_event(end, now).await;
         let data = &event.data;
@@ -196,23 +194,20 @@ impl CallState {
         // A call refused because metering is unavailable (spool full under
         // `reject`, or failing) is not written: its event would grow the very
         // backlog that is full. It is counted in the metrics instead.
-        let refused_unmetered = matches!(end_kind, Some("metering_unavailable"));
-        let note = crate::limits::state::Note::Spend {
-            tenant: data.tenant.clone(),
-            amount: data.cost,
-            at: crate::event::event_instant(now),
-        };
-        let written = (!refused_unmetered)
-            .then(|| app.spool.append_noted(event.to_line(), Some(note), flush));
-        if refused_unmetered {
+        let written = if matches!(end_kind, Some("metering_unavailable")) {
             app.metrics.rejected_unrecorded.inc();
-        }
+            None
+        } else {
+            let note = crate::limits::state::Note::Spend {
+                tenant: data.tenant.clone(),
+                amount: data.cost,
+                at: crate::event::event_instant(now),
+            };
+            Some(app.spool.append_noted(event.to_line(), Some(note), flush))
+        };
         let (event_id, tenant) = (event.id, event.data.tenant);
         async move {
-            if let Some(Err(e)) = match written {
-                Some(w) => Some(w.await),
-                None => None,
-            } {
+            if let Some(Err(e)) = OptionFuture::from(written).await {
                 // Counted in `events_lost` by the spool.
                 tracing::error!(
                     error = %e,

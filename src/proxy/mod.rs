@@ -25,6 +25,7 @@ use crate::config::{Policy, Provider, Tenancy, Tenant, UnknownModel, Upstream};
 use crate::limits::{Ask, Refusal};
 use crate::meter::{self, Call, End, Format, MeteredBody, Operation, RequestInfo, ResponseMeter};
 use crate::server::Body;
+use crate::spool::Flush;
 use crate::App;
 
 pub use error::ProxyError;
@@ -268,21 +269,21 @@ async fn reject(mut call: Call, e: ProxyError, provider: Provider) -> Response<B
         .inc();
     // Boxed: a large future inlined here would make every request's
     // future (and each move of it) that much larger.
-    Box::pin(call.finish(End::Rejected {
+    let end = End::Rejected {
         status,
         outcome: e.outcome(),
         kind: e.kind(),
-    }))
-    .await;
+    };
+    Box::pin(call.finish(end, Flush::Batch)).await;
     e.to_response(provider)
 }
 
 /// The upstream gave no response: the event records it, the client gets 502/504.
 async fn fail(call: Call, e: ProxyError, provider: Provider) -> Response<Body> {
-    Box::pin(call.finish(End::NoResponse {
+    let end = End::NoResponse {
         status: e.status().as_u16(),
         kind: e.kind(),
-    }))
-    .await;
+    };
+    Box::pin(call.finish(end, Flush::Batch)).await;
     e.to_response(provider)
 }

@@ -187,12 +187,15 @@ impl Batcher {
         let result = if self.log.closed.load(Ordering::Relaxed) {
             Err(SpoolError::Closed)
         } else if only_if_free {
-            match self.log.try_write(&lines.buf, lines.events, &lines.notes) {
+            match self
+                .log
+                .try_write(&lines.buf, lines.events, &mut lines.notes)
+            {
                 Some(r) => r,
                 None => return false,
             }
         } else {
-            self.log.write(&lines.buf, lines.events, &lines.notes)
+            self.log.write(&lines.buf, lines.events, &mut lines.notes)
         };
         let done = std::mem::take(&mut lines.done);
         let len = lines.buf.len() as u64;

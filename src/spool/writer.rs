@@ -84,7 +84,9 @@ impl Log {
 
     /// Appends whole lines; returns the log position after them. A failed
     /// write is cut back so the log stays line-aligned.
-    pub fn write(&self, buf: &[u8], events: u64, notes: &[Note]) -> Result<u64, SpoolError> {
+    /// The `notes` of the lines are moved to the keeper's list once written
+    /// (left in place otherwise).
+    pub fn write(&self, buf: &[u8], events: u64, notes: &mut Vec<Note>) -> Result<u64, SpoolError> {
         let s = self.state.lock().unwrap();
         self.write_locked(s, buf, events, notes)
     }
@@ -110,7 +112,7 @@ impl Log {
         &self,
         buf: &[u8],
         events: u64,
-        notes: &[Note],
+        notes: &mut Vec<Note>,
     ) -> Option<Result<u64, SpoolError>> {
         let s = match self.state.try_lock() {
             Ok(s) => s,
@@ -125,7 +127,7 @@ impl Log {
         mut s: std::sync::MutexGuard<'_, State>,
         buf: &[u8],
         events: u64,
-        notes: &[Note],
+        notes: &mut Vec<Note>,
     ) -> Result<u64, SpoolError> {
         if let Err(e) = (&*s.file).write_all(buf) {
             let _ = s.file.set_len(s.seg_len);
@@ -145,7 +147,7 @@ impl Log {
                 s.following = false;
                 s.notes = Vec::new();
             } else {
-                s.notes.extend_from_slice(notes);
+                s.notes.append(notes);
             }
         }
         let end = s.seg_start + s.seg_len;
@@ -248,7 +250,7 @@ pub fn run_group_commit(log: Arc<Log>, mut rx: mpsc::Receiver<Append>) {
             notes.extend(a.note.take());
         }
         let n = batch.iter().filter(|a| !a.line.is_empty()).count() as u64;
-        let result = log.write(&buf, n, &notes).map(|_| log.sync());
+        let result = log.write(&buf, n, &mut notes).map(|_| log.sync());
         if result.is_err() {
             log.count_lost(n);
         }
