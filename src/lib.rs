@@ -109,9 +109,13 @@ impl App {
     /// keeps the old policy. Listen addresses, `data_dir`, `[spool]` and
     /// `[[sinks]]` are bound at start: a change to them is logged as needing
     /// a restart and keeps running with the old values.
-    pub fn reload(&self, path: &std::path::Path) -> Result<(), config::ConfigError> {
+    pub fn reload(
+        &self,
+        source: Result<config::Source, config::ConfigError>,
+    ) -> Result<(), config::ConfigError> {
         let m = &self.metrics;
-        let new = match config::load(path) {
+        let file = source.as_ref().map(|s| s.file.clone()).unwrap_or_default();
+        let new = match source.and_then(|s| s.parse()) {
             Ok(p) => p,
             Err(e) => {
                 m.config_reloads
@@ -149,7 +153,7 @@ impl App {
             .inc();
         m.config_last_reload_ok.set(1);
         m.config_last_load.set(unix_seconds());
-        tracing::info!(path = %path.display(), "config reloaded");
+        tracing::info!(path = %file, "config reloaded");
         Ok(())
     }
 }
@@ -162,12 +166,17 @@ fn unix_seconds() -> i64 {
 }
 
 /// Watches `path` for changes (by content, so a ConfigMap's symlink swap
-/// counts) and reloads; also reloads on SIGHUP. Runs until the task is
+/// counts) and reloads; also reloads on SIGHUP. `loaded` is the digest of the
+/// text the running config was parsed from, so a change made after that read
+/// and before this task first runs is still seen. Runs until the task is
 /// dropped.
-pub async fn watch_config(app: Arc<App>, path: std::path::PathBuf, every: std::time::Duration) {
-    use sha2::{Digest, Sha256};
-    let digest = |p: &std::path::Path| std::fs::read(p).ok().map(|b| Sha256::digest(&b));
-    let mut seen = digest(&path);
+pub async fn watch_config(
+    app: Arc<App>,
+    path: std::path::PathBuf,
+    loaded: [u8; 32],
+    every: std::time::Duration,
+) {
+    let mut seen = Some(loaded);
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .expect("SIGHUP handler");
@@ -184,12 +193,15 @@ pub async fn watch_config(app: Arc<App>, path: std::path::PathBuf, every: std::t
             tick.tick().await;
             false
         };
-        let now = digest(&path);
+        let p = path.clone();
+        let Ok(source) = tokio::task::spawn_blocking(move || config::read(&p)).await else {
+            continue;
+        };
+        let now = source.as_ref().ok().map(|s| s.sha256);
         if forced || now != seen {
             seen = now;
             let app = app.clone();
-            let p = path.clone();
-            let _ = tokio::task::spawn_blocking(move || app.reload(&p)).await;
+            let _ = tokio::task::spawn_blocking(move || app.reload(source)).await;
         }
     }
 }

@@ -118,8 +118,9 @@ fn main() -> Result<()> {
         }
         Command::Run { config } => {
             init_tracing(cli.log_format, "info");
-            let policy = tollgate::config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
-            runtime()?.block_on(run(policy, config))
+            let source = tollgate::config::read(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let policy = source.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+            runtime()?.block_on(run(policy, config, source.sha256))
         }
         Command::Mock { listen } => {
             init_tracing(cli.log_format, "info");
@@ -149,13 +150,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-async fn run(policy: tollgate::config::Policy, config: PathBuf) -> Result<()> {
+async fn run(policy: tollgate::config::Policy, config: PathBuf, loaded: [u8; 32]) -> Result<()> {
     let grace = policy.server.shutdown_grace;
     let mut running = tollgate::start(policy).await?;
     tracing::info!(proxy = %running.proxy_addr, admin = %running.admin_addr, "listening");
     let watcher = tokio::spawn(tollgate::watch_config(
         running.app.clone(),
         config,
+        loaded,
         std::time::Duration::from_secs(1),
     ));
     shutdown_signal().await;

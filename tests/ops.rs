@@ -235,3 +235,54 @@ async fn ready_soon_after_process_start() {
         started.elapsed()
     );
 }
+
+/// The watcher compares against the bytes the running config was parsed
+/// from, not against what the file holds when the watcher first runs: a
+/// ConfigMap update landing in between (the CI failure of
+/// `config_changes_apply_without_restart_and_bad_files_keep_the_old`, where
+/// the test's swap beat the watcher's first look) is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_before_the_watcher_first_looks_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+data_dir = "{}"
+
+[[upstreams]]
+name = "tools"
+prefix = "/tools"
+url = "http://127.0.0.1:9"
+provider = "generic"
+"#,
+        dir.path().join("data").display()
+    );
+    std::fs::write(&path, &text).unwrap();
+    let source = tollgate::config::read(&path).unwrap();
+    let running = tollgate::start(source.parse().unwrap()).await.unwrap();
+    // The file changes after start-up read it, before the watcher exists.
+    std::fs::write(
+        &path,
+        format!(
+            "{text}\n[[tenants]]\nid = \"initech\"\nkeys = [\"{}\"]\n",
+            sha("tk-initech")
+        ),
+    )
+    .unwrap();
+    let watcher = tokio::spawn(tollgate::watch_config(
+        running.app.clone(),
+        path,
+        source.sha256,
+        Duration::from_millis(20),
+    ));
+    let t = Instant::now();
+    while !running.app.policy.load().tenants.contains_key("initech") {
+        assert!(t.elapsed() < Duration::from_secs(5), "change never applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    watcher.abort();
+    running.shutdown().await;
+}

@@ -31,15 +31,37 @@ pub struct ConfigError {
 
 /// Loads, parses and validates a config file.
 pub fn load(path: &Path) -> Result<Policy, ConfigError> {
-    let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.display().to_string(),
+    read(path)?.parse()
+}
+
+/// The bytes of a config file as read once: what was parsed and what a
+/// watcher compares against are the same read, so a change landing between
+/// start-up and the first look cannot go unnoticed.
+pub struct Source {
+    pub file: String,
+    pub text: String,
+    pub sha256: [u8; 32],
+}
+
+impl Source {
+    /// Parses with the process environment resolving `*_env` secrets.
+    pub fn parse(&self) -> Result<Policy, ConfigError> {
+        parse(&self.text, &self.file, &|name| std::env::var(name).ok())
+    }
+}
+
+/// Reads a config file (following symlinks, as a ConfigMap mount needs).
+pub fn read(path: &Path) -> Result<Source, ConfigError> {
+    use sha2::{Digest, Sha256};
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
         line: 0,
         key: String::new(),
         reason: format!("cannot read: {e}"),
     })?;
-    parse(&src, &path.display().to_string(), &|name| {
-        std::env::var(name).ok()
-    })
+    let sha256 = Sha256::digest(text.as_bytes()).into();
+    Ok(Source { file, text, sha256 })
 }
 
 /// Parses and validates config text. `env` resolves `*_env` secrets, so tests
