@@ -552,3 +552,52 @@ async fn admin_health_readiness_and_metrics() {
     assert!(m.contains("tollgate_tokens_total{"), "{m}");
     assert!(m.contains("tollgate_spool_disk_bytes"), "{m}");
 }
+
+/// A JSON answer that is whole in its first frame is finished before its
+/// head is handed to hyper, so its event joins the spool's batched write and
+/// head and body still leave together. Answers arriving together share
+/// writes; before, each event was written alone (one `write` a call), since
+/// waiting for a batch once the head was out split the answer in two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_arriving_together_share_spool_writes() {
+    let env = env_with("", "");
+    let metric = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing: {text}"))
+    };
+    let scrape = || async {
+        let m = format!("http://{}/metrics", env.proxy.admin);
+        send("GET", &m, &[], Bytes::new()).await.text()
+    };
+    let text = scrape().await;
+    let before = metric(&text, "tollgate_spool_writes ");
+    let appended = metric(&text, "tollgate_spool_appended_events ");
+    // The mock holds every answer for the same 300 ms, so they come back
+    // in one burst.
+    const CALLS: u64 = 48;
+    let calls = (0..CALLS).map(|_| {
+        let addr = env.proxy.addr.clone();
+        tokio::spawn(async move {
+            chat(
+                &addr,
+                ACME_KEY,
+                CHAT,
+                &[("x-mock-first-byte-delay-ms", "300")],
+            )
+            .await
+        })
+    });
+    for c in futures_util::future::join_all(calls).await {
+        let r = c.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let text = scrape().await;
+    let writes = metric(&text, "tollgate_spool_writes ") - before;
+    assert_eq!(
+        metric(&text, "tollgate_spool_appended_events ") - appended,
+        CALLS
+    );
+    println!("{CALLS} calls, {writes} spool writes");
+    assert!(writes < CALLS, "{writes} writes for {CALLS} calls");
+}

@@ -41,6 +41,9 @@ pub struct MeteredBody<B> {
     /// The client has been told to wait at least once (so the response
     /// head is already out).
     waited: bool,
+    /// Polled by the request's own future (see [`MeteredBody::prefetch`]):
+    /// the head waits too, so waiting for a batched write splits nothing.
+    prefetching: bool,
     deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -68,6 +71,7 @@ where
             done: false,
             remaining: content_length,
             waited: false,
+            prefetching: false,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
         }
     }
@@ -93,13 +97,31 @@ where
         }
         // A response whose head has not gone out yet (a whole JSON body in
         // one frame) is written in one go once the event is: writing the
-        // event at once keeps it that way.
-        let flush = if self.waited {
+        // event at once keeps it that way. Before the head is handed to
+        // hyper (prefetch) the line joins the batch: nothing is split.
+        let flush = if self.waited || self.prefetching {
             Flush::Batch
         } else {
             Flush::Now
         };
         self.finishing = Some(Box::pin(call.finish(end, flush)));
+    }
+
+    /// Reads the first frame before the response head is handed to hyper,
+    /// so the head goes out with it. A body that is whole in its first frame
+    /// (most JSON answers) is finished here: its event joins the spool's
+    /// batched write, and head, body and end leave in one `writev` once the
+    /// line is written. A stream sends its first frame as soon as it comes;
+    /// the frames after it are passed on as before, one by one.
+    pub async fn prefetch(&mut self) {
+        self.prefetching = true;
+        let first = std::future::poll_fn(|cx| Pin::new(&mut *self).poll_frame(cx)).await;
+        self.prefetching = false;
+        self.held.push_front(match first {
+            Some(Ok(f)) => Release::Frame(f),
+            Some(Err(e)) => Release::Error(e),
+            None => Release::End,
+        });
     }
 
     /// Meters one data frame; returns what to send on (may be empty in strip mode).

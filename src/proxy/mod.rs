@@ -211,7 +211,8 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         // The body changes length; it streams chunked anyway.
         parts.headers.remove(http::header::CONTENT_LENGTH);
     }
-    let body = MeteredBody::new(incoming, call, content_length, deadline);
+    let mut body = MeteredBody::new(incoming, call, content_length, deadline);
+    body.prefetch().await;
     Response::from_parts(parts, body.boxed_unsync())
 }
 
