@@ -57,6 +57,8 @@ pub struct SinkLabels {
 }
 
 pub struct Metrics {
+    /// Tells this registry's counters apart in the per-thread handle cache.
+    id: u64,
     registry: Registry,
     pub calls: Family<CallLabels, Counter>,
     pub tokens: Family<TokenLabels, Counter>,
@@ -82,6 +84,36 @@ pub struct Metrics {
     pub sink_last_success: Family<SinkLabels, Gauge>,
 }
 
+/// `tollgate_tokens_total{type}`, in the order [`Metrics::count_call`] takes.
+pub const TOKEN_TYPES: [&str; 5] = [
+    "input",
+    "output",
+    "cache_read_input",
+    "cache_write_input",
+    "reasoning_output",
+];
+
+/// One thread's handles to the counters of one (upstream, model, outcome):
+/// counting a call then costs a short scan instead of hashing and cloning
+/// label strings into each family's map (about 5,000 instructions a call).
+struct CallHandles {
+    metrics: u64,
+    upstream: String,
+    model: String,
+    outcome: &'static str,
+    calls: Counter,
+    tokens: [Option<Counter>; 5],
+    cost: Option<Counter<f64, AtomicU64>>,
+}
+
+/// Label sets a thread keeps handles for; past it the cache starts over.
+const MAX_CACHED_LABEL_SETS: usize = 256;
+
+thread_local! {
+    static CALL_HANDLES: std::cell::RefCell<Vec<CallHandles>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -89,6 +121,79 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts one call in `calls_total`, `tokens_total` (`tokens` in
+    /// [`TOKEN_TYPES`] order) and `cost_total`. Zero tokens and zero cost
+    /// create no series.
+    pub fn count_call(
+        &self,
+        upstream: &str,
+        model: &str,
+        outcome: &'static str,
+        tokens: [u64; 5],
+        cost: f64,
+    ) {
+        CALL_HANDLES.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let found = cache.iter().position(|h| {
+                h.metrics == self.id
+                    && h.outcome == outcome
+                    && h.model == model
+                    && h.upstream == upstream
+            });
+            let i = found.unwrap_or_else(|| {
+                if cache.len() >= MAX_CACHED_LABEL_SETS {
+                    cache.clear();
+                }
+                let labels = CallLabels {
+                    upstream: upstream.to_string(),
+                    model: model.to_string(),
+                    outcome: outcome.to_string(),
+                };
+                cache.push(CallHandles {
+                    metrics: self.id,
+                    upstream: labels.upstream.clone(),
+                    model: labels.model.clone(),
+                    outcome,
+                    calls: self.calls.get_or_create(&labels).clone(),
+                    tokens: Default::default(),
+                    cost: None,
+                });
+                cache.len() - 1
+            });
+            let h = &mut cache[i];
+            h.calls.inc();
+            for ((n, handle), r#type) in tokens.into_iter().zip(&mut h.tokens).zip(TOKEN_TYPES) {
+                if n > 0 {
+                    handle
+                        .get_or_insert_with(|| {
+                            self.tokens
+                                .get_or_create(&TokenLabels {
+                                    upstream: upstream.to_string(),
+                                    model: model.to_string(),
+                                    outcome: outcome.to_string(),
+                                    r#type,
+                                })
+                                .clone()
+                        })
+                        .inc_by(n);
+                }
+            }
+            if cost > 0.0 {
+                h.cost
+                    .get_or_insert_with(|| {
+                        self.cost
+                            .get_or_create(&CostLabels {
+                                upstream: upstream.to_string(),
+                                model: model.to_string(),
+                                outcome: outcome.to_string(),
+                            })
+                            .clone()
+                    })
+                    .inc_by(cost);
+            }
+        });
+    }
+
     pub fn new() -> Metrics {
         Metrics::with_events_lost(Counter::default())
     }
@@ -96,7 +201,9 @@ impl Metrics {
     /// `events_lost` is the spool's own counter (it counts failed writes).
     pub fn with_events_lost(events_lost: Counter) -> Metrics {
         let mut r = Registry::with_prefix("tollgate");
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let m = Metrics {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             calls: Family::default(),
             tokens: Family::default(),
             cost: Family::default(),
@@ -240,5 +347,42 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    /// Cached handles count into their own registry's series, survive the
+    /// cache starting over, and create no series for zero counts.
+    #[test]
+    fn cached_call_counters_land_in_their_own_registry() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.count_call("openai", "gpt-4o-mini", "ok", [10, 5, 0, 0, 0], 0.25);
+        b.count_call("openai", "gpt-4o-mini", "ok", [1, 0, 0, 0, 0], 0.0);
+        // Fill the cache past its bound so it starts over.
+        for i in 0..MAX_CACHED_LABEL_SETS {
+            a.count_call("openai", &format!("m{i}"), "ok", [0; 5], 0.0);
+        }
+        a.count_call("openai", "gpt-4o-mini", "ok", [10, 5, 0, 0, 0], 0.25);
+        let (ta, tb) = (a.encode(), b.encode());
+        let calls = r#"tollgate_calls_total{upstream="openai",model="gpt-4o-mini",outcome="ok"}"#;
+        assert_eq!(line(&ta, calls), Some(&*format!("{calls} 2")));
+        assert_eq!(line(&tb, calls), Some(&*format!("{calls} 1")));
+        let input = r#"tollgate_tokens_total{upstream="openai",model="gpt-4o-mini",outcome="ok",type="input"}"#;
+        assert_eq!(line(&ta, input), Some(&*format!("{input} 20")));
+        assert_eq!(line(&tb, input), Some(&*format!("{input} 1")));
+        let cost = r#"tollgate_cost_usd_total{upstream="openai",model="gpt-4o-mini",outcome="ok"}"#;
+        assert_eq!(line(&ta, cost), Some(&*format!("{cost} 0.5")));
+        assert_eq!(line(&tb, cost), None, "zero cost makes no series");
+        assert!(
+            !tb.contains(r#"type="output""#),
+            "zero tokens make no series"
+        );
     }
 }

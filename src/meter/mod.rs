@@ -26,7 +26,7 @@ use rust_decimal::Decimal;
 
 use crate::config::{Policy, Provider, Upstream};
 use crate::event::{CallData, Event, Outcome, Usage, UsageSource, SCHEMA_VERSION};
-use crate::metrics::{CallLabels, CostLabels, TokenLabels, UpstreamLabels};
+use crate::metrics::UpstreamLabels;
 use crate::spool::Flush;
 use crate::App;
 
@@ -349,18 +349,11 @@ async fn estimate(s: &CallState, partial: Option<Usage>) -> Usage {
 fn record_metrics(app: &App, policy: &Policy, d: &CallData) {
     let m = &app.metrics;
     let model = match (&d.unpriced, &d.request_model) {
-        (false, Some(model)) if policy.models.contains_key(model) => model.clone(),
-        (false, _) if d.provider == "generic" => "none".to_string(),
-        (false, _) => "priced".to_string(),
-        (true, _) => "unpriced".to_string(),
+        (false, Some(model)) if policy.models.contains_key(model) => model.as_str(),
+        (false, _) if d.provider == "generic" => "none",
+        (false, _) => "priced",
+        (true, _) => "unpriced",
     };
-    m.calls
-        .get_or_create(&CallLabels {
-            upstream: d.upstream.clone(),
-            model: model.clone(),
-            outcome: d.outcome.as_str().into(),
-        })
-        .inc();
     if d.unpriced {
         m.unpriced
             .get_or_create(&UpstreamLabels {
@@ -369,33 +362,17 @@ fn record_metrics(app: &App, policy: &Policy, d: &CallData) {
             .inc();
     }
     let u = &d.usage;
-    for (token_type, n) in [
-        ("input", u.input_tokens),
-        ("output", u.output_tokens),
-        ("cache_read_input", u.cache_read_input_tokens),
-        ("cache_write_input", u.cache_write_input_tokens),
-        ("reasoning_output", u.reasoning_output_tokens),
-    ] {
-        if n > 0 {
-            m.tokens
-                .get_or_create(&TokenLabels {
-                    upstream: d.upstream.clone(),
-                    model: model.clone(),
-                    outcome: d.outcome.as_str().into(),
-                    r#type: token_type,
-                })
-                .inc_by(n);
-        }
-    }
-    if let Ok(c) = f64::try_from(d.cost) {
-        if c > 0.0 {
-            m.cost
-                .get_or_create(&CostLabels {
-                    upstream: d.upstream.clone(),
-                    model,
-                    outcome: d.outcome.as_str().into(),
-                })
-                .inc_by(c);
-        }
-    }
+    m.count_call(
+        &d.upstream,
+        model,
+        d.outcome.as_str(),
+        [
+            u.input_tokens,
+            u.output_tokens,
+            u.cache_read_input_tokens,
+            u.cache_write_input_tokens,
+            u.reasoning_output_tokens,
+        ],
+        f64::try_from(d.cost).unwrap_or(0.0),
+    );
 }

@@ -154,13 +154,10 @@ impl ResponseMeter {
             super::json_scan::top_level(&json, [b"model", b"usage"])
         {
             // Only the two members the meter needs are deserialised.
-            if let Some(m) = model.and_then(|m| serde_json::from_slice::<Option<String>>(m).ok()) {
-                self.response_model = m.or(self.response_model.take());
+            if let Some(m) = model_of(model) {
+                self.response_model = Some(m);
             }
-            // Plain integers are read directly; anything else goes to serde.
-            self.raw_usage = usage.filter(|u| *u != b"null").and_then(|u| {
-                super::json_scan::raw_usage(u).or_else(|| serde_json::from_slice(u).ok())
-            });
+            self.raw_usage = usage_of(usage);
             if self.raw_usage.is_none() && self.text.len() < MAX_TEXT_BYTES {
                 self.text.extend_from_slice(&json);
             }
@@ -209,15 +206,22 @@ impl ResponseMeter {
         }
         let carries_usage = has_usage_object(data);
         if self.response_model.is_none() || carries_usage {
-            let Ok(env) = serde_json::from_slice::<Envelope>(data) else {
+            // The structural scan, as for JSON bodies: a chunk is mostly
+            // choices the meter does not need.
+            let Some([model, usage, choices]) =
+                super::json_scan::top_level(data, [b"model", b"usage", b"choices"])
+            else {
                 return false;
             };
-            if env.model.is_some() && self.response_model.is_none() {
-                self.response_model = env.model;
+            if self.response_model.is_none() {
+                self.response_model = model_of(model);
             }
-            if let Some(u) = env.usage {
+            if let Some(u) = usage_of(usage) {
                 self.raw_usage = Some(u);
-                return env.choices.is_some_and(|c| c.is_empty());
+                return choices.is_some_and(|c| {
+                    c.first() == Some(&b'[')
+                        && c[1..].iter().all(|b| b.is_ascii_whitespace() || *b == b']')
+                });
             }
         }
         if data.starts_with(b"{\"error\"") {
@@ -286,6 +290,10 @@ impl ResponseMeter {
     }
 
     fn keep_text(&mut self, data: &[u8]) {
+        if self.text.capacity() == 0 {
+            // A short answer's chunks fit without growing step by step.
+            self.text.reserve(4096);
+        }
         if self.text.len() + data.len() < MAX_TEXT_BYTES {
             self.text.extend_from_slice(data);
             self.text.push(b'\n');
@@ -305,6 +313,20 @@ impl ResponseMeter {
         }
         (out, self.text_overflow)
     }
+}
+
+/// A `model` member's string (`None` when absent, null or not a string).
+fn model_of(raw: Option<&[u8]>) -> Option<String> {
+    serde_json::from_slice::<Option<String>>(raw?)
+        .ok()
+        .flatten()
+}
+
+/// A `usage` member: plain integers are read directly, anything else goes
+/// to serde (`None` when absent, null or not a usage object).
+fn usage_of(raw: Option<&[u8]>) -> Option<RawUsage> {
+    let u = raw.filter(|u| *u != b"null")?;
+    super::json_scan::raw_usage(u).or_else(|| serde_json::from_slice(u).ok())
 }
 
 /// Strings a model generated: message content, deltas, tool arguments.
