@@ -45,6 +45,9 @@ pub struct MeteredBody<B> {
     /// the head waits too, so waiting for a batched write splits nothing.
     prefetching: bool,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    /// The upstream connection, handed back to its pool once the body has
+    /// been read to its end (dropped otherwise, which closes it).
+    conn: Option<crate::proxy::pool::Returner>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +64,7 @@ where
         call: Call,
         content_length: Option<u64>,
         deadline: tokio::time::Instant,
+        conn: Option<crate::proxy::pool::Returner>,
     ) -> Self {
         MeteredBody {
             inner,
@@ -73,6 +77,7 @@ where
             waited: false,
             prefetching: false,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            conn,
         }
     }
 
@@ -142,6 +147,13 @@ where
         }
     }
 
+    /// The upstream sent its last byte: its connection can carry the next call.
+    fn release_conn(&mut self) {
+        if let Some(c) = self.conn.take() {
+            c.release();
+        }
+    }
+
     fn at_end(&self) -> bool {
         self.remaining == Some(0)
             || self.inner.is_end_stream()
@@ -206,6 +218,9 @@ where
                     let frame = match frame.into_data() {
                         Ok(data) => {
                             let out = this.meter(data);
+                            if this.remaining == Some(0) || this.inner.is_end_stream() {
+                                this.release_conn();
+                            }
                             if this.call.is_some() && this.at_end() {
                                 this.finish(End::Complete, Release::Frame(Frame::data(out)));
                                 continue;
@@ -228,6 +243,7 @@ where
                 }
                 Poll::Ready(None) => {
                     this.inner_done = true;
+                    this.release_conn();
                     this.finish(End::Complete, Release::End);
                 }
             }

@@ -40,21 +40,26 @@ impl Clients {
 /// A client; `h2_only` speaks HTTP/2 with prior knowledge on plain http://
 /// (gRPC) and by ALPN on https://.
 pub fn build(connect_timeout: Duration, h2_only: bool) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(h2_only)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(connector(connect_timeout))
+}
+
+/// TCP (no delay, keepalive, the connect timeout), then TLS for https://
+/// with ALPN offering HTTP/2 and HTTP/1.1.
+pub fn connector(connect_timeout: Duration) -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
         .expect("ring supports the default protocol versions")
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .http2_only(h2_only)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build(https)
+        .wrap_connector(http)
 }

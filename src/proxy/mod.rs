@@ -12,6 +12,7 @@
 pub mod client;
 pub mod error;
 pub mod headers;
+pub mod pool;
 
 use std::sync::Arc;
 
@@ -172,8 +173,8 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     *up_req.uri_mut() = upstream_uri(&upstream, &path);
     *up_req.headers_mut() = headers;
     let deadline = tokio::time::Instant::now() + upstream.timeout;
-    let client = app.clients.get(upstream.connect_timeout);
-    let resp = match tokio::time::timeout_at(deadline, client.request(up_req)).await {
+    let sent = pool::send(up_req, upstream.connect_timeout);
+    let (resp, conn) = match tokio::time::timeout_at(deadline, sent).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             tracing::warn!(upstream = %upstream.name, error = %e, "upstream request failed");
@@ -211,7 +212,7 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         // The body changes length; it streams chunked anyway.
         parts.headers.remove(http::header::CONTENT_LENGTH);
     }
-    let mut body = MeteredBody::new(incoming, call, content_length, deadline);
+    let mut body = MeteredBody::new(incoming, call, content_length, deadline, conn);
     body.prefetch().await;
     Response::from_parts(parts, body.boxed_unsync())
 }

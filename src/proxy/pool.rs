@@ -1,0 +1,279 @@
+//! Upstream connections of the proxy path: one pool per worker thread, per
+//! origin (scheme and authority). HTTP/1.1 connections are reused last-in,
+//! first-out; an HTTP/2 connection (negotiated by ALPN) is shared by all
+//! calls. Connections are made by [`super::client::connector`].
+//!
+//! hyper-util's legacy client did this behind a mutex and a hash of the
+//! origin on every checkout, built a connect future for every request (used
+//! or not) and spawned a task per request to hand the connection back once
+//! its body was read. Here a checkout is a short scan of this thread's
+//! origins and a pop, and the body hands its connection back itself
+//! ([`Returner::release`]), when it has read its last byte.
+//!
+//! A pooled connection found closed is skipped, and a request hyper hands
+//! back unsent goes out on another connection (the legacy client's
+//! `retry_canceled_requests`). A request that was written may have reached
+//! the upstream and is never sent twice: a hang-up racing it fails that call
+//! (a 502, with its event), as it did with the legacy client.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower_service::Service;
+
+type Body = Full<Bytes>;
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// An idle connection older than this is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle HTTP/1.1 connections kept per origin and thread.
+const MAX_IDLE: usize = 256;
+
+struct Origin {
+    scheme: Scheme,
+    authority: Authority,
+    /// Idle HTTP/1.1 connections, most recently used last.
+    idle: VecDeque<(http1::SendRequest<Body>, Instant)>,
+    h2: Option<http2::SendRequest<Body>>,
+}
+
+thread_local! {
+    static ORIGINS: RefCell<Vec<Origin>> = const { RefCell::new(Vec::new()) };
+    static CONNECTORS: RefCell<Vec<(Duration, HttpsConnector<HttpConnector>)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+fn with_origin<T>(scheme: &Scheme, authority: &Authority, f: impl FnOnce(&mut Origin) -> T) -> T {
+    ORIGINS.with(|o| {
+        let mut origins = o.borrow_mut();
+        let i = match origins
+            .iter()
+            .position(|o| o.authority == *authority && o.scheme == *scheme)
+        {
+            Some(i) => i,
+            None => {
+                origins.push(Origin {
+                    scheme: scheme.clone(),
+                    authority: authority.clone(),
+                    idle: VecDeque::new(),
+                    h2: None,
+                });
+                origins.len() - 1
+            }
+        };
+        f(&mut origins[i])
+    })
+}
+
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+/// A pooled connection, if this thread has one open to the origin.
+fn checkout(scheme: &Scheme, authority: &Authority) -> Option<Sender> {
+    with_origin(scheme, authority, |o| {
+        if let Some(h2) = &o.h2 {
+            if !h2.is_closed() {
+                return Some(Sender::H2(h2.clone()));
+            }
+            o.h2 = None;
+        }
+        while let Some((tx, since)) = o.idle.pop_back() {
+            if !tx.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                return Some(Sender::H1(tx));
+            }
+        }
+        None
+    })
+}
+
+fn connector(connect_timeout: Duration) -> HttpsConnector<HttpConnector> {
+    CONNECTORS.with(|c| {
+        let mut c = c.borrow_mut();
+        if let Some((_, conn)) = c.iter().find(|(t, _)| *t == connect_timeout) {
+            return conn.clone();
+        }
+        let https = super::client::connector(connect_timeout);
+        c.push((connect_timeout, https.clone()));
+        https
+    })
+}
+
+/// Opens a connection (TCP, TLS for https, HTTP/2 when ALPN picks it) whose
+/// driver runs on this thread's runtime.
+async fn connect(origin: Uri, connect_timeout: Duration) -> Result<Sender, Error> {
+    let io = connector(connect_timeout).call(origin).await?;
+    if io.connected().is_negotiated_h2() {
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(Sender::H2(tx))
+    } else {
+        let (tx, conn) = http1::handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(Sender::H1(tx))
+    }
+}
+
+/// Hands an HTTP/1.1 connection back to its pool once the response body has
+/// been read to its end. Dropped without [`Returner::release`] (the body
+/// broke off or the client went away), the connection is closed.
+pub struct Returner {
+    tx: http1::SendRequest<Body>,
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl Returner {
+    pub fn release(self) {
+        let Returner {
+            tx,
+            scheme,
+            authority,
+        } = self;
+        if tx.is_closed() {
+            return;
+        }
+        with_origin(&scheme, &authority, |o| {
+            let now = Instant::now();
+            while o
+                .idle
+                .front()
+                .is_some_and(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT)
+            {
+                o.idle.pop_front();
+            }
+            if o.idle.len() >= MAX_IDLE {
+                o.idle.pop_front();
+            }
+            o.idle.push_back((tx, now));
+        });
+    }
+}
+
+/// Sends `req` (its URI absolute: the upstream's origin and path) on a
+/// pooled or new connection. For HTTP/1.1 the returned [`Returner`] goes
+/// with the body.
+pub async fn send(
+    mut req: Request<Body>,
+    connect_timeout: Duration,
+) -> Result<(Response<Incoming>, Option<Returner>), Error> {
+    let (scheme, authority) = match (req.uri().scheme(), req.uri().authority()) {
+        (Some(s), Some(a)) => (s.clone(), a.clone()),
+        _ => return Err("upstream URI without scheme or authority".into()),
+    };
+    let absolute = req.uri().clone();
+    let origin_form = Uri::from(
+        absolute
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    let host = host_header(&scheme, &authority)?;
+    loop {
+        let (sender, reused) = match checkout(&scheme, &authority) {
+            Some(s) => (s, true),
+            None => {
+                let origin = Uri::builder()
+                    .scheme(scheme.clone())
+                    .authority(authority.clone())
+                    .path_and_query("/")
+                    .build()?;
+                // Boxed: connecting is rare, and its future (TLS, handshakes)
+                // is large; inline it would be copied with every call's.
+                let s = Box::pin(connect(origin, connect_timeout)).await?;
+                if let Sender::H2(tx) = &s {
+                    with_origin(&scheme, &authority, |o| o.h2 = Some(tx.clone()));
+                }
+                (s, false)
+            }
+        };
+        match sender {
+            Sender::H1(mut tx) => {
+                if tx.ready().await.is_err() {
+                    // Closed while idle; the request was not sent.
+                    if reused {
+                        continue;
+                    }
+                    return Err("upstream closed the new connection".into());
+                }
+                *req.uri_mut() = origin_form.clone();
+                req.headers_mut().insert(http::header::HOST, host.clone());
+                match tx.try_send_request(req).await {
+                    Ok(resp) => {
+                        let returner = Returner {
+                            tx,
+                            scheme,
+                            authority,
+                        };
+                        return Ok((resp, Some(returner)));
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(r) if reused => req = r,
+                        _ => return Err(e.into_error().into()),
+                    },
+                }
+            }
+            Sender::H2(mut tx) => {
+                if tx.ready().await.is_err() {
+                    with_origin(&scheme, &authority, |o| o.h2 = None);
+                    if reused {
+                        continue;
+                    }
+                    return Err("upstream closed the new connection".into());
+                }
+                *req.uri_mut() = absolute.clone();
+                // HTTP/2 carries the authority in `:authority`.
+                req.headers_mut().remove(http::header::HOST);
+                match tx.try_send_request(req).await {
+                    Ok(resp) => return Ok((resp, None)),
+                    Err(mut e) => match e.take_message() {
+                        Some(r) if reused => {
+                            with_origin(&scheme, &authority, |o| o.h2 = None);
+                            req = r;
+                        }
+                        _ => return Err(e.into_error().into()),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// `Host` as the legacy client wrote it: the authority without a default port.
+fn host_header(scheme: &Scheme, authority: &Authority) -> Result<http::HeaderValue, Error> {
+    let default_port = match scheme.as_str() {
+        "https" => Some(443),
+        "http" => Some(80),
+        _ => None,
+    };
+    let host = match authority.port_u16() {
+        Some(p) if Some(p) == default_port => authority.host(),
+        _ => authority.as_str(),
+    };
+    Ok(http::HeaderValue::from_str(host)?)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,147 @@
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::send;
+
+/// An HTTP/1.1 upstream that answers with the `Host` it was sent and counts
+/// the connections it accepted; with `close_after_one` it hangs up after
+/// each answer without saying so (as an upstream's idle timeout does).
+async fn upstream(close_after_one: bool) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            let service =
+                hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let host = req.headers().get("host").cloned();
+                    let uri = req.uri().to_string();
+                    let body = format!(
+                        "{} {}",
+                        host.map_or("-".into(), |h| h.to_str().unwrap().to_string()),
+                        uri
+                    );
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                });
+            if close_after_one {
+                // Answer one request in raw bytes, then drop the socket.
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut stream = stream;
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !seen.ends_with(b"\r\n\r\n{}") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    // The hang-up comes after the client pooled the connection.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                });
+                continue;
+            }
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+fn request(addr: &str) -> Request<Full<Bytes>> {
+    Request::post(format!("http://{addr}/v1/x?q=1"))
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap()
+}
+
+/// One call: its answer text, and the connection handed back if `release`.
+async fn call(addr: &str, release: bool) -> String {
+    let (resp, conn) = send(request(addr), Duration::from_secs(1)).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    if let (true, Some(c)) = (release, conn) {
+        c.release();
+    }
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn sequential_calls_reuse_one_connection_in_origin_form_with_host() {
+    let (addr, accepted) = upstream(false).await;
+    for _ in 0..5 {
+        assert_eq!(call(&addr, true).await, format!("{addr} /v1/x?q=1"));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_connection_not_handed_back_is_not_reused() {
+    let (addr, accepted) = upstream(false).await;
+    call(&addr, false).await;
+    call(&addr, true).await;
+    call(&addr, true).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+/// The upstream hangs up idle connections: one whose close was seen is not
+/// handed out again, and no call fails for it.
+#[tokio::test]
+async fn connections_the_upstream_closed_are_not_reused() {
+    let (addr, accepted) = upstream(true).await;
+    for _ in 0..3 {
+        assert_eq!(call(&addr, true).await, "ok");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
+/// A hang-up that races the next request (the runtime was busy, so the
+/// connection's driver had not seen it): the request was written, so it
+/// may have reached the upstream and is not sent again; that call fails
+/// (a 502 to the client, with its event) and the next one gets a new
+/// connection. The legacy client behaved the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_racing_a_request_fails_that_call_only() {
+    let (addr, accepted) = upstream(true).await;
+    // The exchange runs on one thread (one pool), which blocks while the
+    // upstream hangs up.
+    let done = tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert_eq!(call(&addr, true).await, "ok");
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(send(request(&addr), Duration::from_secs(1)).await.is_err());
+            assert_eq!(call(&addr, true).await, "ok");
+        });
+    });
+    done.await.unwrap();
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_an_error() {
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    assert!(send(request(&addr), Duration::from_secs(1)).await.is_err());
+}
