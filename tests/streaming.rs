@@ -19,8 +19,12 @@ const CHUNK1: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",
 const CHUNK2: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" second\"}}]}\n\n";
 const USAGE: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\ndata: [DONE]\n\n";
 
-/// An upstream that sends CHUNK1, then waits for `release` before the rest.
-async fn gated_upstream(release: Arc<Mutex<Option<oneshot::Receiver<()>>>>) -> String {
+/// An upstream that sends CHUNK1, then waits for `release` before the rest
+/// (with `hold_first`, waits before CHUNK1 too).
+async fn gated_upstream(
+    release: Arc<Mutex<Option<oneshot::Receiver<()>>>>,
+    hold_first: bool,
+) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move {
@@ -33,6 +37,12 @@ async fn gated_upstream(release: Arc<Mutex<Option<oneshot::Receiver<()>>>>) -> S
                     async move {
                         let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
                         tokio::spawn(async move {
+                            let mut gate = gate;
+                            if hold_first {
+                                if let Some(gate) = gate.take() {
+                                    let _ = gate.await;
+                                }
+                            }
                             tx.send(Ok(Frame::data(Bytes::from(CHUNK1)))).await.ok();
                             if let Some(gate) = gate {
                                 let _ = gate.await;
@@ -67,7 +77,7 @@ fn tokio_stream<T>(mut rx: mpsc::Receiver<T>) -> impl futures_util::Stream<Item 
 async fn first_chunk_arrives_before_the_upstream_sends_the_second() {
     for include_usage in [false, true] {
         let (release_tx, release_rx) = oneshot::channel();
-        let upstream = gated_upstream(Arc::new(Mutex::new(Some(release_rx)))).await;
+        let upstream = gated_upstream(Arc::new(Mutex::new(Some(release_rx))), false).await;
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path(), &upstream, "", "");
         let proxy = start_proxy_env(&cfg, &[("TEST_UPSTREAM_KEY", "k")]);
@@ -106,4 +116,87 @@ async fn first_chunk_arrives_before_the_upstream_sends_the_second() {
         let ev = event_for(dir.path(), "req_gated").await;
         assert_eq!(ev["data"]["output_tokens"], 2);
     }
+}
+
+/// A proxy (and its data directory) in front of `upstream`.
+fn proxy_to(upstream: &str) -> (tempfile::TempDir, Proxy) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), upstream, "", "");
+    let proxy = start_proxy_env(&cfg, &[("TEST_UPSTREAM_KEY", "k")]);
+    (dir, proxy)
+}
+
+fn chat_request(proxy: &Proxy, body: &'static str) -> http::Request<http_body_util::Full<Bytes>> {
+    http::Request::post(format!("http://{}/openai/v1/chat/completions", proxy.addr))
+        .header("authorization", format!("Bearer {ACME_KEY}"))
+        .body(http_body_util::Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+/// The response head does not wait for the body: it reaches the client
+/// while the upstream still holds its first chunk (a proxy that waited
+/// for it would never answer, and the test would fail at its timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_arrives_before_the_upstream_sends_any_body() {
+    let (release_tx, release_rx) = oneshot::channel();
+    let upstream = gated_upstream(Arc::new(Mutex::new(Some(release_rx))), true).await;
+    let (_dir, proxy) = proxy_to(&upstream);
+    let req = chat_request(
+        &proxy,
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#,
+    );
+    let resp = tokio::time::timeout(Duration::from_secs(10), client().request(req))
+        .await
+        .expect("the head must arrive while the upstream holds its first chunk")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    release_tx.send(()).unwrap();
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&text).contains("[DONE]"));
+}
+
+/// An upstream that sends a head promising 100 bytes, then hangs up: the
+/// client sees its body break (not a clean, empty 200), and the event says
+/// what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_hanging_up_before_the_body_breaks_the_clients_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-request-id: req_cut\r\ncontent-length: 100\r\n\r\n",
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            });
+        }
+    });
+    let (dir, proxy) = proxy_to(&upstream);
+    let req = chat_request(&proxy, r#"{"model":"gpt-4o-mini","messages":[]}"#);
+    let resp = tokio::time::timeout(Duration::from_secs(10), client().request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-length"], "100");
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .unwrap();
+    assert!(body.is_err(), "the client must see the body break");
+    let ev = event_for(dir.path(), "req_cut").await;
+    assert_eq!(ev["data"]["outcome"], "upstream_error");
+    assert_eq!(ev["data"]["error"], "upstream_body_error");
 }

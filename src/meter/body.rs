@@ -21,6 +21,9 @@ use crate::spool::Flush;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Scheduler passes [`MeteredBody::prefetch`] waits for a first frame.
+const PREFETCH_PASSES: u32 = 3;
+
 /// What the client gets once the event is written.
 enum Release {
     Frame(Frame<Bytes>),
@@ -118,15 +121,34 @@ where
     /// batched write, and head, body and end leave in one `writev` once the
     /// line is written. A stream sends its first frame as soon as it comes;
     /// the frames after it are passed on as before, one by one.
+    ///
+    /// The head never waits for the network: when no frame has come after
+    /// [`PREFETCH_PASSES`] scheduler passes (time for the upstream
+    /// connection's task to hand over bytes it has already read), the head
+    /// goes out alone, as a stream whose first event is still to come needs.
     pub async fn prefetch(&mut self) {
         self.prefetching = true;
-        let first = std::future::poll_fn(|cx| Pin::new(&mut *self).poll_frame(cx)).await;
+        let mut passes = 0;
+        let first = std::future::poll_fn(|cx| match Pin::new(&mut *self).poll_frame(cx) {
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+            // The event of a body whole in its first frame is being written.
+            Poll::Pending if self.finishing.is_some() => Poll::Pending,
+            Poll::Pending if passes < PREFETCH_PASSES => {
+                passes += 1;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await;
         self.prefetching = false;
-        self.held.push_front(match first {
-            Some(Ok(f)) => Release::Frame(f),
-            Some(Err(e)) => Release::Error(e),
-            None => Release::End,
-        });
+        if let Some(first) = first {
+            self.held.push_front(match first {
+                Some(Ok(f)) => Release::Frame(f),
+                Some(Err(e)) => Release::Error(e),
+                None => Release::End,
+            });
+        }
     }
 
     /// Meters one data frame; returns what to send on (may be empty in strip mode).
@@ -251,6 +273,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done
+        // A prefetched error or end may wait in `held` with `done` set.
+        self.done && self.held.is_empty()
     }
 }

@@ -204,7 +204,13 @@ pub async fn send(
                 // is large; inline it would be copied with every call's.
                 let s = Box::pin(connect(origin, connect_timeout)).await?;
                 if let Sender::H2(tx) = &s {
-                    with_origin(&scheme, &authority, |o| o.h2 = Some(tx.clone()));
+                    // Calls that connected at the same time each got one;
+                    // the first stays shared, the others close when done.
+                    with_origin(&scheme, &authority, |o| {
+                        if o.h2.as_ref().is_none_or(|h| h.is_closed()) {
+                            o.h2 = Some(tx.clone());
+                        }
+                    });
                 }
                 (s, false)
             }
@@ -237,7 +243,7 @@ pub async fn send(
             }
             Sender::H2(mut tx) => {
                 if tx.ready().await.is_err() {
-                    with_origin(&scheme, &authority, |o| o.h2 = None);
+                    forget_closed_h2(&scheme, &authority);
                     if reused {
                         continue;
                     }
@@ -250,7 +256,7 @@ pub async fn send(
                     Ok(resp) => return Ok((resp, None)),
                     Err(mut e) => match e.take_message() {
                         Some(r) if reused => {
-                            with_origin(&scheme, &authority, |o| o.h2 = None);
+                            forget_closed_h2(&scheme, &authority);
                             req = r;
                         }
                         _ => return Err(e.into_error().into()),
@@ -261,18 +267,30 @@ pub async fn send(
     }
 }
 
-/// `Host` as the legacy client wrote it: the authority without a default port.
+/// Drops the shared HTTP/2 connection if it is closed (another call may
+/// have stored a healthy one meanwhile).
+fn forget_closed_h2(scheme: &Scheme, authority: &Authority) {
+    with_origin(scheme, authority, |o| {
+        if o.h2.as_ref().is_some_and(|h| h.is_closed()) {
+            o.h2 = None;
+        }
+    });
+}
+
+/// `Host` as the legacy client wrote it: the host, and the port unless it
+/// is the scheme's default (never userinfo).
 fn host_header(scheme: &Scheme, authority: &Authority) -> Result<http::HeaderValue, Error> {
     let default_port = match scheme.as_str() {
         "https" => Some(443),
         "http" => Some(80),
         _ => None,
     };
-    let host = match authority.port_u16() {
-        Some(p) if Some(p) == default_port => authority.host(),
-        _ => authority.as_str(),
-    };
-    Ok(http::HeaderValue::from_str(host)?)
+    Ok(match authority.port_u16() {
+        Some(p) if Some(p) != default_port => {
+            http::HeaderValue::from_str(&format!("{}:{p}", authority.host()))?
+        }
+        _ => http::HeaderValue::from_str(authority.host())?,
+    })
 }
 
 #[cfg(test)]

@@ -145,3 +145,18 @@ async fn an_unreachable_upstream_is_an_error() {
     };
     assert!(send(request(&addr), Duration::from_secs(1)).await.is_err());
 }
+
+#[test]
+fn host_is_the_host_and_a_non_default_port_never_userinfo() {
+    let host = |u: &str| {
+        let u: http::Uri = u.parse().unwrap();
+        super::host_header(u.scheme().unwrap(), u.authority().unwrap()).unwrap()
+    };
+    assert_eq!(
+        host("http://user:pw@up.internal:8080/x"),
+        "up.internal:8080"
+    );
+    assert_eq!(host("https://user@api.openai.com:443"), "api.openai.com");
+    assert_eq!(host("http://127.0.0.1:80"), "127.0.0.1");
+    assert_eq!(host("https://api.anthropic.com"), "api.anthropic.com");
+}
