@@ -143,16 +143,16 @@ impl EventData for CreditData {}
 impl EventData for CallData {
     fn write_json(&self, o: &mut Vec<u8>) {
         let u = &self.usage;
-        for (name, value) in [
-            (&b"{\"schema_version\":"[..], &self.schema_version),
-            (b",\"tenant\":", &self.tenant),
-            (b",\"upstream\":", &self.upstream),
-            (b",\"provider\":", &self.provider),
-            (b",\"operation\":", &self.operation),
-        ] {
-            o.extend_from_slice(name);
-            json_str(o, value);
-        }
+        json_str_members(
+            o,
+            [
+                (b"{\"schema_version\":", &self.schema_version),
+                (b",\"tenant\":", &self.tenant),
+                (b",\"upstream\":", &self.upstream),
+                (b",\"provider\":", &self.provider),
+                (b",\"operation\":", &self.operation),
+            ],
+        );
         o.extend_from_slice(b",\"request_model\":");
         json_opt_str(o, self.request_model.as_deref());
         o.extend_from_slice(b",\"response_model\":");
@@ -183,10 +183,7 @@ impl EventData for CallData {
         }
         o.extend_from_slice(b",\"cost\":\"");
         // A decimal's digits, sign and point never need escaping.
-        let mut cost = DecimalText::default();
-        std::fmt::Write::write_fmt(&mut cost, format_args!("{}", self.cost))
-            .expect("a decimal formats");
-        o.extend_from_slice(&cost.buf[..cost.len]);
+        std::io::Write::write_fmt(o, format_args!("{}", self.cost)).expect("a Vec takes any write");
         o.extend_from_slice(b"\",\"currency\":");
         json_str(o, &self.currency);
         o.extend_from_slice(b",\"price_version\":");
@@ -208,33 +205,6 @@ impl EventData for CallData {
     }
 }
 
-/// A stack buffer for a decimal's text (at most 30 characters).
-struct DecimalText {
-    buf: [u8; 64],
-    len: usize,
-}
-
-impl Default for DecimalText {
-    fn default() -> Self {
-        DecimalText {
-            buf: [0; 64],
-            len: 0,
-        }
-    }
-}
-
-impl std::fmt::Write for DecimalText {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        self.buf
-            .get_mut(self.len..end)
-            .ok_or(std::fmt::Error)?
-            .copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
-}
-
 /// A JSON string as serde_json writes it: most strings need no escape and
 /// are copied; the others go through serde_json.
 fn json_str(o: &mut Vec<u8>, s: &str) {
@@ -245,6 +215,15 @@ fn json_str(o: &mut Vec<u8>, s: &str) {
         o.push(b'"');
     } else {
         serde_json::to_writer(&mut *o, s).expect("a string serializes");
+    }
+}
+
+/// Members whose values are strings: each `name` is the key with its
+/// leading `{` or `,` and trailing `:`.
+fn json_str_members<const N: usize>(o: &mut Vec<u8>, members: [(&[u8], &String); N]) {
+    for (name, value) in members {
+        o.extend_from_slice(name);
+        json_str(o, value);
     }
 }
 
@@ -296,18 +275,18 @@ impl<D: EventData> Event<D> {
     /// bytes serde_json would write for the event.
     pub fn to_line(&self) -> Vec<u8> {
         let mut o = Vec::with_capacity(768);
-        for (name, value) in [
-            (&b"{\"specversion\":"[..], &self.specversion),
-            (b",\"id\":", &self.id),
-            (b",\"source\":", &self.source),
-            (b",\"type\":", &self.kind),
-            (b",\"subject\":", &self.subject),
-            (b",\"time\":", &self.time),
-            (b",\"datacontenttype\":", &self.datacontenttype),
-        ] {
-            o.extend_from_slice(name);
-            json_str(&mut o, value);
-        }
+        json_str_members(
+            &mut o,
+            [
+                (b"{\"specversion\":", &self.specversion),
+                (b",\"id\":", &self.id),
+                (b",\"source\":", &self.source),
+                (b",\"type\":", &self.kind),
+                (b",\"subject\":", &self.subject),
+                (b",\"time\":", &self.time),
+                (b",\"datacontenttype\":", &self.datacontenttype),
+            ],
+        );
         o.extend_from_slice(b",\"data\":");
         self.data.write_json(&mut o);
         o.extend_from_slice(b"}\n");

@@ -176,9 +176,13 @@ where
         }
     }
 
+    /// The upstream body has no more bytes to send.
+    fn upstream_done(&self) -> bool {
+        self.remaining == Some(0) || self.inner.is_end_stream()
+    }
+
     fn at_end(&self) -> bool {
-        self.remaining == Some(0)
-            || self.inner.is_end_stream()
+        self.upstream_done()
             || self
                 .call
                 .as_ref()
@@ -240,7 +244,7 @@ where
                     let frame = match frame.into_data() {
                         Ok(data) => {
                             let out = this.meter(data);
-                            if this.remaining == Some(0) || this.inner.is_end_stream() {
+                            if this.upstream_done() {
                                 this.release_conn();
                             }
                             if this.call.is_some() && this.at_end() {

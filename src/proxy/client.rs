@@ -1,6 +1,7 @@
-//! The upstream HTTP client: pooled connections, rustls with the webpki roots
-//! (ring provider), HTTP/1.1 and HTTP/2 by ALPN, a connect timeout. Built once
-//! per distinct connect timeout and shared by every request.
+//! Upstream connections: [`connector`] (rustls with the webpki roots, ring
+//! provider; HTTP/1.1 and HTTP/2 by ALPN; a connect timeout), used by the
+//! proxy path's own pool ([`super::pool`]), and hyper-util's pooled client
+//! on top of it for the HTTP and OTLP sinks.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -16,9 +17,9 @@ use hyper_util::rt::TokioExecutor;
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Clients per thread: each runtime (the main one, each worker) keeps its own
-/// pool, so a pooled connection is driven by the thread that uses it and
-/// never outlives its runtime.
+/// Clients per thread (the sinks run on the main runtime), so a pooled
+/// connection is driven by the thread that uses it and never outlives its
+/// runtime.
 #[derive(Default)]
 pub struct Clients;
 

@@ -42,6 +42,8 @@ const MAX_IDLE: usize = 256;
 struct Origin {
     scheme: Scheme,
     authority: Authority,
+    /// `Host` for HTTP/1.1 requests, made once.
+    host: http::HeaderValue,
     /// Idle HTTP/1.1 connections, most recently used last.
     idle: VecDeque<(http1::SendRequest<Body>, Instant)>,
     h2: Option<http2::SendRequest<Body>>,
@@ -65,6 +67,7 @@ fn with_origin<T>(scheme: &Scheme, authority: &Authority, f: impl FnOnce(&mut Or
                 origins.push(Origin {
                     scheme: scheme.clone(),
                     authority: authority.clone(),
+                    host: host_header(scheme, authority),
                     idle: VecDeque::new(),
                     h2: None,
                 });
@@ -80,21 +83,22 @@ enum Sender {
     H2(http2::SendRequest<Body>),
 }
 
-/// A pooled connection, if this thread has one open to the origin.
-fn checkout(scheme: &Scheme, authority: &Authority) -> Option<Sender> {
+/// A pooled connection, if this thread has one open to the origin, and the
+/// origin's `Host`.
+fn checkout(scheme: &Scheme, authority: &Authority) -> (Option<Sender>, http::HeaderValue) {
     with_origin(scheme, authority, |o| {
         if let Some(h2) = &o.h2 {
             if !h2.is_closed() {
-                return Some(Sender::H2(h2.clone()));
+                return (Some(Sender::H2(h2.clone())), o.host.clone());
             }
             o.h2 = None;
         }
         while let Some((tx, since)) = o.idle.pop_back() {
             if !tx.is_closed() && since.elapsed() < IDLE_TIMEOUT {
-                return Some(Sender::H1(tx));
+                return (Some(Sender::H1(tx)), o.host.clone());
             }
         }
-        None
+        (None, o.host.clone())
     })
 }
 
@@ -190,9 +194,9 @@ pub async fn send(
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
     );
-    let host = host_header(&scheme, &authority)?;
     loop {
-        let (sender, reused) = match checkout(&scheme, &authority) {
+        let (pooled, host) = checkout(&scheme, &authority);
+        let (sender, reused) = match pooled {
             Some(s) => (s, true),
             None => {
                 let origin = Uri::builder()
@@ -225,7 +229,7 @@ pub async fn send(
                     return Err("upstream closed the new connection".into());
                 }
                 *req.uri_mut() = origin_form.clone();
-                req.headers_mut().insert(http::header::HOST, host.clone());
+                req.headers_mut().insert(http::header::HOST, host);
                 match tx.try_send_request(req).await {
                     Ok(resp) => {
                         let returner = Returner {
@@ -279,18 +283,18 @@ fn forget_closed_h2(scheme: &Scheme, authority: &Authority) {
 
 /// `Host` as the legacy client wrote it: the host, and the port unless it
 /// is the scheme's default (never userinfo).
-fn host_header(scheme: &Scheme, authority: &Authority) -> Result<http::HeaderValue, Error> {
+fn host_header(scheme: &Scheme, authority: &Authority) -> http::HeaderValue {
     let default_port = match scheme.as_str() {
         "https" => Some(443),
         "http" => Some(80),
         _ => None,
     };
-    Ok(match authority.port_u16() {
-        Some(p) if Some(p) != default_port => {
-            http::HeaderValue::from_str(&format!("{}:{p}", authority.host()))?
-        }
-        _ => http::HeaderValue::from_str(authority.host())?,
-    })
+    let host = match authority.port_u16() {
+        Some(p) if Some(p) != default_port => format!("{}:{p}", authority.host()),
+        _ => authority.host().to_string(),
+    };
+    // An authority holds only visible ASCII, all valid in a header value.
+    http::HeaderValue::from_str(&host).expect("an authority is a valid header value")
 }
 
 #[cfg(test)]
