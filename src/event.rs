@@ -2,6 +2,8 @@
 //! neutral record of one metered call, outcome or credit. Field names are
 //! stable: add fields, never rename. Never any prompt or completion text.
 
+use std::borrow::Cow;
+
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -60,25 +62,25 @@ impl Outcome {
 /// JSON tree); read back with `data` as a JSON value.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event<D = serde_json::Value> {
-    pub specversion: String,
+    pub specversion: Cow<'static, str>,
     pub id: String,
     pub source: String,
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: Cow<'static, str>,
     pub subject: String,
     pub time: String,
-    pub datacontenttype: String,
+    pub datacontenttype: Cow<'static, str>,
     pub data: D,
 }
 
 /// `data` of an `llm.call` or `tool.call` event.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CallData {
-    pub schema_version: String,
+    pub schema_version: Cow<'static, str>,
     pub tenant: String,
     pub upstream: String,
-    pub provider: String,
-    pub operation: String,
+    pub provider: Cow<'static, str>,
+    pub operation: Cow<'static, str>,
     pub request_model: Option<String>,
     pub response_model: Option<String>,
     pub request_id: Option<String>,
@@ -90,7 +92,7 @@ pub struct CallData {
     pub usage: Usage,
     pub calls: u64,
     pub cost: Decimal,
-    pub currency: String,
+    pub currency: Cow<'static, str>,
     pub price_version: String,
     /// True when the model had no price: cost is 0 and needs re-rating.
     pub unpriced: bool,
@@ -220,7 +222,7 @@ fn json_str(o: &mut Vec<u8>, s: &str) {
 
 /// Members whose values are strings: each `name` is the key with its
 /// leading `{` or `,` and trailing `:`.
-fn json_str_members<const N: usize>(o: &mut Vec<u8>, members: [(&[u8], &String); N]) {
+fn json_str_members<const N: usize>(o: &mut Vec<u8>, members: [(&[u8], &str); N]) {
     for (name, value) in members {
         o.extend_from_slice(name);
         json_str(o, value);
@@ -254,19 +256,25 @@ impl UsageSource {
 
 impl<D: EventData> Event<D> {
     /// A new event with a fresh ULID and the current time.
-    pub fn new(source: &str, kind: &str, subject: &str, data: D) -> Event<D> {
+    pub fn new(source: &str, kind: &'static str, subject: impl Into<String>, data: D) -> Event<D> {
         Event::at(OffsetDateTime::now_utc(), source, kind, subject, data)
     }
 
-    pub fn at(now: OffsetDateTime, source: &str, kind: &str, subject: &str, data: D) -> Event<D> {
+    pub fn at(
+        now: OffsetDateTime,
+        source: &str,
+        kind: &'static str,
+        subject: impl Into<String>,
+        data: D,
+    ) -> Event<D> {
         Event {
-            specversion: "1.0".into(),
+            specversion: Cow::Borrowed("1.0"),
             id: ulid::Ulid::from_datetime(now.into()).to_string(),
             source: source.into(),
-            kind: kind.into(),
+            kind: Cow::Borrowed(kind),
             subject: subject.into(),
             time: format_time(now),
-            datacontenttype: "application/json".into(),
+            datacontenttype: Cow::Borrowed("application/json"),
             data,
         }
     }
@@ -296,7 +304,7 @@ impl<D: EventData> Event<D> {
 
 impl Event<serde_json::Value> {
     pub fn call_data(&self) -> Option<CallData> {
-        match self.kind.as_str() {
+        match &*self.kind {
             "llm.call" | "tool.call" => serde_json::from_value(self.data.clone()).ok(),
             _ => None,
         }
@@ -424,7 +432,7 @@ mod tests {
         ];
         for (i, d) in datas.into_iter().enumerate() {
             for source in ["tollgate/test", "weird \"source\"\\"] {
-                let e = Event::new(source, "llm.call", &d.tenant.clone(), d.clone());
+                let e = Event::new(source, "llm.call", d.tenant.clone(), d.clone());
                 let mut want = serde_json::to_vec(&e).unwrap();
                 want.push(b'\n');
                 assert_eq!(

@@ -360,6 +360,52 @@ timeout = "300ms"
         .all(|x| x["data"]["outcome"] == "upstream_error" && x["data"]["usage_source"] == "none"));
 }
 
+/// The upstream timeout bounds the whole call, body included: a stream
+/// still running when it passes is cut (the client's body breaks) and its
+/// event says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_outliving_the_upstream_timeout_is_cut_with_its_event() {
+    let extra = r#"
+[[upstreams]]
+name = "slow"
+prefix = "/slow"
+url = "http://{MOCK}"
+provider = "openai"
+api_key_env = "TEST_UPSTREAM_KEY"
+timeout = "400ms"
+"#;
+    let e = env_with("", extra);
+    let auth = format!("Bearer {ACME_KEY}");
+    let started = std::time::Instant::now();
+    // 20 pieces 100 ms apart: about 2 s, five times the timeout.
+    let r = send(
+        "POST",
+        &format!("http://{}/slow/v1/chat/completions", e.proxy.addr),
+        &[
+            ("authorization", &auth),
+            ("x-mock-output-tokens", "20"),
+            ("x-mock-delay-ms", "100"),
+        ],
+        CHAT_STREAM,
+    )
+    .await;
+    assert_eq!(r.status, 200, "the head went out before the timeout");
+    assert!(
+        r.body_error,
+        "the client's body must break, not end cleanly"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "cut at the timeout, not at the stream's end: {:?}",
+        started.elapsed()
+    );
+    let ev = wait_events(e.dir.path(), "the cut stream's event", |ev| !ev.is_empty()).await;
+    let d = &ev[0]["data"];
+    assert_eq!(d["outcome"], "upstream_error", "{d}");
+    assert_eq!(d["error"], "upstream_timeout", "{d}");
+    assert_eq!(d["usage_source"], "estimated", "{d}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_never_cross_and_hop_headers_are_dropped() {
     let e = env();

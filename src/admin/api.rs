@@ -287,7 +287,13 @@ async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Res
         quantity: quantity.normalize(),
         idempotency_key: body.id.clone(),
     };
-    let event = Event::at(now, &policy.server.source, "outcome", &body.tenant, &data);
+    let event = Event::at(
+        now,
+        &policy.server.source,
+        "outcome",
+        body.tenant.clone(),
+        &data,
+    );
     let note = body.id.clone().map(|key| crate::limits::state::Note::Key {
         tenant: body.tenant.clone(),
         key,

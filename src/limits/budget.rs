@@ -122,7 +122,14 @@ impl BudgetStore for MemoryStore {
                 limit: budget.limit + s.credits,
             });
         }
-        *inner.reserved.entry(tenant.to_string()).or_default() += amount;
+        // Entries stay once made (one per tenant of the config): no key
+        // allocated per call.
+        match inner.reserved.get_mut(tenant) {
+            Some(held) => *held += amount,
+            None => {
+                inner.reserved.insert(tenant.to_string(), amount);
+            }
+        }
         Ok(Reservation {
             tenant: tenant.to_string(),
             amount,
@@ -133,9 +140,6 @@ impl BudgetStore for MemoryStore {
         let mut inner = self.inner.lock().unwrap();
         if let Some(held) = inner.reserved.get_mut(&r.tenant) {
             *held -= r.amount;
-            if held.is_zero() {
-                inner.reserved.remove(&r.tenant);
-            }
         }
         inner.ledger.spend(&r.tenant, actual, at);
     }

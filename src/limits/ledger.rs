@@ -75,19 +75,28 @@ impl Ledger {
         if amount.is_zero() {
             return;
         }
-        let t = self.tenants.entry(tenant.to_string()).or_default();
+        let t = self.tenant_mut(tenant);
         t.days.entry(utc_date(at)).or_default().spent += amount;
         t.total_spent += amount;
     }
 
     pub fn credit(&mut self, tenant: &str, amount: Decimal, at: OffsetDateTime) {
-        let t = self.tenants.entry(tenant.to_string()).or_default();
+        let t = self.tenant_mut(tenant);
         t.days.entry(utc_date(at)).or_default().credits += amount;
         t.total_credits += amount;
     }
 
     pub fn tenant(&self, tenant: &str) -> Option<&TenantLedger> {
         self.tenants.get(tenant)
+    }
+
+    /// The tenant's entry, made on first use (its key allocated only then).
+    fn tenant_mut(&mut self, tenant: &str) -> &mut TenantLedger {
+        if !self.tenants.contains_key(tenant) {
+            self.tenants
+                .insert(tenant.to_string(), TenantLedger::default());
+        }
+        self.tenants.get_mut(tenant).expect("just made")
     }
 
     /// Records an outcome key; false if it was already there.

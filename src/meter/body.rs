@@ -66,7 +66,7 @@ where
         inner: B,
         call: Call,
         content_length: Option<u64>,
-        deadline: tokio::time::Instant,
+        deadline: Pin<Box<tokio::time::Sleep>>,
         conn: Option<crate::proxy::pool::Returner>,
     ) -> Self {
         MeteredBody {
@@ -79,7 +79,7 @@ where
             remaining: content_length,
             waited: false,
             prefetching: false,
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            deadline,
             conn,
         }
     }

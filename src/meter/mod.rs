@@ -223,7 +223,7 @@ impl CallState {
     /// Builds the event: provider usage when reported, else an estimate when
     /// tokens were spent, else none.
     async fn into_event(self: Box<Self>, end: End, now: time::OffsetDateTime) -> Event<CallData> {
-        let s = *self;
+        let mut s = *self;
         let meter = s.meter.as_ref();
         let provider_usage = meter.and_then(|m| m.usage());
         let complete = meter.is_some_and(|m| m.complete);
@@ -257,8 +257,9 @@ impl CallState {
             }
             _ => (Usage::default(), UsageSource::None),
         };
-        let model = s.request.model.clone();
-        let response_model = meter.and_then(|m| m.response_model.clone());
+        // Moved, not copied: the state ends here.
+        let model = s.request.model.take();
+        let response_model = s.meter.as_mut().and_then(|m| m.response_model.take());
         let price = s.policy.price(
             model.as_deref().unwrap_or(""),
             response_model.as_deref().unwrap_or(""),
@@ -272,7 +273,7 @@ impl CallState {
         }
         // Flag only calls whose model was read and has no price (not, say, a
         // 401 refused before the body was parsed).
-        let unpriced = llm && s.request.model.is_some() && price.is_none();
+        let unpriced = llm && model.is_some() && price.is_none();
         let data = CallData {
             schema_version: SCHEMA_VERSION.into(),
             tenant: s.tenant.clone(),
@@ -281,7 +282,7 @@ impl CallState {
             operation: s.op.as_str().into(),
             request_model: model,
             response_model,
-            request_id: s.request_id.clone(),
+            request_id: s.request_id.take(),
             http_status: status,
             stream: s.request.stream,
             outcome,
@@ -304,7 +305,7 @@ impl CallState {
         } else {
             "llm.call"
         };
-        Event::at(now, &s.policy.server.source, kind, &s.tenant, data)
+        Event::at(now, &s.policy.server.source, kind, s.tenant, data)
     }
 }
 

@@ -14,6 +14,7 @@ pub mod error;
 pub mod headers;
 pub mod pool;
 
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -172,15 +173,21 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     *up_req.method_mut() = parts.method;
     *up_req.uri_mut() = upstream_uri(&upstream, &path);
     *up_req.headers_mut() = headers;
-    let deadline = tokio::time::Instant::now() + upstream.timeout;
-    let sent = pool::send(up_req, upstream.connect_timeout);
-    let (resp, conn) = match tokio::time::timeout_at(deadline, sent).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
+    // One timer for the whole call: it bounds the wait for the response
+    // head here, then the body (it moves into the `MeteredBody`).
+    let mut deadline = Box::pin(tokio::time::sleep(upstream.timeout));
+    let mut sent = std::pin::pin!(pool::send(up_req, upstream.connect_timeout));
+    let sent = std::future::poll_fn(|cx| match sent.as_mut().poll(cx) {
+        std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+        std::task::Poll::Pending => deadline.as_mut().poll(cx).map(|()| None),
+    });
+    let (resp, conn) = match sent.await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
             tracing::warn!(upstream = %upstream.name, error = %e, "upstream request failed");
             return fail(call, ProxyError::UpstreamUnreachable, upstream.provider).await;
         }
-        Err(_) => return fail(call, ProxyError::UpstreamTimeout, upstream.provider).await,
+        None => return fail(call, ProxyError::UpstreamTimeout, upstream.provider).await,
     };
 
     // meter

@@ -120,7 +120,7 @@ pub fn logs(events: &[Event]) -> ExportLogsServiceRequest {
                 severity_number: 9,
                 severity_text: "INFO".into(),
                 body: Some(AnyValue {
-                    value: Some(any_value::Value::StringValue(e.kind.clone())),
+                    value: Some(any_value::Value::StringValue(e.kind.to_string())),
                 }),
                 event_name: format!("tollgate.{}", e.kind),
                 attributes: attrs,
@@ -185,7 +185,7 @@ fn call_attributes(d: &CallData) -> Vec<KeyValue> {
 }
 
 fn provider_name(d: &CallData) -> &str {
-    match d.provider.as_str() {
+    match &*d.provider {
         "generic" => &d.upstream,
         p => p,
     }
