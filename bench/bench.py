@@ -171,7 +171,7 @@ def start_tollgate(bin_: str, cfg: Path, admin_port: int):
     t0 = time.monotonic()
     p = subprocess.Popen([bin_, "run", "--config", str(cfg), "--log-format", "json"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=dict(os.environ, RUST_LOG="warn"))
+                         env=dict(os.environ, RUST_LOG="info"))  # the default level
     while True:
         try:
             c = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=1)

@@ -8,7 +8,6 @@ mod locate;
 pub mod raw;
 mod validate;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -108,13 +107,13 @@ pub struct Policy {
     pub spool: SpoolPolicy,
     pub tenancy: Tenancy,
     pub upstreams: Vec<Arc<Upstream>>,
-    pub models: HashMap<String, ModelPrice>,
+    pub models: crate::FastMap<String, ModelPrice>,
     pub price_version: String,
     pub unknown_model: UnknownModel,
     pub url_item_tokens: u64,
-    pub tenants: HashMap<String, Arc<Tenant>>,
+    pub tenants: crate::FastMap<String, Arc<Tenant>>,
     /// sha256 digest (raw bytes) of a tenant key -> tenant id.
-    pub keys: HashMap<[u8; 32], String>,
+    pub keys: crate::FastMap<[u8; 32], String>,
     pub sinks: Vec<SinkConfig>,
 }
 

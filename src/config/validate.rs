@@ -1,7 +1,7 @@
 //! Pure validation: raw structs in, a typed [`Policy`] out. No I/O besides
 //! reading the environment through the `env` callback for `*_env` secrets.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,7 +131,7 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
     // Longest prefix first, so `/openai/v2` wins over `/openai`.
     upstreams.sort_by_key(|u| std::cmp::Reverse(u.prefix.len()));
 
-    let mut models = HashMap::new();
+    let mut models = crate::FastMap::default();
     for (name, m) in &raw.models {
         let key = format!("models.{name}");
         for (field, v) in [("input", m.input), ("output", m.output)] {
@@ -170,8 +170,8 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
         .clone()
         .unwrap_or_else(|| price_digest(&raw));
 
-    let mut tenants = HashMap::new();
-    let mut keys = HashMap::new();
+    let mut tenants = crate::FastMap::default();
+    let mut keys = crate::FastMap::default();
     for (i, t) in raw.tenants.iter().enumerate() {
         let key = format!("tenants[{i}]");
         if t.id.is_empty() {

@@ -3,7 +3,6 @@
 //! so a store shared by replicas can implement it atomically later; this is
 //! the embedded one.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use rust_decimal::Decimal;
@@ -67,7 +66,7 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct Inner {
     ledger: Ledger,
-    reserved: HashMap<String, Decimal>,
+    reserved: crate::FastMap<String, Decimal>,
 }
 
 impl MemoryStore {
@@ -75,7 +74,7 @@ impl MemoryStore {
         MemoryStore {
             inner: Mutex::new(Inner {
                 ledger,
-                reserved: HashMap::new(),
+                reserved: Default::default(),
             }),
         }
     }

@@ -35,7 +35,7 @@ pub struct TenantLedger {
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Ledger {
-    pub tenants: HashMap<String, TenantLedger>,
+    pub tenants: crate::FastMap<String, TenantLedger>,
     /// Outcome idempotency keys, `tenant\u{0}key` -> unix seconds first seen.
     #[serde(default)]
     pub outcome_keys: HashMap<String, i64>,

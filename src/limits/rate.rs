@@ -3,7 +3,6 @@
 //! after the call (actual input above the estimate, plus the output) by a
 //! debt that the tenant's next admission pays first.
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -55,7 +54,7 @@ pub struct Remaining {
 
 pub struct RateLimits<C: Clock + Clone = MonotonicClock> {
     clock: C,
-    tenants: Mutex<HashMap<String, TenantLimits<C>>>,
+    tenants: Mutex<crate::FastMap<String, TenantLimits<C>>>,
 }
 
 impl Default for RateLimits<MonotonicClock> {
@@ -72,7 +71,7 @@ impl<C: Clock + Clone> RateLimits<C> {
     pub fn with_clock(clock: C) -> Self {
         RateLimits {
             clock,
-            tenants: Mutex::new(HashMap::new()),
+            tenants: Mutex::new(Default::default()),
         }
     }
 
