@@ -36,7 +36,7 @@ pub struct MeteredBody<B> {
     inner_done: bool,
     call: Option<Call>,
     /// The event being written; `held` waits for it.
-    finishing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    finishing: Option<super::Finishing>,
     held: VecDeque<Release>,
     done: bool,
     /// Bytes still expected when the response has a `content-length`.
@@ -112,7 +112,7 @@ where
         } else {
             Flush::Now
         };
-        self.finishing = Some(Box::pin(call.finish(end, flush)));
+        self.finishing = Some(call.finish(end, flush));
     }
 
     /// Reads the first frame before the response head is handed to hyper,

@@ -110,22 +110,28 @@ impl Call {
             .expect("a call is only used until it finishes")
     }
 
-    /// Ends the call: estimates if needed, prices, writes the event to the
-    /// spool and waits until it is there.
+    /// Ends the call: prices it, writes its event to the spool; the future
+    /// returned waits until the event is there.
     ///
-    /// Recording (building the event, settling, queueing its line) is done
-    /// in one poll unless usage has to be estimated; then it runs on its own
-    /// task, so a caller dropped halfway (the client went away) cannot cancel
-    /// it. Once the line is queued, waiting for the write is safe to drop.
+    /// When the usage is known (reported, or none to count) the event is
+    /// built, settled and its line queued here, before this returns, so
+    /// dropping the future (the client went away) loses nothing. An estimate
+    /// runs on its own task, which a dropped future cannot cancel either.
     /// `flush` says when the line is written (see `Spool::append`).
-    pub async fn finish(mut self, end: End, flush: Flush) {
+    pub fn finish(mut self, end: End, flush: Flush) -> Finishing {
         let state = self.state.take().expect("finish runs once");
-        let rt = state.app.rt.clone();
-        let mut record = Box::pin(state.record(end, flush));
-        match futures_util::FutureExt::now_or_never(&mut record) {
-            Some(written) => written.await,
-            None => {
-                let _ = rt.spawn(async move { record.await.await }).await;
+        match state.usage_plan(end) {
+            UsagePlan::Known(usage, source) => {
+                let now = time::OffsetDateTime::now_utc();
+                Box::pin(state.record_with(end, flush, now, usage, source))
+            }
+            UsagePlan::Estimate(_) => {
+                let rt = state.app.rt.clone();
+                Box::pin(async move {
+                    let _ = rt
+                        .spawn(async move { state.record(end, flush).await.await })
+                        .await;
+                })
             }
         }
     }
@@ -142,6 +148,17 @@ impl Drop for Call {
     }
 }
 
+/// The wait for a finished call's event to be written.
+pub type Finishing = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Where a call's usage comes from, decided when it ends.
+enum UsagePlan {
+    Known(Usage, UsageSource),
+    /// Tokens were spent but not (fully) reported: estimate, keeping what
+    /// the provider did report.
+    Estimate(Option<Usage>),
+}
+
 /// Counts the call out of `App::inflight` when the event is written (or
 /// whatever ends the call's task first).
 struct InflightGuard(Arc<App>);
@@ -153,23 +170,59 @@ impl Drop for InflightGuard {
 }
 
 impl CallState {
+    /// Provider usage when reported, else an estimate when tokens were
+    /// spent, else none.
+    fn usage_plan(&self, end: End) -> UsagePlan {
+        let meter = self.meter.as_ref();
+        let provider_usage = meter.and_then(|m| m.usage());
+        let complete = meter.is_some_and(|m| m.complete);
+        let llm = self.op.is_metered();
+        let forwarded = !matches!(end, End::Rejected { .. });
+        let got_response = forwarded && self.status != 0 && !matches!(end, End::NoResponse { .. });
+        // Tokens were spent when the upstream answered a metered call with a
+        // success status; trust its usage only when the stream completed.
+        match provider_usage {
+            Some(u) if complete => UsagePlan::Known(u, UsageSource::Provider),
+            partial if llm && got_response && self.status < 400 => UsagePlan::Estimate(partial),
+            _ => UsagePlan::Known(Usage::default(), UsageSource::None),
+        }
+    }
+
+    /// [`CallState::record_with`] after estimating the usage if needed.
+    async fn record(
+        self: Box<Self>,
+        end: End,
+        flush: Flush,
+    ) -> impl std::future::Future<Output = ()> {
+        let now = time::OffsetDateTime::now_utc();
+        let (usage, source) = match self.usage_plan(end) {
+            UsagePlan::Known(u, s) => (u, s),
+            UsagePlan::Estimate(partial) => {
+                (estimate(&self, partial).await, UsageSource::Estimated)
+            }
+        };
+        self.record_with(end, flush, now, usage, source)
+    }
+
     /// Builds the event, settles the limits and queues the event's line in
     /// the spool; the returned future waits until the line is written.
-    async fn record(
+    fn record_with(
         mut self: Box<Self>,
         end: End,
         flush: Flush,
+        now: time::OffsetDateTime,
+        usage: Usage,
+        source: UsageSource,
     ) -> impl std::future::Future<Output = ()> {
         let app = self.app.clone();
         let guard = InflightGuard(app.clone());
         let policy = self.policy.clone();
         let admission = self.admission.take();
-        let now = time::OffsetDateTime::now_utc();
         let end_kind = match end {
             End::Rejected { kind, .. } => Some(kind),
             _ => None,
         };
-        let event = self.into_event(end, now).await;
+        let event = self.into_event(end, now, usage, source);
         let data = &event.data;
         // Settle before the event is written: the spend is live at once and
         // the snapshot keeper counts the event when it reads it.
@@ -220,14 +273,16 @@ impl CallState {
         }
     }
 
-    /// Builds the event: provider usage when reported, else an estimate when
-    /// tokens were spent, else none.
-    async fn into_event(self: Box<Self>, end: End, now: time::OffsetDateTime) -> Event<CallData> {
+    /// Builds the event from the call and its usage.
+    fn into_event(
+        self: Box<Self>,
+        end: End,
+        now: time::OffsetDateTime,
+        usage: Usage,
+        source: UsageSource,
+    ) -> Event<CallData> {
         let mut s = *self;
-        let meter = s.meter.as_ref();
-        let provider_usage = meter.and_then(|m| m.usage());
-        let complete = meter.is_some_and(|m| m.complete);
-        let stream_error = meter.is_some_and(|m| m.stream_error);
+        let stream_error = s.meter.as_ref().is_some_and(|m| m.stream_error);
         let (status, outcome, error) = match end {
             End::Rejected {
                 status,
@@ -247,16 +302,6 @@ impl CallState {
         };
         let llm = s.op.is_metered();
         let forwarded = !matches!(end, End::Rejected { .. });
-        let got_response = forwarded && s.status != 0 && !matches!(end, End::NoResponse { .. });
-        // Tokens were spent when the upstream answered a metered call with a
-        // success status; trust its usage only when the stream completed.
-        let (usage, source) = match provider_usage {
-            Some(u) if complete => (u, UsageSource::Provider),
-            partial if llm && got_response && s.status < 400 => {
-                (estimate(&s, partial).await, UsageSource::Estimated)
-            }
-            _ => (Usage::default(), UsageSource::None),
-        };
         // Moved, not copied: the state ends here.
         let model = s.request.model.take();
         let response_model = s.meter.as_mut().and_then(|m| m.response_model.take());
