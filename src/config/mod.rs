@@ -180,7 +180,8 @@ pub struct Upstream {
     pub url: http::Uri,
     pub provider: Provider,
     /// Header to inject and its value (already formatted, e.g. `Bearer sk-…`).
-    pub credential: Option<(http::HeaderName, Secret)>,
+    /// The upstream key's header, made once at load (marked sensitive).
+    pub credential: Option<(http::HeaderName, http::HeaderValue)>,
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub price_per_call: Decimal,

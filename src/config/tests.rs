@@ -51,7 +51,8 @@ fn parses_the_example() {
     assert!(p.route("/openaix/v1").is_none());
     assert!(p.route("/elsewhere").is_none());
     let (_, v) = up.credential.as_ref().unwrap();
-    assert_eq!(v.0, "Bearer sk-upstream");
+    assert_eq!(v.to_str().unwrap(), "Bearer sk-upstream");
+    assert!(v.is_sensitive());
     assert!(
         !format!("{p:?}").contains("sk-upstream"),
         "secrets leak in Debug"

@@ -339,13 +339,16 @@ fn upstream(
             } else {
                 value
             };
-            if http::HeaderValue::from_str(&value).is_err() {
+            let Ok(mut value) = http::HeaderValue::from_str(&value) else {
                 return Err(invalid(
                     format!("{key}.api_key_env"),
                     format!("{var} holds characters not allowed in a header"),
                 ));
-            }
-            Some((name, Secret(value)))
+            };
+            // Never printed (its `Debug` says "Sensitive"), never indexed
+            // by HTTP/2 header compression.
+            value.set_sensitive(true);
+            Some((name, value))
         }
         None if u.api_key_header.is_some() => {
             return Err(invalid(

@@ -6,20 +6,39 @@ use http::header::{self, HeaderMap, HeaderName};
 
 use crate::config::Upstream;
 
-/// Hop-by-hop headers (lower case, as `HeaderName` keeps them).
-fn is_hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+/// Hop-by-hop headers. Compared as `HeaderName`s: a standard header is an
+/// enum, so most comparisons never look at bytes.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Client credentials and headers the upstream sets itself.
+static NOT_FORWARDED: [HeaderName; 6] = [
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::AUTHORIZATION,
+    header::COOKIE,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// Client headers that never reach the upstream (besides hop-by-hop ones).
+fn not_forwarded(name: &HeaderName, tenancy_header: Option<&HeaderName>) -> bool {
+    NOT_FORWARDED.contains(name)
+        || name.as_str().starts_with("x-tollgate-")
+        || tenancy_header == Some(name)
 }
 
 /// Removes hop-by-hop headers, those named by `Connection`, and those
@@ -28,7 +47,7 @@ fn is_hop_by_hop(name: &str) -> bool {
 fn strip(h: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
     let mut doomed: Vec<HeaderName> = h
         .keys()
-        .filter(|k| is_hop_by_hop(k.as_str()) || also(k))
+        .filter(|k| is_hop_by_hop(k) || also(k))
         .cloned()
         .collect();
     if h.contains_key(header::CONNECTION) {
@@ -58,13 +77,7 @@ pub fn upstream_request_headers(
     tenancy_header: Option<&HeaderName>,
     metered: bool,
 ) {
-    strip(h, |k| {
-        matches!(
-            k.as_str(),
-            "host" | "content-length" | "authorization" | "x-api-key" | "api-key" | "cookie"
-        ) || k.as_str().starts_with("x-tollgate-")
-            || tenancy_header == Some(k)
-    });
+    strip(h, |k| not_forwarded(k, tenancy_header));
     if metered {
         // The meter reads the body: ask for it uncompressed.
         h.insert(
@@ -73,10 +86,7 @@ pub fn upstream_request_headers(
         );
     }
     if let Some((name, value)) = &upstream.credential {
-        if let Ok(mut v) = http::HeaderValue::from_str(&value.0) {
-            v.set_sensitive(true);
-            h.insert(name.clone(), v);
-        }
+        h.insert(name.clone(), value.clone());
     }
 }
 
@@ -107,5 +117,41 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-stay"));
+    }
+
+    #[test]
+    fn credentials_and_own_headers_are_not_forwarded() {
+        let tenancy = HeaderName::from_static("x-tenant");
+        let mut h = HeaderMap::new();
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "host",
+            "content-length",
+            "authorization",
+            "cookie",
+            "x-api-key",
+            "api-key",
+            "x-tollgate-debug",
+            "x-tenant",
+            "content-type",
+            "x-keep-me",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                "1".parse().unwrap(),
+            );
+        }
+        strip(&mut h, |k| not_forwarded(k, Some(&tenancy)));
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(h.contains_key("content-type") && h.contains_key("x-keep-me"));
     }
 }
