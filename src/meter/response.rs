@@ -50,6 +50,9 @@ pub struct ResponseMeter {
     format: Format,
     strip_usage: bool,
     sse: SseDecoder,
+    /// A JSON body's first frame, kept by reference: a body whole in one
+    /// frame (the common case) is parsed without a copy.
+    json_first: Bytes,
     json: Vec<u8>,
     json_overflow: bool,
     raw_usage: Option<RawUsage>,
@@ -73,6 +76,7 @@ impl ResponseMeter {
             format,
             strip_usage: strip_usage && format == Format::Sse,
             sse: SseDecoder::default(),
+            json_first: Bytes::new(),
             json: Vec::new(),
             json_overflow: false,
             raw_usage: None,
@@ -95,7 +99,16 @@ impl ResponseMeter {
         match self.format {
             Format::Opaque => frame,
             Format::Json => {
-                self.collect_json(&frame);
+                if self.json_first.is_empty()
+                    && self.json.is_empty()
+                    && frame.len() <= MAX_JSON_BYTES
+                {
+                    self.json_first = frame.clone();
+                } else {
+                    let first = std::mem::take(&mut self.json_first);
+                    self.collect_json(&first);
+                    self.collect_json(&frame);
+                }
                 frame
             }
             Format::Sse if !self.strip_usage => {
@@ -137,10 +150,16 @@ impl ResponseMeter {
     }
 
     fn parse_json(&mut self) {
-        let json = std::mem::take(&mut self.json);
+        let first = std::mem::take(&mut self.json_first);
+        let collected = std::mem::take(&mut self.json);
+        let json: &[u8] = if collected.is_empty() {
+            &first
+        } else {
+            &collected
+        };
         if self.json_overflow {
             // Usage sits near the end of every supported body.
-            if let Some(at) = super::needles::USAGE_KEY_REV.rfind(&json) {
+            if let Some(at) = super::needles::USAGE_KEY_REV.rfind(json) {
                 let after = &json[at + 7..];
                 let start = after.iter().position(|&b| b == b'{');
                 if let Some(u) = start.and_then(|s| {
@@ -150,8 +169,7 @@ impl ResponseMeter {
                     self.raw_usage = Some(u);
                 }
             }
-        } else if let Some([model, usage]) =
-            super::json_scan::top_level(&json, [b"model", b"usage"])
+        } else if let Some([model, usage]) = super::json_scan::top_level(json, [b"model", b"usage"])
         {
             // Only the two members the meter needs are deserialised.
             if let Some(m) = model_of(model) {
@@ -159,7 +177,7 @@ impl ResponseMeter {
             }
             self.raw_usage = usage_of(usage);
             if self.raw_usage.is_none() && self.text.len() < MAX_TEXT_BYTES {
-                self.text.extend_from_slice(&json);
+                self.text.extend_from_slice(json);
             }
         }
         self.complete = true;
