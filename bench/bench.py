@@ -260,6 +260,11 @@ path = "{tmp}/data/events.jsonl"
                     for name, urls in targets.items():
                         what = f"max throughput (c=64)" if mode == "max" else f"fixed {RATE} rps"
                         print(f"bench: round {rnd + 1}/{ROUNDS} {name} {kind} {what}, {SECONDS}s", file=sys.stderr)
+                        # Each run starts with nothing dirty: the writeback of
+                        # the events an earlier run wrote (Tollgate's, at full
+                        # load hundreds of MB) must not land in the next run,
+                        # whichever target that is.
+                        os.sync()
                         runs[name].append(wrk(urls[idx], body, lua) if mode == "max"
                                           else oha(args.oha, urls[idx], body))
                 for name in targets:
