@@ -229,5 +229,12 @@ mod usage_tests {
         // Not a plain integer: left to serde.
         assert!(super::raw_usage(br#"{"prompt_tokens": 3.0}"#).is_none());
         assert!(super::raw_usage(br#"{"prompt_tokens": "3"}"#).is_none());
+        assert!(super::raw_usage(br#"{"prompt_tokens": -3}"#).is_none());
+        assert!(super::raw_usage(br#"{"prompt_tokens": 18446744073709551616}"#).is_none());
+        let max =
+            super::raw_usage(br#"{"prompt_tokens": 18446744073709551615, "output_tokens": 0}"#)
+                .unwrap();
+        assert_eq!(max.prompt_tokens, Some(u64::MAX));
+        assert_eq!(max.output_tokens, Some(0));
     }
 }
