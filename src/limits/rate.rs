@@ -83,9 +83,11 @@ impl<C: Clock + Clone> RateLimits<C> {
         input_tokens: u64,
     ) -> Result<(TokenCharge, Remaining), RateLimited> {
         let mut tenants = self.tenants.lock().unwrap();
-        let t = tenants
-            .entry(tenant.to_string())
-            .or_insert_with(|| self.build(config));
+        // The key is allocated only the first time a tenant is seen.
+        if !tenants.contains_key(tenant) {
+            tenants.insert(tenant.to_string(), self.build(config));
+        }
+        let t = tenants.get_mut(tenant).expect("just made");
         if t.config != *config {
             // The config changed on reload: start fresh with the new quota.
             *t = self.build(config);

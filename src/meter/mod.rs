@@ -115,22 +115,24 @@ impl Call {
     ///
     /// When the usage is known (reported, or none to count) the event is
     /// built, settled and its line queued here, before this returns, so
-    /// dropping the future (the client went away) loses nothing. An estimate
-    /// runs on its own task, which a dropped future cannot cancel either.
-    /// `flush` says when the line is written (see `Spool::append`).
+    /// dropping the future (the client went away) loses nothing. A call that
+    /// needs an estimate is handed to a task of the main runtime here too
+    /// (with its end time and in-flight count taken now), so a dropped or
+    /// never-polled future cannot cancel it either. `flush` says when the
+    /// line is written (see `Spool::append`).
     pub fn finish(mut self, end: End, flush: Flush) -> Finishing {
         let state = self.state.take().expect("finish runs once");
         match state.usage_plan(end) {
             UsagePlan::Known(usage, source) => {
+                let guard = InflightGuard(state.app.clone());
                 let now = time::OffsetDateTime::now_utc();
-                Box::pin(state.record_with(end, flush, now, usage, source))
+                Box::pin(state.record_with(end, flush, now, usage, source, guard))
             }
             UsagePlan::Estimate(_) => {
                 let rt = state.app.rt.clone();
+                let task = rt.spawn(state.record(end, flush));
                 Box::pin(async move {
-                    let _ = rt
-                        .spawn(async move { state.record(end, flush).await.await })
-                        .await;
+                    let _ = task.await;
                 })
             }
         }
@@ -143,7 +145,7 @@ impl Drop for Call {
             // Dropped mid-flight: the client went away. Finish on a task of
             // the main runtime (a worker's may be shutting down).
             let rt = state.app.rt.clone();
-            rt.spawn(async move { state.record(End::ClientAborted, Flush::Batch).await.await });
+            rt.spawn(state.record(End::ClientAborted, Flush::Batch));
         }
     }
 }
@@ -188,20 +190,23 @@ impl CallState {
         }
     }
 
-    /// [`CallState::record_with`] after estimating the usage if needed.
-    async fn record(
-        self: Box<Self>,
-        end: End,
-        flush: Flush,
-    ) -> impl std::future::Future<Output = ()> {
+    /// [`CallState::record_with`] after estimating the usage if needed, and
+    /// the wait for the write. The end time and the in-flight guard are
+    /// taken at once, not when the returned future first runs; the guard
+    /// also ends the count if the estimate fails.
+    fn record(self: Box<Self>, end: End, flush: Flush) -> impl std::future::Future<Output = ()> {
+        let guard = InflightGuard(self.app.clone());
         let now = time::OffsetDateTime::now_utc();
-        let (usage, source) = match self.usage_plan(end) {
-            UsagePlan::Known(u, s) => (u, s),
-            UsagePlan::Estimate(partial) => {
-                (estimate(&self, partial).await, UsageSource::Estimated)
-            }
-        };
-        self.record_with(end, flush, now, usage, source)
+        async move {
+            let (usage, source) = match self.usage_plan(end) {
+                UsagePlan::Known(u, s) => (u, s),
+                UsagePlan::Estimate(partial) => {
+                    (estimate(&self, partial).await, UsageSource::Estimated)
+                }
+            };
+            self.record_with(end, flush, now, usage, source, guard)
+                .await
+        }
     }
 
     /// Builds the event, settles the limits and queues the event's line in
@@ -213,9 +218,9 @@ impl CallState {
         now: time::OffsetDateTime,
         usage: Usage,
         source: UsageSource,
+        guard: InflightGuard,
     ) -> impl std::future::Future<Output = ()> {
         let app = self.app.clone();
-        let guard = InflightGuard(app.clone());
         let policy = self.policy.clone();
         let admission = self.admission.take();
         let end_kind = match end {
@@ -258,7 +263,7 @@ impl CallState {
             };
             Some(app.spool.append_noted(event.to_line(), Some(note), flush))
         };
-        let (event_id, tenant) = (event.id, event.data.tenant);
+        let (event_id, tenant, upstream) = (event.id, event.data.tenant, event.data.upstream);
         async move {
             if let Some(Err(e)) = OptionFuture::from(written).await {
                 // Counted in `events_lost` by the spool.
@@ -266,6 +271,7 @@ impl CallState {
                     error = %e,
                     event_id = %event_id,
                     tenant = %tenant,
+                    upstream = %upstream,
                     "usage event lost: spool append failed"
                 );
             }
@@ -421,4 +427,76 @@ fn record_metrics(app: &App, policy: &Policy, d: &CallData) {
         ],
         f64::try_from(d.cost).unwrap_or(0.0),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call that needs an estimate is recorded even if the future
+    /// `finish` returns is dropped before it is ever polled: its event is
+    /// written and it is counted out of the in-flight calls.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_estimated_call_is_recorded_when_its_wait_is_never_polled() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+data_dir = "{}"
+
+[[upstreams]]
+name = "openai"
+prefix = "/openai"
+url = "http://127.0.0.1:9"
+provider = "openai"
+
+[[tenants]]
+id = "acme"
+keys = ["sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"]
+"#,
+            dir.path().display()
+        );
+        let policy = crate::config::parse(&src, "t.toml", &|_| None).unwrap();
+        let running = crate::start(policy).await.unwrap();
+        let app = running.app.clone();
+        let policy = app.policy.load_full();
+        let upstream = policy.upstreams[0].clone();
+        let mut call = Call::new(
+            app.clone(),
+            policy.clone(),
+            "acme".into(),
+            upstream,
+            Operation::Chat,
+        );
+        let s = call.state();
+        s.request_body = Bytes::from_static(
+            br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
+        );
+        s.status = 200;
+        // A stream cut before its usage: tokens were spent, none reported.
+        s.meter = Some(ResponseMeter::new(
+            Provider::OpenAi,
+            Operation::Chat,
+            response::Format::Sse,
+            false,
+        ));
+        let before = app
+            .spool
+            .stats
+            .appended_events
+            .load(std::sync::atomic::Ordering::SeqCst);
+        drop(call.finish(End::BodyError("upstream_reset"), Flush::Now));
+        tokio::time::timeout(std::time::Duration::from_secs(10), app.inflight.zero())
+            .await
+            .expect("the call is counted out once its event is written");
+        let after = app
+            .spool
+            .stats
+            .appended_events
+            .load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(after, before + 1, "exactly one event");
+        running.shutdown().await;
+    }
 }

@@ -184,12 +184,17 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     // One timer for the whole call: it bounds the wait for the response
     // head here, then the body (it moves into the `MeteredBody`).
     let mut deadline = Box::pin(tokio::time::sleep(upstream.timeout));
-    let mut sent = std::pin::pin!(pool::send(up_req, upstream.connect_timeout));
-    let sent = std::future::poll_fn(|cx| match sent.as_mut().poll(cx) {
-        std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
-        std::task::Poll::Pending => deadline.as_mut().poll(cx).map(|()| None),
-    });
-    let (resp, conn) = match sent.await {
+    let sent = {
+        // Scoped: on a timeout the request (and its connection) is dropped
+        // here, not after the failed call's event is written.
+        let mut send = std::pin::pin!(pool::send(up_req, upstream.connect_timeout));
+        std::future::poll_fn(|cx| match send.as_mut().poll(cx) {
+            std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+            std::task::Poll::Pending => deadline.as_mut().poll(cx).map(|()| None),
+        })
+        .await
+    };
+    let (resp, conn) = match sent {
         Some(Ok(r)) => r,
         Some(Err(e)) => {
             tracing::warn!(
