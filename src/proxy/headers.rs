@@ -42,25 +42,43 @@ fn not_forwarded(name: &HeaderName, tenancy_header: Option<&HeaderName>) -> bool
 }
 
 /// Removes hop-by-hop headers, those named by `Connection`, and those
-/// `also` picks, in one pass over the names (nothing is allocated when
-/// there is nothing to remove, the common case).
+/// `also` picks. `Connection` goes first, with the headers it names (looked
+/// up by name, nothing allocated); then one pass over the remaining names
+/// (nothing is allocated when there is nothing to remove, the common case).
 fn strip(h: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
-    let mut doomed: Vec<HeaderName> = h
+    match h.get_all(header::CONNECTION).iter().count() {
+        0 => {}
+        // The usual single line: taken out without collecting anything.
+        1 => {
+            if let Some(v) = h.remove(header::CONNECTION) {
+                remove_named(h, &v);
+            }
+        }
+        _ => {
+            let values: Vec<http::HeaderValue> = match h.entry(header::CONNECTION) {
+                header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+                header::Entry::Vacant(_) => Vec::new(),
+            };
+            for v in &values {
+                remove_named(h, v);
+            }
+        }
+    }
+    let doomed: Vec<HeaderName> = h
         .keys()
         .filter(|k| is_hop_by_hop(k) || also(k))
         .cloned()
         .collect();
-    if h.contains_key(header::CONNECTION) {
-        doomed.extend(
-            h.get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
-        );
-    }
     for n in doomed {
         h.remove(n);
+    }
+}
+
+/// Removes the headers a `Connection` value names (looked up by name: an
+/// invalid one matches nothing).
+fn remove_named(h: &mut HeaderMap, connection: &http::HeaderValue) {
+    for name in connection.to_str().into_iter().flat_map(|v| v.split(',')) {
+        h.remove(name.trim());
     }
 }
 
@@ -117,6 +135,22 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-stay"));
+    }
+
+    #[test]
+    fn every_connection_line_is_honoured() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, "X-One".parse().unwrap());
+        h.append(
+            header::CONNECTION,
+            "x-two , close,, not a name".parse().unwrap(),
+        );
+        h.insert("x-one", "1".parse().unwrap());
+        h.insert("x-two", "1".parse().unwrap());
+        h.insert("x-stay", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-stay"]);
     }
 
     #[test]
