@@ -23,7 +23,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Policy, Provider, Tenancy, Tenant, UnknownModel, Upstream};
+use crate::config::{Policy, Provider, Tenancy, Tenant, UnknownModel};
 use crate::limits::{Ask, Refusal};
 use crate::meter::{self, Call, End, Format, MeteredBody, Operation, RequestInfo, ResponseMeter};
 use crate::server::Body;
@@ -62,10 +62,7 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         return ProxyError::NoRoute.to_response(Provider::OpenAi);
     };
     let upstream = upstream.clone();
-    let path = match req.uri().query() {
-        Some(q) => format!("{rest}?{q}"),
-        None => rest.to_string(),
-    };
+    let target = upstream_target(upstream.url.path(), rest, req.uri().query());
     let op = Operation::classify(upstream.provider, req.method(), rest);
     let span = tracing::Span::current();
     span.record("upstream", upstream.name.as_str());
@@ -179,15 +176,23 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     headers::upstream_request_headers(&mut headers, &upstream, tenancy_header, op.is_metered());
     let mut up_req = Request::new(Full::new(body));
     *up_req.method_mut() = parts.method;
-    *up_req.uri_mut() = upstream_uri(&upstream, &path);
+    *up_req.uri_mut() = target;
     *up_req.headers_mut() = headers;
     // One timer for the whole call: it bounds the wait for the response
     // head here, then the body (it moves into the `MeteredBody`).
+    let Some((scheme, authority)) = pool::origin_of(&upstream.url) else {
+        return fail(call, ProxyError::UpstreamUnreachable, upstream.provider).await;
+    };
     let mut deadline = Box::pin(tokio::time::sleep(upstream.timeout));
     let sent = {
         // Scoped: on a timeout the request (and its connection) is dropped
         // here, not after the failed call's event is written.
-        let mut send = std::pin::pin!(pool::send(up_req, upstream.connect_timeout));
+        let mut send = std::pin::pin!(pool::send_to(
+            up_req,
+            scheme,
+            authority,
+            upstream.connect_timeout
+        ));
         std::future::poll_fn(|cx| match send.as_mut().poll(cx) {
             std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
             std::task::Poll::Pending => deadline.as_mut().poll(cx).map(|()| None),
@@ -277,12 +282,22 @@ async fn read_body(body: Incoming, h: &HeaderMap, limit: u64) -> Result<Bytes, P
     }
 }
 
-fn upstream_uri(upstream: &Upstream, path_and_query: &str) -> http::Uri {
-    let base = upstream.url.path().trim_end_matches('/');
-    let pq = format!("{base}{path_and_query}");
-    let mut parts = upstream.url.clone().into_parts();
-    parts.path_and_query = Some(pq.parse().unwrap_or_else(|_| "/".parse().unwrap()));
-    http::Uri::from_parts(parts).unwrap_or_else(|_| upstream.url.clone())
+/// The request target upstream, in origin form: the upstream URL's path,
+/// then the rest of the client's path and its query. (The pool adds the
+/// scheme and authority, from config only.)
+fn upstream_target(base_path: &str, rest: &str, query: Option<&str>) -> http::Uri {
+    let base = base_path.trim_end_matches('/');
+    let mut pq = String::with_capacity(base.len() + rest.len() + query.map_or(0, |q| q.len() + 1));
+    pq.push_str(base);
+    pq.push_str(rest);
+    if let Some(q) = query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    // Both halves come from parsed URIs, so this parses; "/" if not.
+    let pq = http::uri::PathAndQuery::from_maybe_shared(Bytes::from(pq))
+        .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"));
+    http::Uri::from(pq)
 }
 
 /// Refuses a call before forwarding: its event first, then the answer.
@@ -313,4 +328,20 @@ async fn fail(call: Call, e: ProxyError, provider: Provider) -> Response<Body> {
     };
     call.finish(end, Flush::Batch).await;
     e.to_response(provider)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::upstream_target;
+
+    #[test]
+    fn the_target_is_the_upstream_path_then_the_rest_and_query() {
+        let t = |base, rest, q| upstream_target(base, rest, q).to_string();
+        assert_eq!(t("/", "/v1/chat/completions", None), "/v1/chat/completions");
+        assert_eq!(t("/sse/", "/v1/x", Some("a=1&b")), "/sse/v1/x?a=1&b");
+        assert_eq!(t("/openai", "/v1/models", Some("")), "/openai/v1/models?");
+        assert_eq!(t("/", "", None), "/");
+        // Never absolute: the scheme and authority come from config, in the pool.
+        assert!(upstream_target("/", "/v1", None).authority().is_none());
+    }
 }

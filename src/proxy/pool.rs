@@ -180,22 +180,38 @@ impl Returner {
 /// pooled or new connection. For HTTP/1.1 the returned [`Returner`] goes
 /// with the body.
 pub async fn send(
-    mut req: Request<Body>,
+    req: Request<Body>,
     connect_timeout: Duration,
 ) -> Result<(Response<Incoming>, Option<Returner>), Error> {
     let (scheme, authority) = match (req.uri().scheme(), req.uri().authority()) {
         (Some(s), Some(a)) => (s.clone(), a.clone()),
         _ => return Err("upstream URI without scheme or authority".into()),
     };
-    let absolute = req.uri().clone();
-    let origin_form = Uri::from(
-        absolute
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
+    send_to(req, &scheme, &authority, connect_timeout).await
+}
+
+/// The scheme and authority of an upstream URL (config validation makes
+/// sure both are there).
+pub fn origin_of(url: &Uri) -> Option<(&Scheme, &Authority)> {
+    Some((url.scheme()?, url.authority()?))
+}
+
+/// Sends `req` to `scheme://authority` on a pooled or new connection; its
+/// URI's path and query are the request target (HTTP/1.1 sends them in
+/// origin form with `Host`, HTTP/2 as `:scheme`, `:authority`, `:path`).
+pub async fn send_to(
+    mut req: Request<Body>,
+    scheme: &Scheme,
+    authority: &Authority,
+    connect_timeout: Duration,
+) -> Result<(Response<Incoming>, Option<Returner>), Error> {
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     loop {
-        let (pooled, host) = checkout(&scheme, &authority);
+        let (pooled, host) = checkout(scheme, authority);
         let (sender, reused) = match pooled {
             Some(s) => (s, true),
             None => {
@@ -210,7 +226,7 @@ pub async fn send(
                 if let Sender::H2(tx) = &s {
                     // Calls that connected at the same time each got one;
                     // the first stays shared, the others close when done.
-                    with_origin(&scheme, &authority, |o| {
+                    with_origin(scheme, authority, |o| {
                         if o.h2.as_ref().is_none_or(|h| h.is_closed()) {
                             o.h2 = Some(tx.clone());
                         }
@@ -228,14 +244,17 @@ pub async fn send(
                     }
                     return Err("upstream closed the new connection".into());
                 }
-                *req.uri_mut() = origin_form.clone();
+                if req.uri().authority().is_some() {
+                    // Back from an HTTP/2 attempt: origin form again.
+                    *req.uri_mut() = Uri::from(path_and_query.clone());
+                }
                 req.headers_mut().insert(http::header::HOST, host);
                 match tx.try_send_request(req).await {
                     Ok(resp) => {
                         let returner = Returner {
                             tx,
-                            scheme,
-                            authority,
+                            scheme: scheme.clone(),
+                            authority: authority.clone(),
                         };
                         return Ok((resp, Some(returner)));
                     }
@@ -247,20 +266,24 @@ pub async fn send(
             }
             Sender::H2(mut tx) => {
                 if tx.ready().await.is_err() {
-                    forget_closed_h2(&scheme, &authority);
+                    forget_closed_h2(scheme, authority);
                     if reused {
                         continue;
                     }
                     return Err("upstream closed the new connection".into());
                 }
-                *req.uri_mut() = absolute.clone();
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(scheme.clone());
+                parts.authority = Some(authority.clone());
+                parts.path_and_query = Some(path_and_query.clone());
+                *req.uri_mut() = Uri::from_parts(parts)?;
                 // HTTP/2 carries the authority in `:authority`.
                 req.headers_mut().remove(http::header::HOST);
                 match tx.try_send_request(req).await {
                     Ok(resp) => return Ok((resp, None)),
                     Err(mut e) => match e.take_message() {
                         Some(r) if reused => {
-                            forget_closed_h2(&scheme, &authority);
+                            forget_closed_h2(scheme, authority);
                             req = r;
                         }
                         _ => return Err(e.into_error().into()),
