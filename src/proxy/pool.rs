@@ -176,20 +176,6 @@ impl Returner {
     }
 }
 
-/// Sends `req` (its URI absolute: the upstream's origin and path) on a
-/// pooled or new connection. For HTTP/1.1 the returned [`Returner`] goes
-/// with the body.
-pub async fn send(
-    req: Request<Body>,
-    connect_timeout: Duration,
-) -> Result<(Response<Incoming>, Option<Returner>), Error> {
-    let (scheme, authority) = match (req.uri().scheme(), req.uri().authority()) {
-        (Some(s), Some(a)) => (s.clone(), a.clone()),
-        _ => return Err("upstream URI without scheme or authority".into()),
-    };
-    send_to(req, &scheme, &authority, connect_timeout).await
-}
-
 /// The scheme and authority of an upstream URL (config validation makes
 /// sure both are there).
 pub fn origin_of(url: &Uri) -> Option<(&Scheme, &Authority)> {
@@ -199,6 +185,7 @@ pub fn origin_of(url: &Uri) -> Option<(&Scheme, &Authority)> {
 /// Sends `req` to `scheme://authority` on a pooled or new connection; its
 /// URI's path and query are the request target (HTTP/1.1 sends them in
 /// origin form with `Host`, HTTP/2 as `:scheme`, `:authority`, `:path`).
+/// For HTTP/1.1 the returned [`Returner`] goes with the body.
 pub async fn send_to(
     mut req: Request<Body>,
     scheme: &Scheme,

@@ -9,7 +9,18 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use super::send;
+use super::{send_to, Body, Error, Returner};
+
+/// `send_to` the origin of `req`'s absolute URI, as the proxy does with an
+/// upstream's configured URL.
+async fn send(
+    req: Request<Body>,
+    connect_timeout: Duration,
+) -> Result<(Response<hyper::body::Incoming>, Option<Returner>), Error> {
+    let uri = req.uri().clone();
+    let (scheme, authority) = super::origin_of(&uri).expect("an absolute URI");
+    send_to(req, scheme, authority, connect_timeout).await
+}
 
 /// An HTTP/1.1 upstream that answers with the `Host` it was sent and counts
 /// the connections it accepted; with `close_after_one` it hangs up after
