@@ -53,6 +53,13 @@ pub enum End {
     },
 }
 
+impl End {
+    /// The call reached the upstream (everything but a refusal).
+    fn forwarded(self) -> bool {
+        !matches!(self, End::Rejected { .. })
+    }
+}
+
 /// One metered call, from authentication to its event.
 pub struct Call {
     state: Option<Box<CallState>>,
@@ -178,14 +185,15 @@ impl CallState {
         let meter = self.meter.as_ref();
         let provider_usage = meter.and_then(|m| m.usage());
         let complete = meter.is_some_and(|m| m.complete);
-        let llm = self.op.is_metered();
-        let forwarded = !matches!(end, End::Rejected { .. });
-        let got_response = forwarded && self.status != 0 && !matches!(end, End::NoResponse { .. });
+        let got_response =
+            end.forwarded() && self.status != 0 && !matches!(end, End::NoResponse { .. });
         // Tokens were spent when the upstream answered a metered call with a
         // success status; trust its usage only when the stream completed.
         match provider_usage {
             Some(u) if complete => UsagePlan::Known(u, UsageSource::Provider),
-            partial if llm && got_response && self.status < 400 => UsagePlan::Estimate(partial),
+            partial if self.op.is_metered() && got_response && self.status < 400 => {
+                UsagePlan::Estimate(partial)
+            }
             _ => UsagePlan::Known(Usage::default(), UsageSource::None),
         }
     }
@@ -306,8 +314,6 @@ impl CallState {
             ),
             End::Complete => (s.status, Outcome::Ok, None),
         };
-        let llm = s.op.is_metered();
-        let forwarded = !matches!(end, End::Rejected { .. });
         // Moved, not copied: the state ends here.
         let model = s.request.model.take();
         let response_model = s.meter.as_mut().and_then(|m| m.response_model.take());
@@ -324,7 +330,7 @@ impl CallState {
         }
         // Flag only calls whose model was read and has no price (not, say, a
         // 401 refused before the body was parsed).
-        let unpriced = llm && model.is_some() && price.is_none();
+        let unpriced = s.op.is_metered() && model.is_some() && price.is_none();
         let data = CallData {
             schema_version: SCHEMA_VERSION.into(),
             tenant: s.tenant.clone(),
@@ -339,7 +345,7 @@ impl CallState {
             outcome,
             usage_source: source,
             usage,
-            calls: u64::from(forwarded),
+            calls: u64::from(end.forwarded()),
             cost: cost.normalize(),
             currency: "USD".into(),
             price_version: s.policy.price_version.clone(),
