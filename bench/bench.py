@@ -1,5 +1,10 @@
 #!/usr/bin/env python3
-"""Tollgate load benchmark: direct vs nginx-as-proxy vs Tollgate, one run.
+"""Tollgate load benchmark: direct vs nginx-as-proxy vs hyper-proxy vs
+Tollgate, one run.
+
+hyper-proxy (examples/hyper_proxy.rs) is Tollgate's own accept loop, worker
+runtimes and upstream pool forwarding without any metering: the floor for a
+proxy on Tollgate's HTTP stack. nginx-proxy is the floor for any proxy.
 
 Driven by bench/run.sh (which installs the tools). Prints a table and writes
 bench/results/<UTC time>.json. Ratios are against figures measured in the
@@ -189,11 +194,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--oha", required=True)
     ap.add_argument("--tollgate", required=True)
+    ap.add_argument("--hyper-proxy", required=True)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
     procs = []
     try:
-        up, px, tg, adm = free_port(), free_port(), free_port(), free_port()
+        up, px, hp, tg, adm = free_port(), free_port(), free_port(), free_port(), free_port()
         sse = sse_body()
         procs.append(start_nginx(tmp, "upstream", f"""
   server {{
@@ -239,7 +245,8 @@ rate_limit = {{ requests_per_minute = 100000000, tokens_per_minute = 2000000000 
 type = "file"
 path = "{tmp}/data/events.jsonl"
 """)
-        for port in (up, px):
+        procs.append(subprocess.Popen([args.hyper_proxy, f"127.0.0.1:{hp}", f"http://127.0.0.1:{up}"]))
+        for port in (up, px, hp):
             wait_port(port)
         tollgate, ready_ms = start_tollgate(args.tollgate, cfg, adm)
         procs.append(tollgate)
@@ -250,6 +257,7 @@ path = "{tmp}/data/events.jsonl"
         targets = {
             "direct": (f"http://127.0.0.1:{up}/v1/chat/completions", f"http://127.0.0.1:{up}/sse/v1/chat/completions"),
             "nginx-proxy": (f"http://127.0.0.1:{px}/v1/chat/completions", f"http://127.0.0.1:{px}/sse/v1/chat/completions"),
+            "hyper-proxy": (f"http://127.0.0.1:{hp}/v1/chat/completions", f"http://127.0.0.1:{hp}/sse/v1/chat/completions"),
             "tollgate": (f"http://127.0.0.1:{tg}/openai/v1/chat/completions", f"http://127.0.0.1:{tg}/sse/v1/chat/completions"),
         }
         results = {}
@@ -278,6 +286,7 @@ path = "{tmp}/data/events.jsonl"
             if mode == "max":
                 row["x_nginx_proxy"] = round(r["rps"] / results[("nginx-proxy", kind, mode)]["rps"], 3)
                 row["x_direct"] = round(r["rps"] / results[("direct", kind, mode)]["rps"], 3)
+                row["x_hyper_proxy"] = round(r["rps"] / results[("hyper-proxy", kind, mode)]["rps"], 3)
             else:
                 row["added_p99_us_vs_direct"] = round(r["p99_us"] - results[("direct", kind, mode)]["p99_us"], 1)
             rows.append(row)
@@ -294,10 +303,10 @@ path = "{tmp}/data/events.jsonl"
         path.write_text(json.dumps(out, indent=2) + "\n")
 
         print(f"\nmachine: {machine['cpus']} cores, {machine['cpu']}")
-        print(f"{'target':<12} {'body':<5} {'load':<6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'x nginx':>8} {'x direct':>9} {'+p99 ms':>8} {'non2xx':>7}")
+        print(f"{'target':<12} {'body':<5} {'load':<6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'x nginx':>8} {'x hyper':>8} {'x direct':>9} {'+p99 ms':>8} {'non2xx':>7}")
         for r in rows:
             print(f"{r['target']:<12} {r['body']:<5} {r['load']:<6} {r['rps']:>9.0f} {r['p50_us']/1000:>8.3f} {r['p99_us']/1000:>8.3f} {r['p999_us']/1000:>9.3f} "
-                  f"{r.get('x_nginx_proxy', ''):>8} {r.get('x_direct', ''):>9} "
+                  f"{r.get('x_nginx_proxy', ''):>8} {r.get('x_hyper_proxy', ''):>8} {r.get('x_direct', ''):>9} "
                   f"{(str(round(r['added_p99_us_vs_direct']/1000, 3)) if 'added_p99_us_vs_direct' in r else ''):>8} {r.get('non2xx', 0):>7}")
         print(f"\ntollgate: ready {summary['tollgate_ready_ms']} ms after spawn; RSS idle {summary['tollgate_rss_idle_mib']} MiB, "
               f"peak {summary['tollgate_rss_peak_mib']} MiB; {events} events written")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The load benchmark: direct to the upstream, through nginx as a plain
-# reverse proxy (the floor), and through Tollgate with metering, a budget, a
-# rate limit and the file sink on. Builds the release binary, installs its
+# reverse proxy (the floor), through hyper-proxy (Tollgate's HTTP stack with
+# no metering: examples/hyper_proxy.rs), and through Tollgate with metering,
+# a budget, a rate limit and the file sink on. Builds the release binary, installs its
 # tools when missing (nginx and wrk from Debian, oha from crates.io), runs
 # everything on 127.0.0.1 and writes bench/results/<time>.json.
 #   bash bench/run.sh            # full run (~4 minutes)
@@ -21,5 +22,6 @@ if ! [ -x "$TOOLS/bin/oha" ]; then
   echo "bench: installing oha (constant-rate load with latency correction) into $TOOLS"
   cargo install oha --locked --quiet --root "$TOOLS"
 fi
-cargo build --release --quiet --bin tollgate
-exec python3 bench/bench.py --oha "$TOOLS/bin/oha" --tollgate target/release/tollgate "$@"
+cargo build --release --quiet --bin tollgate --example hyper_proxy
+exec python3 bench/bench.py --oha "$TOOLS/bin/oha" --tollgate target/release/tollgate \
+  --hyper-proxy target/release/examples/hyper_proxy "$@"
