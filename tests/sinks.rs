@@ -232,6 +232,24 @@ async fn wait_accepted(rx: &HttpReceiver, n: usize, limit: Duration) -> Vec<Valu
     .await
 }
 
+/// The dead-letter file of sink `name` once it holds `n` entries.
+async fn wait_dead_letters(dir: &Path, name: &str, n: usize) -> Vec<Value> {
+    let path = dir.join(format!("data/deadletter/{name}.jsonl"));
+    poll(
+        &format!("{n} dead-lettered events"),
+        Duration::from_secs(15),
+        || {
+            let text = std::fs::read_to_string(&path).ok()?;
+            let lines: Vec<Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            (lines.len() >= n).then_some(lines)
+        },
+    )
+    .await
+}
+
 fn header<'a>(h: &'a http::HeaderMap, name: &str) -> &'a str {
     h.get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
 }
@@ -431,16 +449,7 @@ async fn receiver_refusing_with_400_dead_letters_the_batch_and_delivery_goes_on(
     let proxy = start(&cfg);
     serve(&proxy.addr, 3).await;
     let first = wait_events(dir.path(), "3 events", |ev| ev.len() >= 3).await;
-    let dl_path = dir.path().join("data/deadletter/meter.jsonl");
-    let dead: Vec<Value> = poll("3 dead-lettered events", Duration::from_secs(15), || {
-        let text = std::fs::read_to_string(&dl_path).ok()?;
-        let lines: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        (lines.len() >= 3).then_some(lines)
-    })
-    .await;
+    let dead = wait_dead_letters(dir.path(), "meter", 3).await;
     for d in &dead {
         assert_eq!(d["sink"], "meter", "{d}");
         let reason = d["reason"].as_str().unwrap_or_else(|| panic!("{d}"));
@@ -1124,4 +1133,69 @@ async fn otlp_grpc_logs_and_metrics_follow_genai_conventions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn otlp_http_protobuf_logs_and_metrics_follow_genai_conventions() {
     otlp_follows_genai_conventions("http").await;
+}
+
+/// A receiver that accepts an export but reports records rejected (OTLP
+/// `partial_success`): nothing is dropped silently and nothing is sent
+/// again. The answer does not say which records were rejected, so the batch
+/// goes to the dead-letter file, flagged as a partial success.
+async fn otlp_partial_success_is_dead_lettered(protocol: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = start_mock();
+    let rx = OtlpReceiver::start().await;
+    rx.reject_logs(1, "attribute value too long");
+    let cfg = config(
+        dir.path(),
+        &mock.addr,
+        "",
+        &otlp_sink("otel", &rx.endpoint(), protocol, ""),
+    );
+    let proxy = start(&cfg);
+    serve(&proxy.addr, 3).await;
+    let file = wait_events(dir.path(), "3 events", |ev| ev.len() >= 3).await;
+    let dead = wait_dead_letters(dir.path(), "otel", 3).await;
+    for d in &dead {
+        assert_eq!(d["sink"], "otel", "{d}");
+        let reason = d["reason"].as_str().unwrap_or_else(|| panic!("{d}"));
+        assert!(
+            reason.contains("partial success")
+                && reason.contains("rejected 1 of")
+                && reason.contains("attribute value too long"),
+            "reason {reason:?}"
+        );
+    }
+    let dead_events: Vec<Value> = dead.iter().map(|d| d["event"].clone()).collect();
+    assert_same_events(&file, &dead_events, "dead-letter file");
+    assert_no_duplicates(&dead_events, "dead-letter file");
+    let m = wait_metric(
+        &proxy.admin,
+        r#"tollgate_sink_dead_lettered_events_total{sink="otel"}"#,
+        |v| v >= 3.0,
+    )
+    .await;
+    // Anything sent again would show up now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        records(&rx.logs()).len(),
+        3,
+        "a partially accepted export was sent again"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"tollgate_sink_dead_lettered_events_total{sink="otel"}"#
+        ),
+        Some(3.0),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_grpc_partial_success_is_dead_lettered_not_dropped() {
+    otlp_partial_success_is_dead_lettered("grpc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_http_partial_success_is_dead_lettered_not_dropped() {
+    otlp_partial_success_is_dead_lettered("http").await;
 }

@@ -29,7 +29,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use opentelemetry_proto::tonic::collector::logs::v1::{
-    ExportLogsServiceRequest, ExportLogsServiceResponse,
+    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
 };
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
@@ -280,6 +280,23 @@ struct OtlpState {
     calls: Vec<OtlpCall>,
     logs: Vec<ExportLogsServiceRequest>,
     metrics: Vec<ExportMetricsServiceRequest>,
+    /// Log records to report rejected in each answer (`partial_success`).
+    reject_logs: Option<(i64, String)>,
+}
+
+impl OtlpState {
+    /// The answer to a logs export, with a partial success when asked.
+    fn logs_answer(&self) -> Vec<u8> {
+        ExportLogsServiceResponse {
+            partial_success: self.reject_logs.as_ref().map(|(n, message)| {
+                ExportLogsPartialSuccess {
+                    rejected_log_records: *n,
+                    error_message: message.clone(),
+                }
+            }),
+        }
+        .encode_to_vec()
+    }
 }
 
 pub struct OtlpReceiver {
@@ -361,6 +378,11 @@ impl OtlpReceiver {
         self.state.lock().unwrap().metrics.clone()
     }
 
+    /// From now on, every logs answer says `n` records were rejected.
+    pub fn reject_logs(&self, n: i64, message: &str) {
+        self.state.lock().unwrap().reject_logs = Some((n, message.to_string()));
+    }
+
     async fn handle(state: Arc<Mutex<OtlpState>>, req: Request<Incoming>) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path().to_string();
@@ -392,11 +414,7 @@ impl OtlpReceiver {
                     Ok(m) => {
                         record(true);
                         s.logs.push(m);
-                        grpc_answer(
-                            Some(ExportLogsServiceResponse::default().encode_to_vec()),
-                            0,
-                            "",
-                        )
+                        grpc_answer(Some(s.logs_answer()), 0, "")
                     }
                     Err(_) => {
                         record(false);
@@ -432,7 +450,7 @@ impl OtlpReceiver {
         let answer = match path.as_str() {
             "/v1/logs" => ExportLogsServiceRequest::decode(body).map(|m| {
                 s.logs.push(m);
-                ExportLogsServiceResponse::default().encode_to_vec()
+                s.logs_answer()
             }),
             "/v1/metrics" => ExportMetricsServiceRequest::decode(body).map(|m| {
                 s.metrics.push(m);

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
 use prost::Message;
 
 use super::{dead_letter, BoxFuture, Delivered, Sink, SinkError};
@@ -34,8 +36,55 @@ pub struct OtlpSink {
 /// What an export attempt came to.
 enum Answer {
     Ok,
+    /// Accepted, but the receiver rejected `rejected` of its items (OTLP
+    /// `partial_success`). Rejected items must not be sent again, and the
+    /// answer does not say which they were.
+    Partial {
+        rejected: i64,
+        message: String,
+    },
     Retry(String),
     Refused(String),
+}
+
+/// The answer to an OK export: [`Answer::Partial`] when its
+/// `partial_success` names rejected items. An empty or undecodable answer
+/// is full success (OTLP lets a receiver send an empty body).
+fn partial_success(kind: &str, msg: &[u8]) -> Answer {
+    let partial = if kind == "logs" {
+        ExportLogsServiceResponse::decode(msg)
+            .ok()
+            .and_then(|r| r.partial_success)
+            .map(|p| (p.rejected_log_records, p.error_message))
+    } else {
+        ExportMetricsServiceResponse::decode(msg)
+            .ok()
+            .and_then(|r| r.partial_success)
+            .map(|p| (p.rejected_data_points, p.error_message))
+    };
+    match partial {
+        Some((rejected, message)) if rejected > 0 => Answer::Partial { rejected, message },
+        Some((_, message)) if !message.is_empty() => {
+            tracing::warn!(
+                kind,
+                message,
+                "OTLP receiver accepted an export with a warning"
+            );
+            Answer::Ok
+        }
+        _ => Answer::Ok,
+    }
+}
+
+/// The message of a unary gRPC answer (flag 0, big-endian length, message).
+fn grpc_message(body: &[u8]) -> &[u8] {
+    let Some((&0, rest)) = body.split_first() else {
+        return &[];
+    };
+    let Some((len, msg)) = rest.split_first_chunk::<4>() else {
+        return &[];
+    };
+    msg.get(..u32::from_be_bytes(*len) as usize).unwrap_or(&[])
 }
 
 impl OtlpSink {
@@ -115,9 +164,9 @@ impl OtlpSink {
                 .await
                 .map_err(|e| format!("reading the answer: {e}"))?;
             let trailers = collected.trailers().cloned().unwrap_or_default();
-            Ok::<_, String>((parts, trailers))
+            Ok::<_, String>((parts, trailers, collected.to_bytes()))
         };
-        let (parts, trailers) = match tokio::time::timeout(self.timeout, call).await {
+        let (parts, trailers, body) = match tokio::time::timeout(self.timeout, call).await {
             Err(_) => return Answer::Retry("timed out".into()),
             Ok(Err(e)) => return Answer::Retry(e),
             Ok(Ok(x)) => x,
@@ -125,7 +174,7 @@ impl OtlpSink {
         let status = parts.status.as_u16();
         match self.protocol {
             OtlpProtocol::HttpProtobuf => match status {
-                200..=299 => Answer::Ok,
+                200..=299 => partial_success(kind, &body),
                 408 | 429 | 500..=599 => Answer::Retry(format!("HTTP {status}")),
                 _ => Answer::Refused(format!("HTTP {status}")),
             },
@@ -144,7 +193,7 @@ impl OtlpSink {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
                 match code {
-                    Some(0) => Answer::Ok,
+                    Some(0) => partial_success(kind, grpc_message(&body)),
                     // CANCELLED, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
                     // ABORTED, OUT_OF_RANGE, UNAVAILABLE, DATA_LOSS: retryable.
                     Some(c @ (1 | 4 | 8 | 10 | 11 | 14 | 15)) => {
@@ -166,9 +215,36 @@ impl OtlpSink {
         if let Some(m) = convert::metrics(&events, self.tenant_attributes) {
             exports.push(("metrics", m.encode_to_vec()));
         }
+        let mut dead_lettered = 0;
         for (kind, msg) in exports {
             match self.export(kind, msg).await {
                 Answer::Ok => {}
+                Answer::Partial { rejected, message } if kind == "logs" => {
+                    // Never dropped silently, never sent again: the batch
+                    // goes to the dead-letter file, flagged, since the
+                    // answer does not say which records were rejected.
+                    dead_letter(
+                        &self.dead_letter,
+                        &self.name,
+                        batch,
+                        &format!(
+                            "logs: partial success, the receiver rejected {rejected} of {} records \
+                             ({message}); it accepted the others, so match by event id before replaying",
+                            events.len()
+                        ),
+                    )?;
+                    dead_lettered = batch.lines.len();
+                }
+                Answer::Partial { rejected, message } => {
+                    // Metrics are derived from the events, which are in the logs.
+                    tracing::warn!(
+                        sink = %self.name,
+                        kind,
+                        rejected,
+                        message,
+                        "OTLP receiver rejected some data points"
+                    );
+                }
                 Answer::Retry(reason) => {
                     return Err(SinkError::Retry {
                         reason: format!("{kind}: {reason}"),
@@ -189,7 +265,10 @@ impl OtlpSink {
                 }
             }
         }
-        Ok(Delivered::default())
+        Ok(Delivered {
+            sink_offset: None,
+            dead_lettered,
+        })
     }
 }
 
@@ -200,5 +279,69 @@ impl Sink for OtlpSink {
 
     fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<Delivered, SinkError>> {
         Box::pin(self.deliver_batch(batch))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsPartialSuccess;
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsPartialSuccess;
+
+    use super::*;
+
+    fn logs(rejected: i64, message: &str) -> Vec<u8> {
+        ExportLogsServiceResponse {
+            partial_success: Some(ExportLogsPartialSuccess {
+                rejected_log_records: rejected,
+                error_message: message.into(),
+            }),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn partial_success_is_read_from_the_answer() {
+        assert!(matches!(
+            partial_success("logs", &logs(2, "too long")),
+            Answer::Partial { rejected: 2, ref message } if message == "too long"
+        ));
+        // No rejection (a warning only), an empty body, or one that does not
+        // decode: full success.
+        assert!(matches!(
+            partial_success("logs", &logs(0, "slow down")),
+            Answer::Ok
+        ));
+        assert!(matches!(partial_success("logs", b""), Answer::Ok));
+        assert!(matches!(
+            partial_success("logs", b"{\"ok\":true}"),
+            Answer::Ok
+        ));
+        let metrics = ExportMetricsServiceResponse {
+            partial_success: Some(ExportMetricsPartialSuccess {
+                rejected_data_points: 3,
+                error_message: String::new(),
+            }),
+        }
+        .encode_to_vec();
+        assert!(matches!(
+            partial_success("metrics", &metrics),
+            Answer::Partial { rejected: 3, .. }
+        ));
+    }
+
+    #[test]
+    fn grpc_message_is_unframed_or_empty() {
+        let msg = logs(1, "x");
+        let mut framed = vec![0];
+        framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&msg);
+        assert_eq!(grpc_message(&framed), &msg[..]);
+        // Compressed, truncated, or too short to frame anything.
+        framed[0] = 1;
+        assert_eq!(grpc_message(&framed), b"");
+        framed[0] = 0;
+        assert_eq!(grpc_message(&framed[..framed.len() - 1]), b"");
+        assert_eq!(grpc_message(&[0, 0, 0]), b"");
+        assert_eq!(grpc_message(b""), b"");
     }
 }
