@@ -51,15 +51,41 @@ pub fn build(connect_timeout: Duration, h2_only: bool) -> HttpClient {
 /// TCP (no delay, keepalive, the connect timeout), then TLS for https://
 /// with ALPN offering HTTP/2 and HTTP/1.1.
 pub fn connector(connect_timeout: Duration) -> HttpsConnector<HttpConnector> {
+    let tls = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
+        .expect("ring supports the default protocol versions");
+    finish(tls, connect_timeout)
+}
+
+/// [`connector`] trusting `roots` instead of the webpki roots (tests).
+#[cfg(test)]
+pub fn connector_trusting(
+    connect_timeout: Duration,
+    roots: rustls::RootCertStore,
+) -> HttpsConnector<HttpConnector> {
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    finish(
+        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls),
+        connect_timeout,
+    )
+}
+
+fn finish(
+    tls: hyper_rustls::HttpsConnectorBuilder<hyper_rustls::builderstates::WantsSchemes>,
+    connect_timeout: Duration,
+) -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
-    hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
-        .expect("ring supports the default protocol versions")
-        .https_or_http()
+    tls.https_or_http()
         .enable_http1()
         .enable_http2()
         .wrap_connector(http)

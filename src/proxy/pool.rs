@@ -114,6 +114,17 @@ fn connector(connect_timeout: Duration) -> HttpsConnector<HttpConnector> {
     })
 }
 
+/// Makes `https` this thread's connector for `connect_timeout` (tests: one
+/// that trusts a test CA).
+#[cfg(test)]
+fn set_connector(connect_timeout: Duration, https: HttpsConnector<HttpConnector>) {
+    CONNECTORS.with(|c| {
+        let mut c = c.borrow_mut();
+        c.retain(|(t, _)| *t != connect_timeout);
+        c.push((connect_timeout, https));
+    })
+}
+
 /// Opens a connection (TCP, TLS for https, HTTP/2 when ALPN picks it) whose
 /// driver runs on this thread's runtime.
 async fn connect(origin: Uri, connect_timeout: Duration) -> Result<Sender, Error> {

@@ -22,10 +22,13 @@ async fn send(
     send_to(req, scheme, authority, connect_timeout).await
 }
 
-/// An HTTP/1.1 upstream that answers with the `Host` it was sent and counts
-/// the connections it accepted; with `close_after_one` it hangs up after
-/// each answer without saying so (as an upstream's idle timeout does).
-async fn upstream(close_after_one: bool) -> (String, Arc<AtomicUsize>) {
+/// Listens on 127.0.0.1, counts the connections it accepts and serves each
+/// on its own task.
+async fn counting_listener<F, Fut>(serve: F) -> (String, Arc<AtomicUsize>)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -34,46 +37,51 @@ async fn upstream(close_after_one: bool) -> (String, Arc<AtomicUsize>) {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             count.fetch_add(1, Ordering::SeqCst);
-            let service =
-                hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let host = req.headers().get("host").cloned();
-                    let uri = req.uri().to_string();
-                    let body = format!(
-                        "{} {}",
-                        host.map_or("-".into(), |h| h.to_str().unwrap().to_string()),
-                        uri
-                    );
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-                });
-            if close_after_one {
-                // Answer one request in raw bytes, then drop the socket.
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let mut stream = stream;
-                    let mut seen = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !seen.ends_with(b"\r\n\r\n{}") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    // The hang-up comes after the client pooled the connection.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                });
-                continue;
-            }
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+            tokio::spawn(serve(stream));
         }
     });
     (addr, accepted)
+}
+
+/// An HTTP/1.1 upstream that answers with the `Host` it was sent and counts
+/// the connections it accepted; with `close_after_one` it hangs up after
+/// each answer without saying so (as an upstream's idle timeout does).
+async fn upstream(close_after_one: bool) -> (String, Arc<AtomicUsize>) {
+    counting_listener(move |mut stream| async move {
+        if close_after_one {
+            // Answer one request in raw bytes, then drop the socket.
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !seen.ends_with(b"\r\n\r\n{}") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            // The hang-up comes after the client pooled the connection.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return;
+        }
+        let service =
+            hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let host = req.headers().get("host").cloned();
+                let uri = req.uri().to_string();
+                let body = format!(
+                    "{} {}",
+                    host.map_or("-".into(), |h| h.to_str().unwrap().to_string()),
+                    uri
+                );
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+            });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await
 }
 
 fn request(addr: &str) -> Request<Full<Bytes>> {
@@ -170,4 +178,132 @@ fn host_is_the_host_and_a_non_default_port_never_userinfo() {
     assert_eq!(host("https://user@api.openai.com:443"), "api.openai.com");
     assert_eq!(host("http://127.0.0.1:80"), "127.0.0.1");
     assert_eq!(host("https://api.anthropic.com"), "api.anthropic.com");
+}
+
+/// HTTPS upstreams, as OpenAI and Anthropic are: TLS verified against the
+/// roots, HTTP/2 when ALPN picks it (one connection shared by all calls),
+/// HTTP/1.1 otherwise. The test CA and certificates are in
+/// `tests/fixtures/tls`.
+mod tls {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    use super::*;
+
+    const CA: &[u8] = include_bytes!("../../../tests/fixtures/tls/ca.pem");
+    /// `localhost` and `127.0.0.1`, signed by `CA`.
+    const CERT: &[u8] = include_bytes!("../../../tests/fixtures/tls/localhost.pem");
+    const KEY: &[u8] = include_bytes!("../../../tests/fixtures/tls/localhost.key");
+    /// Self-signed, for `127.0.0.1`: trusted by nobody.
+    const ROGUE: &[u8] = include_bytes!("../../../tests/fixtures/tls/rogue.pem");
+    const TIMEOUT: Duration = Duration::from_secs(2);
+
+    /// An HTTPS upstream on 127.0.0.1 presenting `cert` and offering `alpn`;
+    /// it answers with the HTTP version and the request's path, and counts
+    /// the TCP connections it accepted.
+    async fn upstream(cert: &[u8], alpn: &[&[u8]]) -> (String, Arc<AtomicUsize>) {
+        let chain = vec![CertificateDer::from_pem_slice(cert).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(KEY).unwrap();
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        counting_listener(move |tcp| {
+            let acceptor = acceptor.clone();
+            async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let body = format!("{:?} {}", req.version(), req.uri().path());
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+            }
+        })
+        .await
+    }
+
+    /// This thread's pool trusts the test CA only.
+    fn trust_test_ca() {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(CA).unwrap())
+            .unwrap();
+        super::super::set_connector(
+            TIMEOUT,
+            crate::proxy::client::connector_trusting(TIMEOUT, roots),
+        );
+    }
+
+    fn request(addr: &str) -> Request<Full<Bytes>> {
+        Request::post(format!("https://{addr}/v1/x"))
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    }
+
+    /// One call: its answer, and whether a connection came back to release.
+    async fn call(addr: &str) -> (String, bool) {
+        let (resp, conn) = send(request(addr), TIMEOUT).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let pooled = conn.is_some();
+        if let Some(c) = conn {
+            c.release();
+        }
+        (String::from_utf8(body.to_vec()).unwrap(), pooled)
+    }
+
+    #[tokio::test]
+    async fn alpn_h2_gives_one_shared_http2_connection() {
+        trust_test_ca();
+        let (addr, accepted) = upstream(CERT, &[b"h2", b"http/1.1"]).await;
+        for _ in 0..3 {
+            // HTTP/2 needs no hand-back: the connection stays shared.
+            assert_eq!(call(&addr).await, ("HTTP/2.0 /v1/x".to_string(), false));
+        }
+        // Concurrent calls multiplex on it.
+        let answers = futures_util::future::join_all((0..8).map(|_| call(&addr))).await;
+        assert!(
+            answers.iter().all(|a| a.0 == "HTTP/2.0 /v1/x"),
+            "{answers:?}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn without_h2_in_alpn_http1_connections_are_pooled() {
+        trust_test_ca();
+        let (addr, accepted) = upstream(CERT, &[b"http/1.1"]).await;
+        for _ in 0..3 {
+            assert_eq!(call(&addr).await, ("HTTP/1.1 /v1/x".to_string(), true));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn certificates_are_verified() {
+        // A certificate no root vouches for is refused after the TCP connect.
+        trust_test_ca();
+        let (addr, accepted) = upstream(ROGUE, &[b"h2", b"http/1.1"]).await;
+        let Err(err) = send(request(&addr), TIMEOUT).await else {
+            panic!("a self-signed certificate was accepted");
+        };
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "{err}");
+        // The production connector trusts the webpki roots, not a test CA.
+        let other = Duration::from_millis(1999);
+        let (addr, accepted) = upstream(CERT, &[b"h2", b"http/1.1"]).await;
+        assert!(send(request(&addr), other).await.is_err());
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
 }
