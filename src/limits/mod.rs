@@ -126,10 +126,10 @@ fn input_bound(ask: &Ask<'_>) -> u64 {
     if !ask.op.is_metered() {
         return 0;
     }
-    use crate::meter::needles::{FILE_ID_KEY, FILE_URL_KEY, URL_KEY};
+    use crate::meter::needles::{positions, FILE_ID_KEY, FILE_URL_KEY, URL_KEY};
     let by_reference = [&URL_KEY, &FILE_ID_KEY, &FILE_URL_KEY]
         .iter()
-        .map(|f| f.find_iter(ask.body).count() as u64)
+        .map(|f| positions(f, ask.body).count() as u64)
         .sum::<u64>();
     ask.body.len() as u64 + by_reference * ask.policy.url_item_tokens
 }

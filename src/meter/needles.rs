@@ -22,6 +22,39 @@ needles! {
     FILE_URL_KEY = b"\"file_url\"";
 }
 
+/// Where `finder`'s needle starts in `haystack`, left to right, without
+/// overlaps (as `Finder::find_iter`, which copies the searcher, a few
+/// hundred bytes, on every call).
+pub fn positions<'h>(
+    finder: &'h Finder<'static>,
+    haystack: &'h [u8],
+) -> impl Iterator<Item = usize> + 'h {
+    let step = finder.needle().len().max(1);
+    let mut from = 0;
+    std::iter::from_fn(move || {
+        let at = from + finder.find(haystack.get(from..)?)?;
+        from = at + step;
+        Some(at)
+    })
+}
+
 /// `"usage"`, searched from the end (a body too large to parse whole).
 pub static USAGE_KEY_REV: LazyLock<FinderRev<'static>> =
     LazyLock::new(|| FinderRev::new(b"\"usage\""));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_match_find_iter() {
+        let f = Finder::new(b"aa");
+        for hay in [&b""[..], b"a", b"aa", b"aaa", b"aaaa", b"xaayaaaz", b"aXaa"] {
+            let want: Vec<usize> = f.find_iter(hay).collect();
+            assert_eq!(positions(&f, hay).collect::<Vec<_>>(), want, "{hay:?}");
+        }
+        let usage = &*USAGE_MEMBER;
+        let hay = br#"{"usage":null,"x":{"usage":{"a":1}}}"#;
+        assert_eq!(positions(usage, hay).collect::<Vec<_>>(), vec![1, 19]);
+    }
+}

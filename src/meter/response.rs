@@ -375,7 +375,7 @@ fn collect_text(v: &serde_json::Value, key: Option<&str>, out: &mut String) {
 
 /// `"usage":` followed by an object (not `null`).
 fn has_usage_object(data: &[u8]) -> bool {
-    super::needles::USAGE_MEMBER.find_iter(data).any(|at| {
+    super::needles::positions(&super::needles::USAGE_MEMBER, data).any(|at| {
         data[at + 8..]
             .iter()
             .find(|b| !b.is_ascii_whitespace())

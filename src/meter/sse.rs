@@ -36,6 +36,10 @@ impl SseDecoder {
         while !chunk.is_empty() {
             match memchr::memchr2(b'\n', b'\r', chunk) {
                 Some(i) => {
+                    if let Some(n) = self.single_data_event(chunk, i, on_event) {
+                        chunk = &chunk[n..];
+                        continue;
+                    }
                     if chunk[i] == b'\r' {
                         if i + 1 < chunk.len() {
                             if chunk[i + 1] == b'\n' {
@@ -56,6 +60,34 @@ impl SseDecoder {
                 }
             }
         }
+    }
+
+    /// The common event, one `data:` line and a blank line, both whole in
+    /// `chunk` (the line ends at `eol`): handed over from the chunk without
+    /// being copied. Returns the bytes consumed, or `None` for the general
+    /// path.
+    fn single_data_event(
+        &mut self,
+        chunk: &[u8],
+        eol: usize,
+        on_event: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Option<usize> {
+        if !self.line.is_empty() || self.has_data || self.overflow {
+            return None;
+        }
+        let end = match &chunk[eol..] {
+            [b'\n', b'\n', ..] => eol + 2,
+            [b'\r', b'\n', b'\r', b'\n', ..] => eol + 4,
+            _ => return None,
+        };
+        let value = chunk[..eol].strip_prefix(b"data:")?;
+        let value = value.strip_prefix(b" ").unwrap_or(value);
+        if value.len() + 1 > MAX_EVENT_BYTES {
+            return None;
+        }
+        on_event(&self.event, value);
+        self.event.clear();
+        Some(end)
     }
 
     fn push_partial(&mut self, bytes: &[u8]) {
@@ -186,7 +218,28 @@ mod tests {
             b"data: {\"a\":1}\r\n\r\n: comment\r\nevent: ping\r\ndata: x\r\ndata: y\r\n\r\n",
             b"data: {\"a\":1}\r\revent: ping\rdata: x\rdata: y\r\r",
         ] {
-            for split in 1..input.len() {
+            for split in 1..=input.len() {
+                assert_eq!(decode_all(input, split), want, "split {split}");
+            }
+        }
+    }
+
+    #[test]
+    fn whole_single_line_events_match_split_ones() {
+        // Named and unnamed, LF and CRLF, a comment between: the whole-chunk
+        // path (no copy) and every split give the same events.
+        let want = vec![
+            ("e".to_string(), "1".to_string()),
+            ("".to_string(), "2".to_string()),
+            ("".to_string(), "".to_string()),
+            ("f".to_string(), "x:y".to_string()),
+            ("".to_string(), "3".to_string()),
+        ];
+        for input in [
+            &b"event: e\ndata: 1\n\ndata:2\n\n: c\ndata\n\nevent: f\ndata: x:y\n\ndata: 3\n\n"[..],
+            b"event: e\r\ndata: 1\r\n\r\ndata:2\r\n\r\n: c\r\ndata\r\n\r\nevent: f\r\ndata: x:y\r\n\r\ndata: 3\r\n\r\n",
+        ] {
+            for split in 1..=input.len() {
                 assert_eq!(decode_all(input, split), want, "split {split}");
             }
         }
