@@ -375,6 +375,12 @@ fn collect_text(v: &serde_json::Value, key: Option<&str>, out: &mut String) {
 
 /// `"usage":` followed by an object (not `null`).
 fn has_usage_object(data: &[u8]) -> bool {
+    // A chunk of a stream that asked for usage ends with `"usage":null}`
+    // until the last one: its top-level usage is null (the last member wins),
+    // so there is nothing to read and no need to search the rest.
+    if data.trim_ascii_end().ends_with(b"\"usage\":null}") {
+        return false;
+    }
     super::needles::positions(&super::needles::USAGE_MEMBER, data).any(|at| {
         data[at + 8..]
             .iter()

@@ -181,4 +181,14 @@ fn removes_usage_null_members() {
 fn detects_usage_objects_only() {
     assert!(has_usage_object(br#"{"usage": {"a":1}}"#));
     assert!(!has_usage_object(br#"{"usage":null}"#));
+    // The top-level member ending the chunk is what counts; nested ones and
+    // trailing whitespace do not fool the shortcut.
+    assert!(!has_usage_object(b"{\"a\":1,\"usage\":null}\n"));
+    assert!(has_usage_object(
+        br#"{"x":{"usage":{"a":1}},"usage":{"b":2}}"#
+    ));
+    assert!(has_usage_object(br#"{"usage":{"a":1},"x":{"usage":null}}"#));
+    assert!(has_usage_object(
+        br#"{"usage":{"a":1},"y":[{"usage":null}]}"#
+    ));
 }
