@@ -1137,13 +1137,17 @@ async fn otlp_http_protobuf_logs_and_metrics_follow_genai_conventions() {
 
 /// A receiver that accepts an export but reports records rejected (OTLP
 /// `partial_success`): nothing is dropped silently and nothing is sent
-/// again. The answer does not say which records were rejected, so the batch
-/// goes to the dead-letter file, flagged as a partial success.
-async fn otlp_partial_success_is_dead_lettered(protocol: &str) {
+/// again, not even when the metrics export that follows fails. The answer
+/// does not say which records were rejected, so the batch goes to the
+/// dead-letter file, once, flagged as a partial success.
+async fn otlp_partial_success_is_dead_lettered(protocol: &str, metrics_fail: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mock = start_mock();
     let rx = OtlpReceiver::start().await;
     rx.reject_logs(1, "attribute value too long");
+    if metrics_fail {
+        rx.fail_metrics();
+    }
     let cfg = config(
         dir.path(),
         &mock.addr,
@@ -1167,19 +1171,26 @@ async fn otlp_partial_success_is_dead_lettered(protocol: &str) {
     let dead_events: Vec<Value> = dead.iter().map(|d| d["event"].clone()).collect();
     assert_same_events(&file, &dead_events, "dead-letter file");
     assert_no_duplicates(&dead_events, "dead-letter file");
-    let m = wait_metric(
+    wait_metric(
         &proxy.admin,
         r#"tollgate_sink_dead_lettered_events_total{sink="otel"}"#,
         |v| v >= 3.0,
     )
     .await;
-    // Anything sent again would show up now.
+    // Anything sent again would show up now (the first retry comes within
+    // 100 ms).
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         records(&rx.logs()).len(),
         3,
         "a partially accepted export was sent again"
     );
+    let again = wait_dead_letters(dir.path(), "otel", 3).await;
+    assert_eq!(again.len(), 3, "the batch was dead-lettered more than once");
+    if metrics_fail {
+        assert!(!rx.metrics().is_empty(), "no metrics export was tried");
+    }
+    let m = metrics_text(&proxy.admin).await;
     assert_eq!(
         metric(
             &m,
@@ -1191,11 +1202,11 @@ async fn otlp_partial_success_is_dead_lettered(protocol: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn otlp_grpc_partial_success_is_dead_lettered_not_dropped() {
-    otlp_partial_success_is_dead_lettered("grpc").await;
+async fn otlp_grpc_partial_success_is_dead_lettered_once_even_when_metrics_fail() {
+    otlp_partial_success_is_dead_lettered("grpc", true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn otlp_http_partial_success_is_dead_lettered_not_dropped() {
-    otlp_partial_success_is_dead_lettered("http").await;
+    otlp_partial_success_is_dead_lettered("http", false).await;
 }

@@ -282,6 +282,8 @@ struct OtlpState {
     metrics: Vec<ExportMetricsServiceRequest>,
     /// Log records to report rejected in each answer (`partial_success`).
     reject_logs: Option<(i64, String)>,
+    /// Answer every metrics export with a retryable failure.
+    fail_metrics: bool,
 }
 
 impl OtlpState {
@@ -383,6 +385,12 @@ impl OtlpReceiver {
         self.state.lock().unwrap().reject_logs = Some((n, message.to_string()));
     }
 
+    /// From now on, metrics exports fail as an unavailable collector's do
+    /// (HTTP 503, `grpc-status` 14); they are still recorded.
+    pub fn fail_metrics(&self) {
+        self.state.lock().unwrap().fail_metrics = true;
+    }
+
     async fn handle(state: Arc<Mutex<OtlpState>>, req: Request<Incoming>) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path().to_string();
@@ -426,11 +434,15 @@ impl OtlpReceiver {
                     Ok(m) => {
                         record(true);
                         s.metrics.push(m);
-                        grpc_answer(
-                            Some(ExportMetricsServiceResponse::default().encode_to_vec()),
-                            0,
-                            "",
-                        )
+                        if s.fail_metrics {
+                            grpc_answer(None, 14, "unavailable")
+                        } else {
+                            grpc_answer(
+                                Some(ExportMetricsServiceResponse::default().encode_to_vec()),
+                                0,
+                                "",
+                            )
+                        }
                     }
                     Err(_) => {
                         record(false);
@@ -467,6 +479,7 @@ impl OtlpReceiver {
             }
         };
         let ok = answer.is_ok();
+        let metrics_export = path == "/v1/metrics";
         s.calls.push(OtlpCall {
             path,
             version: parts.version,
@@ -474,6 +487,9 @@ impl OtlpReceiver {
             ok,
         });
         match answer {
+            Ok(_) if s.fail_metrics && metrics_export => {
+                full(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
             Ok(bytes) => {
                 let mut r = full(StatusCode::OK, bytes);
                 r.headers_mut().insert(

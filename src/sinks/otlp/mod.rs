@@ -245,6 +245,18 @@ impl OtlpSink {
                         "OTLP receiver rejected some data points"
                     );
                 }
+                Answer::Retry(reason) | Answer::Refused(reason) if dead_lettered > 0 => {
+                    // The logs were partly accepted and the batch is in the
+                    // dead-letter file: retrying would send them again, so a
+                    // failed metrics export (derived from those events) is
+                    // only logged.
+                    tracing::warn!(
+                        sink = %self.name,
+                        kind,
+                        reason,
+                        "OTLP export failed for a batch whose logs were partly accepted; not sent again"
+                    );
+                }
                 Answer::Retry(reason) => {
                     return Err(SinkError::Retry {
                         reason: format!("{kind}: {reason}"),
