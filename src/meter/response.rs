@@ -377,9 +377,14 @@ fn collect_text(v: &serde_json::Value, key: Option<&str>, out: &mut String) {
 fn has_usage_object(data: &[u8]) -> bool {
     // A chunk of a stream that asked for usage ends with `"usage":null}`
     // until the last one: its top-level usage is null (the last member wins),
-    // so there is nothing to read and no need to search the rest.
-    if data.trim_ascii_end().ends_with(b"\"usage\":null}") {
-        return false;
+    // so there is nothing to read and no need to search the rest. (Unless
+    // that quote is escaped, `\"usage":null}` ending a longer key.)
+    const NULL_LAST: &[u8] = b"\"usage\":null}";
+    if let Some(before) = data.trim_ascii_end().strip_suffix(NULL_LAST) {
+        let backslashes = before.iter().rev().take_while(|&&b| b == b'\\').count();
+        if backslashes % 2 == 0 {
+            return false;
+        }
     }
     super::needles::positions(&super::needles::USAGE_MEMBER, data).any(|at| {
         data[at + 8..]

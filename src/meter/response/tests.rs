@@ -191,4 +191,9 @@ fn detects_usage_objects_only() {
     assert!(has_usage_object(
         br#"{"usage":{"a":1},"y":[{"usage":null}]}"#
     ));
+    // A key ending in an escaped quote is not the usage member; an escaped
+    // backslash before a real quote is.
+    assert!(has_usage_object(br#"{"usage":{"a":1},"x\"usage":null}"#));
+    assert!(!has_usage_object(br#"{"x\\":1,"usage":null}"#));
+    assert!(has_usage_object(br#"{"usage":{"a":1},"x\\\"usage":null}"#));
 }
