@@ -196,6 +196,8 @@ mod tls {
     const KEY: &[u8] = include_bytes!("../../../tests/fixtures/tls/localhost.key");
     /// Self-signed, for `127.0.0.1`: trusted by nobody.
     const ROGUE: &[u8] = include_bytes!("../../../tests/fixtures/tls/rogue.pem");
+    /// Signed by `CA`, for `other.example` only.
+    const OTHER: &[u8] = include_bytes!("../../../tests/fixtures/tls/other.pem");
     const TIMEOUT: Duration = Duration::from_secs(2);
 
     /// An HTTPS upstream on 127.0.0.1 presenting `cert` and offering `alpn`;
@@ -291,19 +293,38 @@ mod tls {
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
+    /// The TLS failure of a call to `addr` (its whole error chain), and the
+    /// TCP connections the upstream accepted meanwhile.
+    async fn refused(addr: &str, accepted: &AtomicUsize, timeout: Duration) -> String {
+        let Err(err) = send(request(addr), timeout).await else {
+            panic!("the certificate was accepted");
+        };
+        let mut chain = err.to_string();
+        let mut source = err.source();
+        while let Some(s) = source {
+            chain = format!("{chain}: {s}");
+            source = s.source();
+        }
+        // The TCP connect succeeded: it is the certificate that failed.
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "{chain}");
+        chain
+    }
+
     #[tokio::test]
     async fn certificates_are_verified() {
-        // A certificate no root vouches for is refused after the TCP connect.
         trust_test_ca();
+        // Self-signed: no root vouches for it.
         let (addr, accepted) = upstream(ROGUE, &[b"h2", b"http/1.1"]).await;
-        let Err(err) = send(request(&addr), TIMEOUT).await else {
-            panic!("a self-signed certificate was accepted");
-        };
-        assert_eq!(accepted.load(Ordering::SeqCst), 1, "{err}");
-        // The production connector trusts the webpki roots, not a test CA.
-        let other = Duration::from_millis(1999);
+        let e = refused(&addr, &accepted, TIMEOUT).await;
+        assert!(e.contains("UnknownIssuer"), "{e}");
+        // Signed by the trusted CA, but for another name.
+        let (addr, accepted) = upstream(OTHER, &[b"h2", b"http/1.1"]).await;
+        let e = refused(&addr, &accepted, TIMEOUT).await;
+        assert!(e.contains("not valid for name"), "{e}");
+        // The production connector (a fresh one: connectors are kept per
+        // connect timeout) trusts the webpki roots, not the test CA.
         let (addr, accepted) = upstream(CERT, &[b"h2", b"http/1.1"]).await;
-        assert!(send(request(&addr), other).await.is_err());
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        let e = refused(&addr, &accepted, Duration::from_millis(1999)).await;
+        assert!(e.contains("UnknownIssuer"), "{e}");
     }
 }
