@@ -120,8 +120,15 @@ impl ResponseMeter {
                 frame
             }
             Format::Sse => {
-                self.pending.extend_from_slice(&frame);
-                self.take_complete_events(false)
+                // Events whole in the frame are read from it; only a partial
+                // one is carried over (copied) to the next frame.
+                let input = if self.pending.is_empty() {
+                    frame
+                } else {
+                    self.pending.extend_from_slice(&frame);
+                    self.pending.split().freeze()
+                };
+                self.take_complete_events(input, false)
             }
         }
     }
@@ -132,7 +139,8 @@ impl ResponseMeter {
             self.parse_json();
         }
         if self.strip_usage {
-            self.take_complete_events(true)
+            let rest = self.pending.split().freeze();
+            self.take_complete_events(rest, true)
         } else {
             Bytes::new()
         }
@@ -183,17 +191,18 @@ impl ResponseMeter {
         self.complete = true;
     }
 
-    /// Strip mode: passes on the complete events in `pending` (all of it at
-    /// the end), dropping the usage-only chunk and `"usage":null` fields.
-    fn take_complete_events(&mut self, at_end: bool) -> Bytes {
-        let mut out = BytesMut::new();
+    /// Strip mode: passes on the complete events in `input` (all of it at
+    /// the end), dropping the usage-only chunk and `"usage":null` fields; a
+    /// partial event waits in `pending` for the next frame.
+    fn take_complete_events(&mut self, mut input: Bytes, at_end: bool) -> Bytes {
+        let mut out = BytesMut::with_capacity(input.len());
         loop {
-            let end = match super::sse::first_event_end(&self.pending) {
+            let end = match super::sse::first_event_end(&input) {
                 Some(n) => n,
-                None if at_end && !self.pending.is_empty() => self.pending.len(),
+                None if at_end && !input.is_empty() => input.len(),
                 None => break,
             };
-            let event = self.pending.split_to(end);
+            let event = input.split_to(end);
             let mut usage_only = false;
             let mut sse = std::mem::take(&mut self.sse);
             sse.feed(&event, &mut |name, data| {
@@ -203,6 +212,9 @@ impl ResponseMeter {
             if !usage_only {
                 remove_usage_null(&event, &mut out);
             }
+        }
+        if !input.is_empty() {
+            self.pending.extend_from_slice(&input);
         }
         out.freeze()
     }

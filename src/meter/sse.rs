@@ -165,28 +165,23 @@ pub fn first_event_end(buf: &[u8]) -> Option<usize> {
     let mut i = 0;
     // The buffer starts at the start of a line.
     let mut prev_eol = true;
-    while i < buf.len() {
-        let eol_len = match buf[i] {
-            b'\n' => 1,
-            b'\r' => match buf.get(i + 1) {
-                Some(b'\n') => 2,
-                Some(_) => 1,
-                None => return None,
-            },
-            _ => 0,
-        };
-        if eol_len == 0 {
+    loop {
+        let eol = i + memchr::memchr2(b'\n', b'\r', &buf[i..])?;
+        if eol > i {
             prev_eol = false;
-            i += 1;
-            continue;
         }
-        i += eol_len;
+        let eol_len = match (buf[eol], buf.get(eol + 1)) {
+            (b'\n', _) => 1,
+            (_, Some(b'\n')) => 2,
+            (_, Some(_)) => 1,
+            (_, None) => return None,
+        };
+        i = eol + eol_len;
         if prev_eol {
             return Some(i);
         }
         prev_eol = true;
     }
-    None
 }
 
 #[cfg(test)]
