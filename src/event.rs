@@ -185,7 +185,7 @@ impl EventData for CallData {
         }
         o.extend_from_slice(b",\"cost\":\"");
         // A decimal's digits, sign and point never need escaping.
-        std::io::Write::write_fmt(o, format_args!("{}", self.cost)).expect("a Vec takes any write");
+        json_decimal_digits(o, self.cost);
         o.extend_from_slice(b"\",\"currency\":");
         json_str(o, &self.currency);
         o.extend_from_slice(b",\"price_version\":");
@@ -237,6 +237,29 @@ fn json_opt_str(o: &mut Vec<u8>, s: Option<&str>) {
     match s {
         Some(s) => json_str(o, s),
         None => o.extend_from_slice(b"null"),
+    }
+}
+
+/// `d` as its `Display` writes it (sign, digits, point at the scale),
+/// without the formatting machinery.
+fn json_decimal_digits(o: &mut Vec<u8>, d: Decimal) {
+    if d.is_sign_negative() {
+        o.push(b'-');
+    }
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(d.mantissa().unsigned_abs()).as_bytes();
+    let scale = d.scale() as usize;
+    if scale == 0 {
+        o.extend_from_slice(digits);
+    } else if digits.len() > scale {
+        let (int, frac) = digits.split_at(digits.len() - scale);
+        o.extend_from_slice(int);
+        o.push(b'.');
+        o.extend_from_slice(frac);
+    } else {
+        o.extend_from_slice(b"0.");
+        o.resize(o.len() + scale - digits.len(), b'0');
+        o.extend_from_slice(digits);
     }
 }
 
@@ -458,5 +481,33 @@ mod tests {
         let b = Event::new("s", "llm.call", "t", serde_json::json!({}));
         assert_ne!(a.id, b.id);
         assert_eq!(a.id.len(), 26);
+    }
+
+    #[test]
+    fn decimals_are_written_as_display_writes_them() {
+        let mut cases = vec![
+            Decimal::ZERO,
+            -Decimal::ZERO,
+            Decimal::new(0, 3),
+            Decimal::new(5, 3),
+            Decimal::new(-5, 3),
+            Decimal::new(123, 2),
+            Decimal::new(100, 2),
+            Decimal::MAX,
+            Decimal::MIN,
+            Decimal::new(1, 28),
+        ];
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let m = rng.i64(..) as i128 * rng.i64(1..1 << 31) as i128;
+            cases.push(Decimal::from_i128_with_scale(m, rng.u32(0..=28)));
+        }
+        for d in cases {
+            for d in [d, d.normalize()] {
+                let mut o = Vec::new();
+                super::json_decimal_digits(&mut o, d);
+                assert_eq!(String::from_utf8(o).unwrap(), d.to_string(), "{d:?}");
+            }
+        }
     }
 }
