@@ -1,7 +1,8 @@
 //! Upstream connections of the proxy path: one pool per worker thread, per
 //! origin (scheme and authority). HTTP/1.1 connections are reused last-in,
 //! first-out; an HTTP/2 connection (negotiated by ALPN) is shared by all
-//! calls. Connections are made by [`super::client::connector`].
+//! calls, and calls that arrive while it is being made wait for it
+//! (`claim_connect`). Connections are made by [`super::client::connector`].
 //!
 //! hyper-util's legacy client did this behind a mutex and a hash of the
 //! origin on every checkout, built a connect future for every request (used
@@ -18,6 +19,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,6 +31,8 @@ use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
 use tower_service::Service;
 
 type Body = Full<Bytes>;
@@ -47,6 +51,11 @@ struct Origin {
     /// Idle HTTP/1.1 connections, most recently used last.
     idle: VecDeque<(http1::SendRequest<Body>, Instant)>,
     h2: Option<http2::SendRequest<Body>>,
+    /// A connect in progress that may bring an HTTP/2 connection: calls that
+    /// find no connection wait for it instead of each opening their own.
+    connecting: Option<Arc<Notify>>,
+    /// The last connection made negotiated HTTP/1.1: calls connect at once.
+    h1_only: bool,
 }
 
 thread_local! {
@@ -70,6 +79,8 @@ fn with_origin<T>(scheme: &Scheme, authority: &Authority, f: impl FnOnce(&mut Or
                     host: host_header(scheme, authority),
                     idle: VecDeque::new(),
                     h2: None,
+                    connecting: None,
+                    h1_only: false,
                 });
                 origins.len() - 1
             }
@@ -81,6 +92,61 @@ fn with_origin<T>(scheme: &Scheme, authority: &Authority, f: impl FnOnce(&mut Or
 enum Sender {
     H1(http1::SendRequest<Body>),
     H2(http2::SendRequest<Body>),
+}
+
+/// What a call that found no pooled connection does.
+enum Claim {
+    /// Connect, holding the guard that wakes the calls waiting for it.
+    Connect(Option<Connecting>),
+    /// Wait for the connect in progress, then look again.
+    Wait(OwnedNotified),
+}
+
+/// Decides who connects. Over https the first connection's ALPN may pick
+/// HTTP/2, which every call shares: while it is being made, the others
+/// wait for it (a burst of first calls opens one connection, not one each).
+/// Plain http, an origin that last negotiated HTTP/1.1, or a call that has
+/// already waited once, connects at once.
+fn claim_connect(scheme: &Scheme, authority: &Authority, waited: bool) -> Claim {
+    with_origin(scheme, authority, |o| {
+        if waited || o.h1_only || *scheme != Scheme::HTTPS {
+            return Claim::Connect(None);
+        }
+        match &o.connecting {
+            Some(n) => Claim::Wait(n.clone().notified_owned()),
+            None => {
+                o.connecting = Some(Arc::new(Notify::new()));
+                Claim::Connect(Some(Connecting {
+                    scheme: scheme.clone(),
+                    authority: authority.clone(),
+                }))
+            }
+        }
+    })
+}
+
+/// A connect others wait for: when it ends (made, failed or dropped), they
+/// are woken to look again.
+struct Connecting {
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        // `try_`: a runtime torn down with the thread drops its calls late.
+        let _ = ORIGINS.try_with(|o| {
+            let Ok(mut origins) = o.try_borrow_mut() else {
+                return;
+            };
+            let origin = origins
+                .iter_mut()
+                .find(|o| o.authority == self.authority && o.scheme == self.scheme);
+            if let Some(n) = origin.and_then(|o| o.connecting.take()) {
+                n.notify_waiters();
+            }
+        });
+    }
 }
 
 /// A pooled connection, if this thread has one open to the origin, and the
@@ -208,11 +274,22 @@ pub async fn send_to(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut waited = false;
     loop {
         let (pooled, host) = checkout(scheme, authority);
         let (sender, reused) = match pooled {
             Some(s) => (s, true),
             None => {
+                let connecting = match claim_connect(scheme, authority, waited) {
+                    Claim::Connect(guard) => guard,
+                    Claim::Wait(made) => {
+                        // Bounded: a stalled connect holds nobody past the
+                        // connect timeout; then this call connects itself.
+                        let _ = tokio::time::timeout(connect_timeout, made).await;
+                        waited = true;
+                        continue;
+                    }
+                };
                 let origin = Uri::builder()
                     .scheme(scheme.clone())
                     .authority(authority.clone())
@@ -221,15 +298,21 @@ pub async fn send_to(
                 // Boxed: connecting is rare, and its future (TLS, handshakes)
                 // is large; inline it would be copied with every call's.
                 let s = Box::pin(connect(origin, connect_timeout)).await?;
-                if let Sender::H2(tx) = &s {
-                    // Calls that connected at the same time each got one;
-                    // the first stays shared, the others close when done.
-                    with_origin(scheme, authority, |o| {
+                with_origin(scheme, authority, |o| match &s {
+                    Sender::H2(tx) => {
+                        o.h1_only = false;
+                        // Calls that connected at the same time (after a wait
+                        // timed out) each got one; the first stays shared,
+                        // the others close when done.
                         if o.h2.as_ref().is_none_or(|h| h.is_closed()) {
                             o.h2 = Some(tx.clone());
                         }
-                    });
-                }
+                    }
+                    Sender::H1(_) => o.h1_only = true,
+                });
+                // The waiting calls look again: they find the HTTP/2
+                // connection, or connect themselves.
+                drop(connecting);
                 (s, false)
             }
         };

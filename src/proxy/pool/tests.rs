@@ -275,12 +275,34 @@ mod tls {
             assert_eq!(call(&addr).await, ("HTTP/2.0 /v1/x".to_string(), false));
         }
         // Concurrent calls multiplex on it.
-        let answers = futures_util::future::join_all((0..8).map(|_| call(&addr))).await;
-        assert!(
-            answers.iter().all(|a| a.0 == "HTTP/2.0 /v1/x"),
-            "{answers:?}"
-        );
+        burst(&addr, 8, "HTTP/2.0 /v1/x").await;
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// `n` calls at once; each must answer `want`.
+    async fn burst(addr: &str, n: usize, want: &str) {
+        let answers = futures_util::future::join_all((0..n).map(|_| call(addr))).await;
+        assert!(answers.iter().all(|a| a.0 == want), "{answers:?}");
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_first_calls_opens_one_http2_connection() {
+        trust_test_ca();
+        let (addr, accepted) = upstream(CERT, &[b"h2", b"http/1.1"]).await;
+        burst(&addr, 8, "HTTP/2.0 /v1/x").await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_first_calls_to_an_http1_origin_all_get_answers() {
+        // The first connect decides the protocol; the others, having waited
+        // for it, connect themselves (HTTP/1.1 is not shared).
+        trust_test_ca();
+        let (addr, accepted) = upstream(CERT, &[b"http/1.1"]).await;
+        burst(&addr, 4, "HTTP/1.1 /v1/x").await;
+        assert!((1..=4).contains(&accepted.load(Ordering::SeqCst)));
+        // Known to be HTTP/1.1 now: the next burst does not wait.
+        burst(&addr, 4, "HTTP/1.1 /v1/x").await;
     }
 
     #[tokio::test]
