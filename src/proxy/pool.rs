@@ -115,10 +115,12 @@ fn claim_connect(scheme: &Scheme, authority: &Authority, waited: bool) -> Claim 
         match &o.connecting {
             Some(n) => Claim::Wait(n.clone().notified_owned()),
             None => {
-                o.connecting = Some(Arc::new(Notify::new()));
+                let done = Arc::new(Notify::new());
+                o.connecting = Some(done.clone());
                 Claim::Connect(Some(Connecting {
                     scheme: scheme.clone(),
                     authority: authority.clone(),
+                    done,
                 }))
             }
         }
@@ -130,20 +132,29 @@ fn claim_connect(scheme: &Scheme, authority: &Authority, waited: bool) -> Claim 
 struct Connecting {
     scheme: Scheme,
     authority: Authority,
+    done: Arc<Notify>,
 }
 
 impl Drop for Connecting {
     fn drop(&mut self) {
-        // `try_`: a runtime torn down with the thread drops its calls late.
+        // The waiters are woken whatever happens below; the origin forgets
+        // this connect if it can (`try_`: a runtime torn down with its
+        // thread drops its calls late).
+        self.done.notify_waiters();
         let _ = ORIGINS.try_with(|o| {
             let Ok(mut origins) = o.try_borrow_mut() else {
                 return;
             };
-            let origin = origins
+            if let Some(o) = origins
                 .iter_mut()
-                .find(|o| o.authority == self.authority && o.scheme == self.scheme);
-            if let Some(n) = origin.and_then(|o| o.connecting.take()) {
-                n.notify_waiters();
+                .find(|o| o.authority == self.authority && o.scheme == self.scheme)
+            {
+                if o.connecting
+                    .as_ref()
+                    .is_some_and(|n| Arc::ptr_eq(n, &self.done))
+                {
+                    o.connecting = None;
+                }
             }
         });
     }
@@ -275,17 +286,20 @@ pub async fn send_to(
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut waited = false;
+    // Set when this call first needs a connection: waiting for another
+    // call's connect and making its own share one connect timeout.
+    let mut deadline = None;
     loop {
         let (pooled, host) = checkout(scheme, authority);
         let (sender, reused) = match pooled {
             Some(s) => (s, true),
             None => {
+                let deadline =
+                    *deadline.get_or_insert_with(|| tokio::time::Instant::now() + connect_timeout);
                 let connecting = match claim_connect(scheme, authority, waited) {
                     Claim::Connect(guard) => guard,
                     Claim::Wait(made) => {
-                        // Bounded: a stalled connect holds nobody past the
-                        // connect timeout; then this call connects itself.
-                        let _ = tokio::time::timeout(connect_timeout, made).await;
+                        let _ = tokio::time::timeout_at(deadline, made).await;
                         waited = true;
                         continue;
                     }
@@ -297,7 +311,12 @@ pub async fn send_to(
                     .build()?;
                 // Boxed: connecting is rare, and its future (TLS, handshakes)
                 // is large; inline it would be copied with every call's.
-                let s = Box::pin(connect(origin, connect_timeout)).await?;
+                // The whole connect (TCP, TLS, handshake) within the
+                // deadline; the connector bounds only its TCP part.
+                let s =
+                    tokio::time::timeout_at(deadline, Box::pin(connect(origin, connect_timeout)))
+                        .await
+                        .map_err(|_| "upstream connect timed out")??;
                 with_origin(scheme, authority, |o| match &s {
                     Sender::H2(tx) => {
                         o.h1_only = false;

@@ -300,9 +300,28 @@ mod tls {
         trust_test_ca();
         let (addr, accepted) = upstream(CERT, &[b"http/1.1"]).await;
         burst(&addr, 4, "HTTP/1.1 /v1/x").await;
-        assert!((1..=4).contains(&accepted.load(Ordering::SeqCst)));
-        // Known to be HTTP/1.1 now: the next burst does not wait.
-        burst(&addr, 4, "HTTP/1.1 /v1/x").await;
+        assert!(accepted.load(Ordering::SeqCst) > 1);
+        // Known to be HTTP/1.1 now: a call that finds no connection connects
+        // at once, without waiting for anyone.
+        let uri: http::Uri = format!("https://{addr}/").parse().unwrap();
+        let (scheme, authority) = super::super::origin_of(&uri).unwrap();
+        assert!(matches!(
+            super::super::claim_connect(scheme, authority, false),
+            super::super::Claim::Connect(None)
+        ));
+    }
+
+    #[tokio::test]
+    async fn calls_waiting_for_a_connect_that_fails_are_woken_at_once() {
+        // Each waiter then tries (and fails) on its own, well inside the
+        // connect timeout it would otherwise have waited out.
+        trust_test_ca();
+        let (addr, _) = upstream(ROGUE, &[b"h2", b"http/1.1"]).await;
+        let started = std::time::Instant::now();
+        let results =
+            futures_util::future::join_all((0..4).map(|_| send(request(&addr), TIMEOUT))).await;
+        assert!(results.iter().all(|r| r.is_err()));
+        assert!(started.elapsed() < TIMEOUT, "{:?}", started.elapsed());
     }
 
     #[tokio::test]
