@@ -58,6 +58,12 @@ struct Origin {
     h1_only: bool,
 }
 
+impl Origin {
+    fn is(&self, scheme: &Scheme, authority: &Authority) -> bool {
+        self.authority == *authority && self.scheme == *scheme
+    }
+}
+
 thread_local! {
     static ORIGINS: RefCell<Vec<Origin>> = const { RefCell::new(Vec::new()) };
     static CONNECTORS: RefCell<Vec<(Duration, HttpsConnector<HttpConnector>)>> =
@@ -67,10 +73,7 @@ thread_local! {
 fn with_origin<T>(scheme: &Scheme, authority: &Authority, f: impl FnOnce(&mut Origin) -> T) -> T {
     ORIGINS.with(|o| {
         let mut origins = o.borrow_mut();
-        let i = match origins
-            .iter()
-            .position(|o| o.authority == *authority && o.scheme == *scheme)
-        {
+        let i = match origins.iter().position(|o| o.is(scheme, authority)) {
             Some(i) => i,
             None => {
                 origins.push(Origin {
@@ -147,7 +150,7 @@ impl Drop for Connecting {
             };
             if let Some(o) = origins
                 .iter_mut()
-                .find(|o| o.authority == self.authority && o.scheme == self.scheme)
+                .find(|o| o.is(&self.scheme, &self.authority))
             {
                 if o.connecting
                     .as_ref()
