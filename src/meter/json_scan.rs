@@ -5,7 +5,9 @@
 //! tool calls). Deserialising it whole cost about 13,000 instructions a call
 //! (serde checks and matches every key, validates every string); this scan
 //! only finds string, object and array boundaries, and the few members the
-//! meter wants are then deserialised from their own slices.
+//! meter wants are then deserialised from their own slices. A whole body is
+//! read from both ends ([`head_and_tail`]), and its usage object in one pass
+//! ([`raw_usage`]).
 
 /// The raw value of each top-level member of the object in `json` whose key
 /// is in `keys` (same order; `None` when absent; the last one wins when a
@@ -18,13 +20,32 @@ pub fn top_level<'a, const N: usize>(
     keys: [&[u8]; N],
 ) -> Option<[Option<&'a [u8]>; N]> {
     let mut found = [None; N];
-    let mut i = skip_ws(json, 0);
+    let end = members(json, 0, |key, start| {
+        let end = value_end(json, start)?;
+        if let Some(k) = keys.iter().position(|k| *k == key) {
+            found[k] = Some(&json[start..end]);
+        }
+        Some(end)
+    })?;
+    (skip_ws(json, end) == json.len()).then_some(found)
+}
+
+/// Walks the members of the object starting (after whitespace) at `at`:
+/// `value(key, start)` is called with each key and the index where its
+/// value starts, and returns the index just past the value (it reads or
+/// skips it). Returns the index just past the closing brace.
+fn members<'a>(
+    json: &'a [u8],
+    at: usize,
+    mut value: impl FnMut(&'a [u8], usize) -> Option<usize>,
+) -> Option<usize> {
+    let mut i = skip_ws(json, at);
     if json.get(i) != Some(&b'{') {
         return None;
     }
     i = skip_ws(json, i + 1);
     if json.get(i) == Some(&b'}') {
-        return (skip_ws(json, i + 1) == json.len()).then_some(found);
+        return Some(i + 1);
     }
     loop {
         if json.get(i) != Some(&b'"') {
@@ -36,18 +57,141 @@ pub fn top_level<'a, const N: usize>(
         if json.get(i) != Some(&b':') {
             return None;
         }
-        let start = skip_ws(json, i + 1);
-        let end = value_end(json, start)?;
-        if let Some(k) = keys.iter().position(|k| *k == key) {
-            found[k] = Some(&json[start..end]);
-        }
+        let end = value(key, skip_ws(json, i + 1))?;
         i = skip_ws(json, end);
         match json.get(i) {
             Some(b',') => i = skip_ws(json, i + 1),
-            Some(b'}') => {
-                return (skip_ws(json, i + 1) == json.len()).then_some(found);
+            Some(b'}') => return Some(i + 1),
+            _ => return None,
+        }
+    }
+}
+
+/// The raw values of two top-level members of the object in `json`, read
+/// from both ends: `tail` walking members back from the closing brace (the
+/// last one wins, as in [`top_level`]), and `head`, if the backward walk
+/// did not pass it, walking forward from the opening brace up to where the
+/// backward walk stopped (there the first one wins).
+///
+/// Response bodies put `usage` last and `model` near the start; between
+/// them sit the choices, most of the bytes, which this walk never reads.
+/// Unlike [`top_level`] it does not check the members it skips (a forward
+/// walk that meets malformed JSON ends there, without the head), and `None`
+/// (not an object, or malformed where the backward walk looked) is no
+/// verdict on the rest: callers fall back to [`top_level`].
+pub fn head_and_tail<'a>(
+    json: &'a [u8],
+    head: &[u8],
+    tail: &[u8],
+) -> Option<[Option<&'a [u8]>; 2]> {
+    let open = skip_ws(json, 0);
+    let close = rskip_ws(json, json.len()).checked_sub(1)?;
+    if json.get(open) != Some(&b'{') || json[close] != b'}' || close <= open {
+        return None;
+    }
+    let (mut head_at, mut tail_at) = (None, None);
+    // Backward: `end` is just past the last member not yet read.
+    let mut end = rskip_ws(json, close);
+    if end == open + 1 {
+        return Some([None, None]);
+    }
+    loop {
+        let value_start = value_start(json, end, open)?;
+        let colon = rskip_ws(json, value_start).checked_sub(1)?;
+        let key_end = rskip_ws(json, colon);
+        if json[colon] != b':' || key_end <= open + 1 || json[key_end - 1] != b'"' {
+            return None;
+        }
+        let key_start = string_start(json, key_end - 1, open)?;
+        let key = &json[key_start + 1..key_end - 1];
+        let value = &json[value_start..end];
+        if head_at.is_none() && key == head {
+            head_at = Some(value);
+        }
+        let before = rskip_ws(json, key_start).checked_sub(1)?;
+        if key == tail {
+            tail_at = Some(value);
+        }
+        match json[before] {
+            // The first member: the whole object was read backwards.
+            b'{' if before == open => return Some([head_at, tail_at]),
+            b',' if tail_at.is_none() => end = rskip_ws(json, before),
+            b',' if head_at.is_some() => return Some([head_at, tail_at]),
+            // Found the tail, not the head: forward, up to this member.
+            b',' => {
+                let mut found = None;
+                members(json, open, |key, start| {
+                    if start > before {
+                        return None;
+                    }
+                    let end = value_end(json, start)?;
+                    if key == head {
+                        found = Some(&json[start..end]);
+                        return None;
+                    }
+                    Some(end)
+                });
+                return Some([found, tail_at]);
             }
             _ => return None,
+        }
+    }
+}
+
+fn rskip_ws(json: &[u8], mut end: usize) -> usize {
+    while end > 0 && matches!(json[end - 1], b' ' | b'\t' | b'\n' | b'\r') {
+        end -= 1;
+    }
+    end
+}
+
+/// `json[close]` is a closing quote; returns the index of the opening one
+/// (never at or before `floor`). A quote is escaped when an odd number of
+/// backslashes precede it: a delimiter never follows a backslash that is
+/// not itself escaped.
+fn string_start(json: &[u8], close: usize, floor: usize) -> Option<usize> {
+    let mut at = close;
+    loop {
+        at = memchr::memrchr(b'"', &json[floor + 1..at])? + floor + 1;
+        let backslashes = json[..at].iter().rev().take_while(|&&b| b == b'\\').count();
+        if backslashes % 2 == 0 {
+            return Some(at);
+        }
+    }
+}
+
+/// The index where the value ending just before `end` starts.
+fn value_start(json: &[u8], end: usize, floor: usize) -> Option<usize> {
+    let last = end.checked_sub(1).filter(|&l| l > floor)?;
+    match json[last] {
+        b'"' => string_start(json, last, floor),
+        close @ (b'}' | b']') => {
+            // Only this kind of bracket counts: the other kind is balanced
+            // within it.
+            let open = if close == b'}' { b'{' } else { b'[' };
+            let mut depth = 0usize;
+            let mut at = end;
+            while at > floor + 1 {
+                at -= 1;
+                match json[at] {
+                    b'"' => at = string_start(json, at, floor)?,
+                    b if b == close => depth += 1,
+                    b if b == open => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(at);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            None
+        }
+        _ => {
+            let n = json[floor + 1..end].iter().rev().position(|b| {
+                matches!(b, b',' | b':' | b'[' | b'{' | b' ' | b'\t' | b'\n' | b'\r')
+            })?;
+            (n > 0).then_some(end - n)
         }
     }
 }
@@ -132,6 +276,73 @@ mod tests {
     }
 
     #[test]
+    fn head_and_tail_agree_with_the_full_scan() {
+        use super::head_and_tail;
+        // Every member position, escapes next to quotes, nested brackets of
+        // both kinds, strings that look like members, scalars of each kind.
+        let values = [
+            r#""gpt-4o""#,
+            r#""a \"usage\": {\\""#,
+            r#""\\""#,
+            r#""}]{[,:""#,
+            r#"{"usage": {"x": [1, {"y": "]"}]}, "model": "inner"}"#,
+            r#"[{"a": "}"}, [], {}, "\"model\""]"#,
+            "-1.5e3",
+            "true",
+            "null",
+            "{}",
+            "[]",
+            r#"{"prompt_tokens": 3, "completion_tokens_details": {"reasoning_tokens": 1}}"#,
+        ];
+        let keys = ["model", "usage", "choices", "id", "x\\\"usage"];
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut checked = 0;
+        for _ in 0..4000 {
+            let members: Vec<String> = (0..rng.usize(0..6))
+                .map(|_| {
+                    let ws = [" ", "", "\n  ", "\t"];
+                    format!(
+                        "{}\"{}\"{}:{}{}{}",
+                        ws[rng.usize(..4)],
+                        keys[rng.usize(..keys.len())],
+                        ws[rng.usize(..4)],
+                        ws[rng.usize(..4)],
+                        values[rng.usize(..values.len())],
+                        ws[rng.usize(..4)],
+                    )
+                })
+                .collect();
+            let json = format!(" {{{}}}\n", members.join(","));
+            let full = top_level(json.as_bytes(), [b"model", b"usage"]);
+            // The generator makes valid JSON; the full scan must agree.
+            assert!(
+                serde_json::from_str::<serde_json::Value>(&json).is_ok(),
+                "{json}"
+            );
+            let full = full.expect("valid");
+            let fast = head_and_tail(json.as_bytes(), b"model", b"usage").expect(&json);
+            // A repeated head key in the middle: the first one (documented).
+            let heads = members.iter().filter(|m| m.contains("\"model\"")).count();
+            if heads <= 1 {
+                assert_eq!(fast, full, "{json}");
+            } else {
+                assert_eq!(fast[1], full[1], "{json}");
+            }
+            checked += 1;
+        }
+        assert_eq!(checked, 4000);
+        for bad in [
+            &b"{\"a\": 1"[..],
+            b"[1]",
+            b"{\"usage\" 1}",
+            b"\"usage\": 1}",
+            b"",
+        ] {
+            assert!(head_and_tail(bad, b"model", b"usage").is_none());
+        }
+    }
+
+    #[test]
     fn malformed_objects_are_refused() {
         for bad in [
             &br#"{"a": 1"#[..],
@@ -152,71 +363,125 @@ mod tests {
     }
 }
 
-/// A non-negative integer or `null`/absent; `Err` for anything else (the
-/// caller then falls back to serde, which decides).
-fn count(v: Option<&[u8]>) -> Result<Option<u64>, ()> {
-    match v {
-        None | Some(b"null") => Ok(None),
-        Some(d) if !d.is_empty() && d.iter().all(u8::is_ascii_digit) => std::str::from_utf8(d)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .map(Some)
-            .ok_or(()),
-        Some(_) => Err(()),
+/// A non-negative integer or `null` at `at`, and the index past it; `None`
+/// for anything else (the caller then falls back to serde, which decides).
+fn count(json: &[u8], at: usize) -> Option<(Option<u64>, usize)> {
+    if json[at..].starts_with(b"null") {
+        return Some((None, at + 4));
     }
+    let digits = json[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    let mut n: u64 = 0;
+    for &d in &json[at..at + digits] {
+        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    // A number that goes on (`3.0`, `3e2`) is not a count.
+    let end = at + digits;
+    (digits > 0 && !matches!(json.get(end), Some(b'.' | b'e' | b'E'))).then_some((Some(n), end))
 }
 
-fn details(v: Option<&[u8]>) -> Result<Option<super::usage::Details>, ()> {
-    match v {
-        None | Some(b"null") => Ok(None),
-        Some(obj) => {
-            let [cached, reasoning] =
-                top_level(obj, [b"cached_tokens", b"reasoning_tokens"]).ok_or(())?;
-            Ok(Some(super::usage::Details {
-                cached_tokens: count(cached)?,
-                reasoning_tokens: count(reasoning)?,
-            }))
-        }
+/// A `*_details` object (or `null`) at `at`, and the index past it.
+fn details(json: &[u8], at: usize) -> Option<(Option<super::usage::Details>, usize)> {
+    if json[at..].starts_with(b"null") {
+        return Some((None, at + 4));
     }
+    let mut d = super::usage::Details::default();
+    let end = members(json, at, |key, start| {
+        let field = match key {
+            b"cached_tokens" => &mut d.cached_tokens,
+            b"reasoning_tokens" => &mut d.reasoning_tokens,
+            _ => return value_end(json, start),
+        };
+        let (n, end) = count(json, start)?;
+        *field = n;
+        Some(end)
+    })?;
+    Some((Some(d), end))
 }
 
-/// A usage object read member by member (plain integers, the shape every
-/// provider sends); `None` when it is anything else, for serde to decide.
+/// A usage object read in one pass, member by member (plain integers, the
+/// shape every provider sends); `None` when it is anything else, for serde
+/// to decide. Like serde, unknown members are skipped; unlike serde, a
+/// repeated member is no error (the last one wins).
 pub fn raw_usage(u: &[u8]) -> Option<super::usage::RawUsage> {
-    let [pt, ct, ptd, ctd, it, ot, itd, otd, cw, cr] = top_level(
-        u,
-        [
-            b"prompt_tokens",
-            b"completion_tokens",
-            b"prompt_tokens_details",
-            b"completion_tokens_details",
-            b"input_tokens",
-            b"output_tokens",
-            b"input_tokens_details",
-            b"output_tokens_details",
-            b"cache_creation_input_tokens",
-            b"cache_read_input_tokens",
-        ],
-    )?;
-    let usage = || -> Result<super::usage::RawUsage, ()> {
-        Ok(super::usage::RawUsage {
-            prompt_tokens: count(pt)?,
-            completion_tokens: count(ct)?,
-            prompt_tokens_details: details(ptd)?,
-            completion_tokens_details: details(ctd)?,
-            input_tokens: count(it)?,
-            output_tokens: count(ot)?,
-            input_tokens_details: details(itd)?,
-            output_tokens_details: details(otd)?,
-            cache_creation_input_tokens: count(cw)?,
-            cache_read_input_tokens: count(cr)?,
-        })
-    };
-    usage().ok()
+    let mut r = super::usage::RawUsage::default();
+    let end = members(u, 0, |key, start| {
+        let field = match key {
+            b"prompt_tokens" => &mut r.prompt_tokens,
+            b"completion_tokens" => &mut r.completion_tokens,
+            b"input_tokens" => &mut r.input_tokens,
+            b"output_tokens" => &mut r.output_tokens,
+            b"cache_creation_input_tokens" => &mut r.cache_creation_input_tokens,
+            b"cache_read_input_tokens" => &mut r.cache_read_input_tokens,
+            _ => {
+                let slot = match key {
+                    b"prompt_tokens_details" => &mut r.prompt_tokens_details,
+                    b"completion_tokens_details" => &mut r.completion_tokens_details,
+                    b"input_tokens_details" => &mut r.input_tokens_details,
+                    b"output_tokens_details" => &mut r.output_tokens_details,
+                    _ => return value_end(u, start),
+                };
+                let (d, end) = details(u, start)?;
+                *slot = d;
+                return Some(end);
+            }
+        };
+        let (n, end) = count(u, start)?;
+        *field = n;
+        Some(end)
+    })?;
+    (skip_ws(u, end) == u.len()).then_some(r)
 }
 
 #[cfg(test)]
 mod usage_tests {
+    #[test]
+    fn one_pass_usage_agrees_with_serde() {
+        use super::super::usage::RawUsage;
+        let counts = ["0", "7", "null", "18446744073709551615"];
+        let details = [
+            "null",
+            "{}",
+            r#"{"cached_tokens": 5, "audio_tokens": 0}"#,
+            r#"{ "reasoning_tokens":2,"x":{"cached_tokens":[9]},"cached_tokens":null }"#,
+        ];
+        let keys = [
+            "prompt_tokens",
+            "completion_tokens",
+            "input_tokens",
+            "output_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+            "total_tokens",
+            "prompt_tokens_details",
+            "completion_tokens_details",
+            "input_tokens_details",
+            "output_tokens_details",
+            "server_tool_use",
+        ];
+        let mut rng = fastrand::Rng::with_seed(11);
+        for _ in 0..3000 {
+            let mut ks = keys.to_vec();
+            rng.shuffle(&mut ks);
+            let members: Vec<String> = ks[..rng.usize(0..keys.len())]
+                .iter()
+                .map(|k| {
+                    let v = if k.ends_with("_details") {
+                        details[rng.usize(..details.len())]
+                    } else if *k == "server_tool_use" {
+                        r#"{"web_search_requests": 1, "s": "}\""}"#
+                    } else {
+                        counts[rng.usize(..counts.len())]
+                    };
+                    format!("\"{k}\":{}{v}", [" ", "", "\n"][rng.usize(..3)])
+                })
+                .collect();
+            let json = format!("{{{}}} ", members.join(", "));
+            let slow: RawUsage = serde_json::from_str(&json).expect(&json);
+            let fast = super::raw_usage(json.as_bytes()).expect(&json);
+            assert_eq!(format!("{fast:?}"), format!("{slow:?}"), "{json}");
+        }
+    }
+
     #[test]
     fn reads_usage_like_serde_does() {
         let u = br#"{"prompt_tokens": 31, "completion_tokens": 18, "total_tokens": 49,

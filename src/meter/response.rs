@@ -177,7 +177,9 @@ impl ResponseMeter {
                     self.raw_usage = Some(u);
                 }
             }
-        } else if let Some([model, usage]) = super::json_scan::top_level(json, [b"model", b"usage"])
+        } else if let Some([model, usage]) =
+            super::json_scan::head_and_tail(json, b"model", b"usage")
+                .or_else(|| super::json_scan::top_level(json, [b"model", b"usage"]))
         {
             // Only the two members the meter needs are deserialised.
             if let Some(m) = model_of(model) {
