@@ -156,11 +156,16 @@ fn string_start(json: &[u8], close: usize, floor: usize) -> Option<usize> {
     let mut at = close;
     loop {
         at = memchr::memrchr(b'"', &json[floor + 1..at])? + floor + 1;
-        let backslashes = json[..at].iter().rev().take_while(|&&b| b == b'\\').count();
-        if backslashes % 2 == 0 {
+        if !escapes_next(&json[..at]) {
             return Some(at);
         }
     }
+}
+
+/// Whether the byte after `before` is escaped: `before` ends in an odd run
+/// of backslashes.
+pub fn escapes_next(before: &[u8]) -> bool {
+    before.iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1
 }
 
 /// The index where the value ending just before `end` starts.

@@ -395,8 +395,7 @@ fn has_usage_object(data: &[u8]) -> bool {
     // that quote is escaped, `\"usage":null}` ending a longer key.)
     const NULL_LAST: &[u8] = b"\"usage\":null}";
     if let Some(before) = data.trim_ascii_end().strip_suffix(NULL_LAST) {
-        let backslashes = before.iter().rev().take_while(|&&b| b == b'\\').count();
-        if backslashes % 2 == 0 {
+        if !super::json_scan::escapes_next(before) {
             return false;
         }
     }
