@@ -8,12 +8,6 @@
 //!
 //!     cargo run --release --example hyper_proxy -- 127.0.0.1:8081 http://127.0.0.1:8080
 
-/// jemalloc's per-thread caches: fewer instructions a call than glibc's
-/// malloc for the dozens of small allocations a proxied call makes.
-#[cfg(feature = "jemalloc")]
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -24,6 +18,12 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tollgate::proxy::pool;
+
+/// jemalloc's per-thread caches: fewer instructions a call than glibc's
+/// malloc for the dozens of small allocations a proxied call makes.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// The upstream body, handing its connection back to the pool once read.
 struct Released {

@@ -4,14 +4,14 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
 /// jemalloc's per-thread caches: fewer instructions a call than glibc's
 /// malloc for the dozens of small allocations a proxied call makes.
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
