@@ -1135,19 +1135,17 @@ async fn otlp_http_protobuf_logs_and_metrics_follow_genai_conventions() {
     otlp_follows_genai_conventions("http").await;
 }
 
-/// A receiver that accepts an export but reports records rejected (OTLP
-/// `partial_success`): nothing is dropped silently and nothing is sent
-/// again, not even when the metrics export that follows fails. The answer
-/// does not say which records were rejected, so the batch goes to the
-/// dead-letter file, once, flagged as a partial success.
-async fn otlp_partial_success_is_dead_lettered(protocol: &str, metrics_fail: bool) {
+/// A proxy with one otlp sink to a receiver set up by `prepare`, after `n`
+/// served calls.
+async fn otlp_served(
+    protocol: &str,
+    n: usize,
+    prepare: impl FnOnce(&OtlpReceiver),
+) -> (tempfile::TempDir, Mock, OtlpReceiver, Proxy) {
     let dir = tempfile::tempdir().unwrap();
     let mock = start_mock();
     let rx = OtlpReceiver::start().await;
-    rx.reject_logs(1, "attribute value too long");
-    if metrics_fail {
-        rx.fail_metrics();
-    }
+    prepare(&rx);
     let cfg = config(
         dir.path(),
         &mock.addr,
@@ -1155,7 +1153,23 @@ async fn otlp_partial_success_is_dead_lettered(protocol: &str, metrics_fail: boo
         &otlp_sink("otel", &rx.endpoint(), protocol, ""),
     );
     let proxy = start(&cfg);
-    serve(&proxy.addr, 3).await;
+    serve(&proxy.addr, n).await;
+    (dir, mock, rx, proxy)
+}
+
+/// A receiver that accepts an export but reports records rejected (OTLP
+/// `partial_success`): nothing is dropped silently and nothing is sent
+/// again, not even when the metrics export that follows fails. The answer
+/// does not say which records were rejected, so the batch goes to the
+/// dead-letter file, once, flagged as a partial success.
+async fn otlp_partial_success_is_dead_lettered(protocol: &str, metrics_fail: bool) {
+    let (dir, _mock, rx, proxy) = otlp_served(protocol, 3, |rx| {
+        rx.reject_logs(1, "attribute value too long");
+        if metrics_fail {
+            rx.fail_metrics();
+        }
+    })
+    .await;
     let file = wait_events(dir.path(), "3 events", |ev| ev.len() >= 3).await;
     let dead = wait_dead_letters(dir.path(), "otel", 3).await;
     for d in &dead {
@@ -1209,4 +1223,45 @@ async fn otlp_grpc_partial_success_is_dead_lettered_once_even_when_metrics_fail(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn otlp_http_partial_success_is_dead_lettered_not_dropped() {
     otlp_partial_success_is_dead_lettered("http", false).await;
+}
+
+/// A metrics export that fails after the logs export of the same batch
+/// succeeded: the retry sends the metrics only. The receiver took the logs,
+/// so sending them again would hand it every event twice.
+async fn otlp_metrics_retry_does_not_resend_logs(protocol: &str) {
+    let (dir, _mock, rx, proxy) = otlp_served(protocol, 3, |rx| rx.fail_metrics_next(2)).await;
+    let file = wait_events(dir.path(), "3 events", |ev| ev.len() >= 3).await;
+    wait_metric(
+        &proxy.admin,
+        r#"tollgate_sink_delivered_events_total{sink="otel"}"#,
+        |v| v >= 3.0,
+    )
+    .await;
+    assert!(
+        rx.metrics().len() >= 3,
+        "two failed metrics exports and one accepted, got {}",
+        rx.metrics().len()
+    );
+    let logs = records(&rx.logs());
+    let ids: Vec<String> = logs
+        .iter()
+        .map(|r| attr_str(&r.attributes, "cloudevents.event_id").to_string())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        3,
+        "logs sent again with the metrics retry: {ids:?}"
+    );
+    let expected: HashSet<String> = file.iter().map(id).collect();
+    assert_eq!(ids.into_iter().collect::<HashSet<_>>(), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_grpc_metrics_retry_does_not_resend_logs() {
+    otlp_metrics_retry_does_not_resend_logs("grpc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_http_metrics_retry_does_not_resend_logs() {
+    otlp_metrics_retry_does_not_resend_logs("http").await;
 }

@@ -282,11 +282,23 @@ struct OtlpState {
     metrics: Vec<ExportMetricsServiceRequest>,
     /// Log records to report rejected in each answer (`partial_success`).
     reject_logs: Option<(i64, String)>,
-    /// Answer every metrics export with a retryable failure.
-    fail_metrics: bool,
+    /// Metrics exports still to answer with a retryable failure.
+    fail_metrics: usize,
 }
 
 impl OtlpState {
+    /// Whether to fail this metrics export (counting it down).
+    fn failing_metrics(&mut self) -> bool {
+        match self.fail_metrics {
+            0 => false,
+            usize::MAX => true,
+            _ => {
+                self.fail_metrics -= 1;
+                true
+            }
+        }
+    }
+
     /// The answer to a logs export, with a partial success when asked.
     fn logs_answer(&self) -> Vec<u8> {
         ExportLogsServiceResponse {
@@ -388,7 +400,12 @@ impl OtlpReceiver {
     /// From now on, metrics exports fail as an unavailable collector's do
     /// (HTTP 503, `grpc-status` 14); they are still recorded.
     pub fn fail_metrics(&self) {
-        self.state.lock().unwrap().fail_metrics = true;
+        self.fail_metrics_next(usize::MAX);
+    }
+
+    /// The next `n` metrics exports fail as in [`OtlpReceiver::fail_metrics`].
+    pub fn fail_metrics_next(&self, n: usize) {
+        self.state.lock().unwrap().fail_metrics = n;
     }
 
     async fn handle(state: Arc<Mutex<OtlpState>>, req: Request<Incoming>) -> Response<Body> {
@@ -434,7 +451,7 @@ impl OtlpReceiver {
                     Ok(m) => {
                         record(true);
                         s.metrics.push(m);
-                        if s.fail_metrics {
+                        if s.failing_metrics() {
                             grpc_answer(None, 14, "unavailable")
                         } else {
                             grpc_answer(
@@ -487,7 +504,7 @@ impl OtlpReceiver {
             ok,
         });
         match answer {
-            Ok(_) if s.fail_metrics && metrics_export => {
+            Ok(_) if metrics_export && s.failing_metrics() => {
                 full(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
             Ok(bytes) => {

@@ -31,6 +31,10 @@ pub struct OtlpSink {
     tenant_attributes: bool,
     client: HttpClient,
     dead_letter: PathBuf,
+    /// The batch (by its end in the spool) whose logs the receiver took
+    /// while its metrics export failed: the retry sends the metrics only,
+    /// not the logs again.
+    logs_taken: Option<u64>,
 }
 
 /// What an export attempt came to.
@@ -113,6 +117,7 @@ impl OtlpSink {
             dead_letter: data_dir
                 .join("deadletter")
                 .join(format!("{}.jsonl", cfg.name)),
+            logs_taken: None,
         }
     }
 
@@ -206,18 +211,22 @@ impl OtlpSink {
         }
     }
 
-    async fn deliver_batch(&self, batch: &Batch) -> Result<Delivered, SinkError> {
+    async fn deliver_batch(&mut self, batch: &Batch) -> Result<Delivered, SinkError> {
         let events = convert::parse(&batch.lines);
         if events.is_empty() {
             return Ok(Delivered::default());
         }
-        let mut exports = vec![("logs", convert::logs(&events).encode_to_vec())];
+        let mut exports = Vec::with_capacity(2);
+        if self.logs_taken != Some(batch.end) {
+            exports.push(("logs", convert::logs(&events).encode_to_vec()));
+        }
         if let Some(m) = convert::metrics(&events, self.tenant_attributes) {
             exports.push(("metrics", m.encode_to_vec()));
         }
         let mut dead_lettered = 0;
         for (kind, msg) in exports {
             match self.export(kind, msg).await {
+                Answer::Ok if kind == "logs" => self.logs_taken = Some(batch.end),
                 Answer::Ok => {}
                 Answer::Partial { rejected, message } if kind == "logs" => {
                     // Never dropped silently, never sent again: the batch
