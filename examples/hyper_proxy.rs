@@ -1,8 +1,9 @@
 //! The benchmark's second floor: a plain reverse proxy built from Tollgate's
 //! own parts (the accept loop and per-core worker runtimes of
 //! `tollgate::server`, the upstream pool of `tollgate::proxy::pool`, the
-//! request body read whole) and nothing else: no tenant lookup, metering,
-//! limits or events. Tollgate's distance from nginx-as-proxy splits into
+//! request body read whole, hop-by-hop headers removed both ways, as any
+//! proxy must) and nothing else: no tenant lookup, metering, limits or
+//! events. Tollgate's distance from nginx-as-proxy splits into
 //! this floor's (the HTTP stack) and Tollgate's distance from it (its own
 //! per-call work).
 //!
@@ -17,6 +18,7 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use tollgate::proxy::headers::strip_hop_by_hop;
 use tollgate::proxy::pool;
 
 /// jemalloc's per-thread caches: fewer instructions a call than glibc's
@@ -81,9 +83,11 @@ async fn forward(
         .path_and_query()
         .cloned()
         .map_or_else(|| Uri::from_static("/"), Uri::from);
+    strip_hop_by_hop(&mut parts.headers);
     let req = Request::from_parts(parts, Full::new(body));
     match pool::send_to(req, scheme, authority, Duration::from_secs(5)).await {
-        Ok((resp, conn)) => {
+        Ok((mut resp, conn)) => {
+            strip_hop_by_hop(resp.headers_mut());
             resp.map(|inner| Released { inner, conn }.map_err(Into::into).boxed_unsync())
         }
         Err(_) => status(StatusCode::BAD_GATEWAY),
