@@ -5,6 +5,8 @@ Tollgate, one run.
 hyper-proxy (examples/hyper_proxy.rs) is Tollgate's own accept loop, worker
 runtimes and upstream pool forwarding without any metering: the floor for a
 proxy on Tollgate's HTTP stack. nginx-proxy is the floor for any proxy.
+tollgate-strip is Tollgate sent streams that do not ask for usage (the
+OpenAI SDKs' default), which it asks for upstream and strips.
 
 Driven by bench/run.sh (which installs the tools). Prints a table and writes
 bench/results/<UTC time>.json. Ratios are against figures measured in the
@@ -275,7 +277,7 @@ path = "{tmp}/data/events.jsonl"
                 for rnd in range(ROUNDS):
                     for name in runs:
                         urls = targets[name]
-                        body = REQ_SSE_NO_USAGE if name == "tollgate-strip" else REQ_SSE if kind == "sse" else REQ_JSON
+                        body = REQ_SSE_NO_USAGE if name == "tollgate-strip" else {"json": REQ_JSON, "sse": REQ_SSE}[kind]
                         what = f"max throughput (c=64)" if mode == "max" else f"fixed {RATE} rps"
                         print(f"bench: round {rnd + 1}/{ROUNDS} {name} {kind} {what}, {SECONDS}s", file=sys.stderr)
                         # Each run starts with nothing dirty: the writeback of
