@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Renders the Kubernetes manifests with kustomize and validates them against
-# the Kubernetes schemas (strict: unknown fields are errors). Also checks the
-# sidecar's config with `tollgate check`. Installs kubectl (Debian's
-# kubernetes-client) when missing; kubernetes-validate comes from the venv
+# the Kubernetes schemas (strict: unknown fields are errors), and checks the
+# sidecar's config with `tollgate check`. Then tests the Helm chart
+# (tests/deploy: lint, render with Helm's engine, validate, `tollgate check`).
+# Installs kubectl (Debian's kubernetes-client) when missing;
+# kubernetes-validate, pytest and the Helm SDK come from the venv
 # scripts/e2e.sh builds (tests/e2e/requirements.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,3 +32,8 @@ echo "deploy-check: manifests render and validate against Kubernetes $K8S_VERSIO
 
 OPENAI_API_KEY=x ANTHROPIC_API_KEY=x TOLLGATE_ADMIN_TOKEN=x \
   "$TOLLGATE_BIN" check --config deploy/kubernetes/base/tollgate.toml
+
+echo "deploy-check: Helm chart (deploy/helm/tollgate)"
+case "$TOLLGATE_BIN" in /*) ;; *) TOLLGATE_BIN="$PWD/$TOLLGATE_BIN" ;; esac
+PYTHONDONTWRITEBYTECODE=1 VIRTUAL_ENV="$PWD/.venv" TOLLGATE_BIN="$TOLLGATE_BIN" \
+  .venv/bin/python -m pytest -q -p no:cacheprovider tests/deploy
