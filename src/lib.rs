@@ -298,7 +298,7 @@ pub async fn run(
     let (ledger, state_position) = limits::state::recover(&policy.server.data_dir, &spool).await?;
     // The state keeper follows the spool from here, before anything is
     // appended.
-    spool.follow();
+    spool.follow(limits::state::CURSOR, limits::state::STALE_AFTER);
     let data_dir = policy.server.data_dir.clone();
     let grace = policy.server.shutdown_grace;
     let sinks = policy.sinks.clone();

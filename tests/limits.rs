@@ -194,6 +194,58 @@ async fn top_up_serves_again_and_spend_survives_restarts() {
     assert_eq!(after["remaining"], before["remaining"]);
 }
 
+/// A spool too small for a burst, with a sink that is down: `drop_oldest`
+/// drops undelivered events, but never the ones a restart must replay to
+/// know the spend (those after the budget snapshot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_survives_kill9_while_drop_oldest_drops() {
+    let env = setup("budget = { limit = \"1000\", window = \"total\" }");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let text = std::fs::read_to_string(&env.cfg).unwrap();
+    let text = text.replacen(
+        "[spool]\n",
+        "[spool]\nmax_bytes = 32768\nsegment_bytes = 4096\nwhen_full = \"drop_oldest\"\n",
+        1,
+    ) + &format!(
+        "\n[[sinks]]\ntype = \"http\"\nname = \"down\"\nurl = \"http://127.0.0.1:{dead_port}/events\"\n"
+    );
+    std::fs::write(&env.cfg, text).unwrap();
+    let mut proxy = start(&env);
+    // About 200 KB of events, several times the spool, in well under the
+    // keeper's second (its first snapshot has nothing to cover).
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let addr = proxy.addr.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40 {
+                let body = format!(
+                    r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"w{worker} c{i}"}}]}}"#
+                );
+                assert_eq!(chat(&addr, ACME_KEY, &body, &[]).await.status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let before = tenant(&proxy.admin, "acme").await;
+    let dropped = metric(
+        &metrics_text(&proxy.admin).await,
+        "tollgate_spool_dropped_bytes",
+    );
+    assert!(dropped > Some(0.0), "the burst must overflow the spool");
+    proxy.proc.kill9();
+    let proxy = start(&env);
+    let after = tenant(&proxy.admin, "acme").await;
+    assert_eq!(
+        after["spent"], before["spent"],
+        "spend lost to dropped segments"
+    );
+    assert_eq!(after["remaining"], before["remaining"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_per_minute_reject_the_third_call_with_retry_after() {
     let env = setup("rate_limit = { requests_per_minute = 2 }");
@@ -227,14 +279,7 @@ async fn requests_per_minute_reject_the_third_call_with_retry_after() {
     })
     .await;
     assert_eq!(ev.len(), 5);
-    let m = send(
-        "GET",
-        &format!("http://{}/metrics", proxy.admin),
-        &[],
-        Bytes::new(),
-    )
-    .await
-    .text();
+    let m = metrics_text(&proxy.admin).await;
     assert!(
         m.contains(r#"tollgate_rejections_total{reason="rate_limit_exceeded"} 2"#),
         "{m}"
@@ -350,14 +395,7 @@ async fn tenants_api_and_metrics_show_spend_and_remaining() {
     assert_eq!(d(t["remaining"].as_str().unwrap()), d("5") - spent);
     let g = tenant(&proxy.admin, "globex").await;
     assert!(g["limit"].is_null());
-    let m = send(
-        "GET",
-        &format!("http://{}/metrics", proxy.admin),
-        &[],
-        Bytes::new(),
-    )
-    .await
-    .text();
+    let m = metrics_text(&proxy.admin).await;
     assert!(
         m.contains(r#"tollgate_tenant_remaining_usd{tenant="acme"}"#),
         "{m}"

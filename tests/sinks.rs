@@ -164,24 +164,6 @@ async fn get(url: &str) -> Resp {
     send("GET", url, &[], Bytes::new()).await
 }
 
-async fn metrics_text(admin: &str) -> String {
-    let r = get(&format!("http://{admin}/metrics")).await;
-    assert_eq!(r.status, 200);
-    r.text()
-}
-
-/// The value of one series (`name{labels}` exactly as exposed).
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    })
-}
-
 /// Polls `/metrics` until `series` satisfies `pred`; the text.
 async fn wait_metric(admin: &str, series: &str, pred: impl Fn(f64) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -4,7 +4,8 @@
 //! Each event's effect on the ledger travels with its line into the spool
 //! as a [`Note`]; the spool keeps the notes of the lines it writes, under
 //! its write lock. Once a second the keeper takes them together with the
-//! log's end (one swap under that lock), folds them into its own ledger,
+//! log's end (one swap under that lock; also at once when a full spool
+//! under `drop_oldest` waits for it), folds them into its own ledger,
 //! which then covers exactly the log up to that end, writes
 //! `state/ledger.json` atomically and commits its cursor (`_state`) so
 //! older segments can go.
@@ -31,6 +32,9 @@ use crate::spool::{Spool, SpoolError};
 /// The spool cursor of the state keeper.
 pub const CURSOR: &str = "_state";
 const EVERY: Duration = Duration::from_secs(1);
+/// A keeper that has not committed for this long no longer holds the
+/// spool's `drop_oldest` back (see [`crate::spool::Spool::follow`]).
+pub const STALE_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Snapshot {
@@ -179,6 +183,8 @@ pub async fn keep(
     loop {
         let stop = tokio::select! {
             _ = tick.tick() => false,
+            // A full spool waits to drop segments this snapshot would cover.
+            _ = spool.commit_wanted() => false,
             _ = crate::server::stopped(&mut shutdown) => true,
         };
         let Some((position, notes)) = spool.take_notes() else {

@@ -17,9 +17,10 @@ mod writer;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::config::{Fsync, SpoolPolicy, WhenFull};
 use crate::limits::state::Note;
@@ -114,8 +115,22 @@ pub struct Spool {
     /// Start of the oldest segment still on disk.
     start: AtomicU64,
     cursors: Mutex<Vec<(String, u64)>>,
+    /// The cursor of the follower (the budget state keeper), which
+    /// `drop_oldest` does not pass while the follower keeps committing.
+    follower: OnceLock<Follower>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     pub stats: Arc<SpoolStats>,
+}
+
+struct Follower {
+    cursor: String,
+    /// Past this long without a commit, the follower no longer holds
+    /// `drop_oldest` back (the spool stays bounded if it hangs).
+    stale_after_ms: u64,
+    /// Unix millis of its last commit.
+    committed_ms: AtomicU64,
+    /// Asks it to commit now: `drop_oldest` is waiting for it.
+    wanted: Notify,
 }
 
 impl Spool {
@@ -183,6 +198,7 @@ impl Spool {
             end: end_rx,
             start: AtomicU64::new(start),
             cursors: Mutex::new(cursors),
+            follower: OnceLock::new(),
             threads: Mutex::new(threads),
             stats,
         });
@@ -264,10 +280,27 @@ impl Spool {
     }
 
     /// From now on, keep the ledger notes of written lines for the budget
-    /// state keeper ([`Spool::take_notes`]). Called before anything is
-    /// appended.
-    pub fn follow(&self) {
+    /// state keeper ([`Spool::take_notes`]), whose snapshot covers the log
+    /// up to its `cursor`: a restart replays the segments after it, so
+    /// `drop_oldest` waits for its next commit rather than remove them,
+    /// unless it has not committed for `stale_after`. Called once, before
+    /// anything is appended.
+    pub fn follow(&self, cursor: &str, stale_after: Duration) {
         self.log.follow();
+        let _ = self.follower.set(Follower {
+            cursor: cursor.to_string(),
+            stale_after_ms: stale_after.as_millis() as u64,
+            committed_ms: AtomicU64::new(unix_ms()),
+            wanted: Notify::new(),
+        });
+    }
+
+    /// Resolves when `drop_oldest` waits for the follower to commit.
+    pub async fn commit_wanted(&self) {
+        match self.follower.get() {
+            Some(f) => f.wanted.notified().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// The end of the log and the notes of all lines written since the last
@@ -326,6 +359,11 @@ impl Spool {
                 && self.backlog_bytes() >= self.policy.max_bytes)
     }
 
+    fn cursor_position(&self, name: &str) -> Option<u64> {
+        let cursors = self.cursors.lock().unwrap();
+        cursors.iter().find(|(n, _)| n == name).map(|(_, p)| *p)
+    }
+
     fn min_cursor(&self, end: u64) -> u64 {
         let cursors = self.cursors.lock().unwrap();
         cursors.iter().map(|(_, p)| *p).min().unwrap_or(end)
@@ -335,14 +373,7 @@ impl Spool {
     pub fn reader(self: &Arc<Self>, sink: &str) -> Result<Reader, SpoolError> {
         let cursor = cursor::load(&self.dir, sink)?;
         let start = self.start.load(Ordering::Relaxed);
-        let position = {
-            let cursors = self.cursors.lock().unwrap();
-            cursors
-                .iter()
-                .find(|(n, _)| n == sink)
-                .map(|(_, p)| *p)
-                .unwrap_or(start)
-        };
+        let position = self.cursor_position(sink).unwrap_or(start);
         Ok(Reader::new(
             self.clone(),
             sink.to_string(),
@@ -368,6 +399,9 @@ impl Spool {
     /// Records that `sink` delivered everything before `position`.
     pub fn commit(&self, sink: &str, cursor: Cursor) -> Result<(), SpoolError> {
         cursor::store(&self.dir, sink, &cursor)?;
+        if let Some(f) = self.follower.get().filter(|f| f.cursor == sink) {
+            f.committed_ms.store(unix_ms(), Ordering::Relaxed);
+        }
         {
             let mut cursors = self.cursors.lock().unwrap();
             if let Some(c) = cursors.iter_mut().find(|(n, _)| n == sink) {
@@ -393,7 +427,19 @@ impl Spool {
 
     fn drop_oldest(&self) {
         let end = self.end();
-        let target = end.saturating_sub(self.policy.max_bytes / 2);
+        let mut target = end.saturating_sub(self.policy.max_bytes / 2);
+        if let Some(f) = self.follower.get() {
+            let at = self.cursor_position(&f.cursor).unwrap_or(end);
+            let fresh =
+                unix_ms().saturating_sub(f.committed_ms.load(Ordering::Relaxed)) < f.stale_after_ms;
+            if at < target && fresh {
+                // Past its snapshot, dropping would lose spend to a crash
+                // (a restart could not replay it): drop up to it, and ask it
+                // to move on.
+                target = at;
+                f.wanted.notify_one();
+            }
+        }
         let dropped = self.remove_segments_before(target, true);
         if dropped > 0 {
             let new_start = self.start.load(Ordering::Relaxed);

@@ -118,6 +118,53 @@ async fn full_spool_rejects_or_drops_oldest() {
     spool.close().await;
 }
 
+#[tokio::test]
+async fn drop_oldest_waits_for_the_followers_commit() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = vec!["slow".to_string(), "_state".to_string()];
+    let spool = Spool::open(dir.path(), policy(8192, 2048, WhenFull::DropOldest), &sinks).unwrap();
+    spool.follow("_state", Duration::from_secs(10));
+    for i in 0..200 {
+        spool.append(line(i), Flush::Batch).await.unwrap();
+    }
+    // The follower's snapshot covers nothing yet: a restart would replay
+    // the whole log, so nothing goes, and the follower is asked to commit.
+    spool.check_capacity().unwrap();
+    assert_eq!(spool.stats.dropped_bytes.load(Ordering::Relaxed), 0);
+    assert_eq!(spool.disk_bytes(), spool.end());
+    tokio::time::timeout(Duration::from_secs(1), spool.commit_wanted())
+        .await
+        .expect("the follower is asked to commit");
+    // It commits half-way: segments before that point may go, not after.
+    let half = spool.end() / 2;
+    let cursor = |position| Cursor {
+        position,
+        sink_offset: None,
+    };
+    spool.commit("_state", cursor(half)).unwrap();
+    spool.check_capacity().unwrap();
+    let start = spool.end() - spool.disk_bytes();
+    assert!(start > 0 && start <= half, "start {start}, half {half}");
+    // Caught up: the spool is bounded again.
+    spool.commit("_state", cursor(spool.end())).unwrap();
+    spool.check_capacity().unwrap();
+    assert!(spool.backlog_bytes() < 8192);
+    spool.close().await;
+
+    // A follower that stopped committing holds nothing back.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), policy(8192, 2048, WhenFull::DropOldest), &sinks).unwrap();
+    spool.follow("_state", Duration::from_millis(50));
+    for i in 0..200 {
+        spool.append(line(i), Flush::Batch).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    spool.check_capacity().unwrap();
+    assert!(spool.backlog_bytes() < 8192);
+    spool.close().await;
+}
+
 /// Everything written to the log so far, as lines.
 fn written_lines(dir: &std::path::Path) -> Vec<Vec<u8>> {
     let mut all = Vec::new();
@@ -209,7 +256,7 @@ async fn notes_cover_exactly_the_written_log() {
     // Not following: nothing is kept.
     spool.append(line(0), Flush::Now).await.unwrap();
     assert!(spool.take_notes().is_none());
-    spool.follow();
+    spool.follow("_state", std::time::Duration::from_secs(10));
     let at = time::OffsetDateTime::now_utc();
     let spend = |amount: &str| {
         Some(Note::Spend {

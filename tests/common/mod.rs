@@ -285,6 +285,25 @@ pub async fn chat(proxy: &str, key: &str, body: &str, extra: &[(&str, &str)]) ->
     .await
 }
 
+/// The admin listener's `/metrics` text.
+pub async fn metrics_text(admin: &str) -> String {
+    let r = send("GET", &format!("http://{admin}/metrics"), &[], Bytes::new()).await;
+    assert_eq!(r.status, 200);
+    r.text()
+}
+
+/// The value of one series (`name{labels}` exactly as exposed).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
 /// Events in the JSONL file: complete lines only (the sink may be writing).
 pub fn events(dir: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(dir.join("events.jsonl")).unwrap_or_default();
