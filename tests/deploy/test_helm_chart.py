@@ -29,10 +29,12 @@ K8S_VERSION = "1.33.0"
 VALIDATE = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "kubernetes-validate"
 
 
-def render(values: dict[str, Any] | None = None, chart: Path = CHART) -> list[dict[str, Any]]:
-    """`helm template agents <chart> -n ai` as a list of objects."""
+def render(
+    values: dict[str, Any] | None = None, chart: Path = CHART, name: str = "agents"
+) -> list[dict[str, Any]]:
+    """`helm template <name> <chart> -n ai` as a list of objects."""
     with helm.Chart.load(chart) as c:
-        out = c.render(values or {}, name="agents", namespace="ai", is_install=True)
+        out = c.render(values or {}, name=name, namespace="ai", is_install=True)
     docs = []
     for path, text in sorted(out.items()):
         if path.endswith("NOTES.txt"):
@@ -155,7 +157,7 @@ def test_values_override_config_ports_and_spool_volume(tmp_path: Path) -> None:
             "ports": {"proxy": 9000, "admin": 9001},
             "data": {"existingClaim": "tollgate-spool"},
             "image": {"repository": "registry.example/tollgate", "tag": "1.2.3"},
-            "app": {"enabled": True, "name": "billing-agent"},
+            "app": {"enabled": True, "name": "billing-agent", "replicas": 1},
         }
     )
     validate(docs, tmp_path)
@@ -166,8 +168,56 @@ def test_values_override_config_ports_and_spool_volume(tmp_path: Path) -> None:
     assert tg["image"] == "registry.example/tollgate:1.2.3"
     assert {p["containerPort"] for p in tg["ports"]} == {9000, 9001}
     assert volume(deploy, "tollgate-data")["persistentVolumeClaim"] == {"claimName": "tollgate-spool"}
+    assert deploy["spec"]["strategy"] == {"type": "Recreate"}
     app_env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert app_env["OPENAI_BASE_URL"] == "http://127.0.0.1:9000/openai/v1"
+
+
+def test_a_claimed_spool_is_refused_for_more_than_one_replica() -> None:
+    # Two Tollgates on one data_dir would write the same segments and cursors.
+    with pytest.raises(helm.HelmRenderError, match="data_dir of its own"):
+        render({"data": {"existingClaim": "tollgate-spool"}})
+
+
+def test_odd_but_legal_values_render_valid_yaml(tmp_path: Path) -> None:
+    # Names that YAML would read as numbers or booleans, a config whose first
+    # line is indented, a numeric tag, and the pod settings a cluster needs.
+    config = "  # indented comment\n[server]\nlisten = \"127.0.0.1:8787\"\n"
+    docs = render(
+        {
+            "config": config,
+            "image": {"repository": "r/tollgate", "tag": 2},
+            "secretEnv": {"secretName": "123", "keys": ["OPENAI_API_KEY"]},
+            "rollOnConfigChange": True,
+            "app": {
+                "enabled": True,
+                "name": "true",
+                "podAnnotations": {"prometheus.io/scrape": "true"},
+                "podLabels": {"team": "agents"},
+                "serviceAccountName": "agent",
+                "imagePullSecrets": [{"name": "regcred"}],
+                "nodeSelector": {"kubernetes.io/os": "linux"},
+                "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            },
+        },
+        name="123",
+    )
+    validate(docs, tmp_path)
+    assert one(docs, "ConfigMap")["data"]["tollgate.toml"] == config
+    deploy = one(docs, "Deployment")
+    assert deploy["metadata"]["name"] == "true"
+    assert deploy["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "true",
+        "app.kubernetes.io/instance": "123",
+    }
+    pod = deploy["spec"]["template"]
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert "checksum/tollgate-config" in pod["metadata"]["annotations"]
+    assert pod["metadata"]["labels"]["team"] == "agents"
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    tg = sidecar(deploy)
+    assert tg["image"] == "r/tollgate:2"
+    assert tg["env"][1]["valueFrom"]["secretKeyRef"]["name"] == "123"
 
 
 def test_existing_config_map_is_used_and_not_rendered() -> None:
@@ -202,6 +252,9 @@ def test_without_the_app_only_the_config_map_is_rendered() -> None:
         ({"prots": {"proxy": 1}}, "prots"),
         ({"secretEnv": {"secretName": "s", "keys": ["NOT-AN-ENV-NAME"]}}, "/secretEnv/keys/0"),
         ({"app": {"enabled": True, "baseUrls": {"OPENAI_BASE_URL": "openai/v1"}}}, "/app/baseUrls/OPENAI_BASE_URL"),
+        ({"app": {"enabled": True, "name": "Agent_App"}}, "/app/name"),
+        ({"app": {"enabled": True, "podLabels": {"app.kubernetes.io/name": "x"}}}, "/app/podLabels"),
+        ({"data": {"sizeLimit": ""}}, "/data/sizeLimit"),
     ],
 )
 def test_bad_values_are_refused_by_the_schema(values: dict[str, Any], message: str) -> None:
@@ -215,10 +268,11 @@ def test_a_parent_chart_can_add_the_sidecar_to_its_own_deployment(tmp_path: Path
     (parent / "templates").mkdir()
     (parent / "Chart.yaml").write_text(
         "apiVersion: v2\nname: my-app\nversion: 1.0.0\n"
-        "dependencies:\n  - name: tollgate\n    version: 0.1.0\n"
+        "dependencies:\n  - name: tollgate\n    version: 0.1.0\n    condition: tollgate.enabled\n"
     )
     (parent / "values.yaml").write_text(
-        "tollgate:\n  app:\n    enabled: false\n  image:\n    repository: ghcr.io/tollgate-dev/tollgate\n    tag: 0.1.1\n"
+        "tollgate:\n  enabled: true\n  app:\n    enabled: false\n"
+        "  image:\n    repository: ghcr.io/tollgate-dev/tollgate\n    tag: 0.1.1\n"
     )
     (parent / "templates" / "deployment.yaml").write_text(
         """\
@@ -250,4 +304,8 @@ spec:
     tg = sidecar(deploy)
     assert tg["restartPolicy"] == "Always"
     assert tg["image"] == "ghcr.io/tollgate-dev/tollgate:0.1.1"
+    # The parent's pod sets no securityContext: the sidecar's own is complete.
+    assert "securityContext" not in deploy["spec"]["template"]["spec"]
+    assert tg["securityContext"]["runAsUser"] == 65532
+    assert tg["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert volume(deploy, "tollgate-config")["configMap"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]

@@ -29,16 +29,16 @@ as a dependency, pass its values in the context, e.g.
 {{- end -}}
 
 {{- define "tollgate.labels" -}}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
-app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service | quote }}
 {{- end -}}
 
 {{/* The native sidecar: an init container that keeps running. */}}
 {{- define "tollgate.sidecar" -}}
 - name: tollgate
   image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
-  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  imagePullPolicy: {{ .Values.image.pullPolicy | quote }}
   # Starts, and is ready, before the app; stops after it.
   restartPolicy: Always
   args: ["run", "--config", "/etc/tollgate/tollgate.toml", "--log-format", "json"]
@@ -51,11 +51,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
     - name: RUST_LOG
       value: {{ .Values.logLevel | quote }}
     {{- range .Values.secretEnv.keys }}
-    - name: {{ . }}
+    - name: {{ . | quote }}
       valueFrom:
         secretKeyRef:
-          name: {{ $.Values.secretEnv.secretName }}
-          key: {{ . }}
+          name: {{ $.Values.secretEnv.secretName | quote }}
+          key: {{ . | quote }}
     {{- end }}
     {{- with .Values.extraEnv }}
     {{- toYaml . | nindent 4 }}
@@ -79,12 +79,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
     failureThreshold: 3
   resources:
     {{- toYaml .Values.resources | nindent 4 }}
+  # Complete on its own (a parent chart's pod may set none of it): the
+  # image's nonroot user, which owns the data volume through fsGroup.
   securityContext:
     allowPrivilegeEscalation: false
     readOnlyRootFilesystem: true
     runAsNonRoot: true
+    runAsUser: 65532
+    runAsGroup: 65532
     capabilities:
       drop: ["ALL"]
+    seccompProfile:
+      type: RuntimeDefault
   volumeMounts:
     # A directory, not a subPath: an edited ConfigMap reaches the file.
     - name: tollgate-config
@@ -98,13 +104,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "tollgate.volumes" -}}
 - name: tollgate-config
   configMap:
-    name: {{ include "tollgate.configMapName" . }}
+    name: {{ include "tollgate.configMapName" . | quote }}
 - name: tollgate-data
   {{- if .Values.data.existingClaim }}
   persistentVolumeClaim:
-    claimName: {{ .Values.data.existingClaim }}
+    claimName: {{ .Values.data.existingClaim | quote }}
   {{- else }}
   emptyDir:
-    sizeLimit: {{ .Values.data.sizeLimit }}
+    sizeLimit: {{ .Values.data.sizeLimit | quote }}
   {{- end }}
 {{- end -}}
