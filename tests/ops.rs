@@ -286,3 +286,23 @@ provider = "generic"
     watcher.abort();
     running.shutdown().await;
 }
+
+#[test]
+fn a_second_run_on_the_same_data_dir_exits_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "127.0.0.1:9", "", "");
+    let _first = start_proxy(&cfg);
+    let out = std::process::Command::new(bin())
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("in use by another tollgate process"),
+        "{text}"
+    );
+}

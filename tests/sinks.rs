@@ -85,7 +85,11 @@ fn set_spool(cfg: &Path, spool: &str) {
 /// Call `i` of a varied mix: OpenAI JSON (cache read + reasoning), OpenAI
 /// stream (cache read), Anthropic (cache read + write); tenants alternate.
 async fn call(addr: &str, i: usize) -> Resp {
-    let key = if i % 2 == 0 { ACME_KEY } else { GLOBEX_KEY };
+    let key = if i.is_multiple_of(2) {
+        ACME_KEY
+    } else {
+        GLOBEX_KEY
+    };
     match i % 3 {
         0 => {
             let body = format!(

@@ -41,6 +41,8 @@ pub enum SpoolError {
     Closed,
     #[error("spool is not writable: the last write failed")]
     Unwritable,
+    #[error("{0} is in use by another tollgate process (give each its own data_dir)")]
+    InUse(PathBuf),
 }
 
 impl SpoolError {
@@ -50,6 +52,7 @@ impl SpoolError {
             SpoolError::Full { .. } => "spool_full",
             SpoolError::Closed => "spool_closed",
             SpoolError::Unwritable => "spool_unwritable",
+            SpoolError::InUse(_) => "spool_in_use",
         }
     }
 }
@@ -120,6 +123,9 @@ pub struct Spool {
     follower: OnceLock<Follower>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     pub stats: Arc<SpoolStats>,
+    /// Held (an exclusive `flock`) while the spool is open: a second
+    /// process on the same directory would interleave segments and cursors.
+    _lock: std::fs::File,
 }
 
 struct Follower {
@@ -142,6 +148,14 @@ impl Spool {
         sinks: &[String],
     ) -> Result<Arc<Spool>, SpoolError> {
         std::fs::create_dir_all(dir.join("cursors"))?;
+        let lock = std::fs::File::create(dir.join("lock"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(SpoolError::InUse(dir.to_path_buf()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
         let segs = segments::recover(dir)?;
         let end = segs.last().map(|s| s.start + s.len).unwrap_or(0);
         let start = segs.first().map(|s| s.start).unwrap_or(end);
@@ -201,6 +215,7 @@ impl Spool {
             follower: OnceLock::new(),
             threads: Mutex::new(threads),
             stats,
+            _lock: lock,
         });
         spool.collect_garbage();
         Ok(spool)

@@ -165,6 +165,23 @@ async fn drop_oldest_waits_for_the_followers_commit() {
     spool.close().await;
 }
 
+#[tokio::test]
+async fn a_second_open_of_the_same_directory_is_refused_while_the_first_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = || policy(1 << 20, 1 << 20, WhenFull::Reject);
+    let first = Spool::open(dir.path(), policy(), &[]).unwrap();
+    match Spool::open(dir.path(), policy(), &[]) {
+        Err(SpoolError::InUse(d)) => assert_eq!(d, dir.path()),
+        other => panic!("expected InUse, got {:?}", other.map(|_| ())),
+    }
+    first.close().await;
+    drop(first);
+    Spool::open(dir.path(), policy(), &[])
+        .unwrap()
+        .close()
+        .await;
+}
+
 /// Everything written to the log so far, as lines.
 fn written_lines(dir: &std::path::Path) -> Vec<Vec<u8>> {
     let mut all = Vec::new();
