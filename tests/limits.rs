@@ -196,9 +196,9 @@ async fn top_up_serves_again_and_spend_survives_restarts() {
 
 /// A spool too small for a burst, with a sink that is down: `drop_oldest`
 /// drops undelivered events, but never the ones a restart must replay to
-/// know the spend (those after the budget snapshot).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spend_survives_kill9_while_drop_oldest_drops() {
+/// know the spend (those after the budget snapshot). The burst comes
+/// `idle` after the start.
+async fn spend_survives_kill9_while_drop_oldest_drops(idle: Duration) {
     let env = setup("budget = { limit = \"1000\", window = \"total\" }");
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_port = dead.local_addr().unwrap().port();
@@ -213,8 +213,9 @@ async fn spend_survives_kill9_while_drop_oldest_drops() {
     );
     std::fs::write(&env.cfg, text).unwrap();
     let mut proxy = start(&env);
+    tokio::time::sleep(idle).await;
     // About 200 KB of events, several times the spool, in well under the
-    // keeper's second (its first snapshot has nothing to cover).
+    // keeper's second.
     let mut tasks = Vec::new();
     for worker in 0..8 {
         let addr = proxy.addr.clone();
@@ -244,6 +245,18 @@ async fn spend_survives_kill9_while_drop_oldest_drops() {
         "spend lost to dropped segments"
     );
     assert_eq!(after["remaining"], before["remaining"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_survives_kill9_while_drop_oldest_drops_at_start() {
+    spend_survives_kill9_while_drop_oldest_drops(Duration::ZERO).await;
+}
+
+/// Past the keeper's staleness bound (10 s) with nothing to snapshot: an
+/// idle keeper is not a dead one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_survives_kill9_while_drop_oldest_drops_after_idling() {
+    spend_survives_kill9_while_drop_oldest_drops(Duration::from_secs(11)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -292,12 +292,24 @@ fn a_second_run_on_the_same_data_dir_exits_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), "127.0.0.1:9", "", "");
     let _first = start_proxy(&cfg);
-    let out = std::process::Command::new(bin())
+    let mut second = std::process::Command::new(bin())
         .args(["run", "--config", cfg.to_str().unwrap()])
         .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
         .stdin(std::process::Stdio::null())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // Bounded: a second instance that starts would otherwise run forever.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while second.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second tollgate started on the same data_dir");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = second.wait_with_output().unwrap();
     assert!(!out.status.success());
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);

@@ -14,7 +14,6 @@
 //! after its position are replayed from the spool: each event counted once,
 //! whether the last run stopped cleanly or was killed.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -161,11 +160,8 @@ pub fn apply(ledger: &mut Ledger, line: &[u8]) {
 fn store(data_dir: &Path, snap: &Snapshot) -> std::io::Result<()> {
     let p = path(data_dir);
     std::fs::create_dir_all(p.parent().expect("has a parent"))?;
-    let tmp = p.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(snap).expect("ledger serializes"))?;
-    f.sync_data()?;
-    std::fs::rename(&tmp, &p)
+    let bytes = serde_json::to_vec(snap).expect("ledger serializes");
+    crate::spool::replace_file(&p, &bytes)
 }
 
 /// Keeps the snapshot current until `shutdown`, then writes a last one.
@@ -196,7 +192,10 @@ pub async fn keep(
         for n in &notes {
             n.apply(&mut ledger);
         }
-        if position != saved {
+        if position == saved {
+            // Alive with nothing to cover: a full spool need not wait.
+            spool.follower_alive();
+        } else {
             ledger.prune(OffsetDateTime::now_utc());
             let snap = Snapshot { position, ledger };
             let dir = data_dir.clone();

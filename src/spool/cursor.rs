@@ -2,7 +2,6 @@
 //! that write a file, that file's length at that point (so a restart can cut
 //! off a batch written but not committed, and never duplicate a line).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -28,12 +27,8 @@ pub fn load(dir: &Path, sink: &str) -> std::io::Result<Option<Cursor>> {
     }
 }
 
-/// Writes the cursor atomically: temp file, fsync, rename.
+/// Writes the cursor atomically and durably.
 pub fn store(dir: &Path, sink: &str, cursor: &Cursor) -> std::io::Result<()> {
-    let final_path = path(dir, sink);
-    let tmp = final_path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(cursor).expect("cursor serializes"))?;
-    f.sync_data()?;
-    std::fs::rename(&tmp, &final_path)
+    let bytes = serde_json::to_vec(cursor).expect("cursor serializes");
+    super::replace_file(&path(dir, sink), &bytes)
 }

@@ -89,6 +89,27 @@ pub struct SpoolStats {
 /// through to probe (a circuit breaker that closes on the next good write).
 const FAILED_HOLD_MS: u64 = 1000;
 
+/// ENOLCK and EOPNOTSUPP: the filesystem has no locks to take.
+fn locks_unsupported(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::Unsupported || matches!(e.raw_os_error(), Some(37 | 95))
+}
+
+/// Replaces `path` with `bytes` atomically and durably: a temporary file,
+/// synced, renamed over it, and the directory synced (so that after a power
+/// loss the rename is not older than what was deleted on its strength).
+pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, path)?;
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -130,13 +151,29 @@ pub struct Spool {
 
 struct Follower {
     cursor: String,
-    /// Past this long without a commit, the follower no longer holds
-    /// `drop_oldest` back (the spool stays bounded if it hangs).
-    stale_after_ms: u64,
-    /// Unix millis of its last commit.
-    committed_ms: AtomicU64,
+    /// Past this long without a sign of life (a commit, or a tick with
+    /// nothing to commit), the follower no longer holds `drop_oldest` back:
+    /// the spool stays bounded if it hangs or its snapshots fail.
+    stale_after: Duration,
+    /// Monotonic origin of `alive_ms` (a wall-clock step must not make a
+    /// dead follower look alive, or a live one dead).
+    origin: std::time::Instant,
+    /// Its last sign of life, in millis since `origin`.
+    alive_ms: AtomicU64,
     /// Asks it to commit now: `drop_oldest` is waiting for it.
     wanted: Notify,
+}
+
+impl Follower {
+    fn mark_alive(&self) {
+        self.alive_ms
+            .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn is_alive(&self) -> bool {
+        let since = Duration::from_millis(self.alive_ms.load(Ordering::Relaxed));
+        self.origin.elapsed().saturating_sub(since) < self.stale_after
+    }
 }
 
 impl Spool {
@@ -153,6 +190,10 @@ impl Spool {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 return Err(SpoolError::InUse(dir.to_path_buf()))
+            }
+            // Some network filesystems have no flock: run, but say so.
+            Err(std::fs::TryLockError::Error(e)) if locks_unsupported(&e) => {
+                tracing::warn!(path = %dir.join("lock").display(), error = %e, "cannot lock the spool directory here; a second tollgate on the same data_dir would not be refused");
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
         }
@@ -298,16 +339,25 @@ impl Spool {
     /// state keeper ([`Spool::take_notes`]), whose snapshot covers the log
     /// up to its `cursor`: a restart replays the segments after it, so
     /// `drop_oldest` waits for its next commit rather than remove them,
-    /// unless it has not committed for `stale_after`. Called once, before
+    /// unless it has shown no sign of life (a commit, or
+    /// [`Spool::follower_alive`]) for `stale_after`. Called once, before
     /// anything is appended.
     pub fn follow(&self, cursor: &str, stale_after: Duration) {
         self.log.follow();
         let _ = self.follower.set(Follower {
             cursor: cursor.to_string(),
-            stale_after_ms: stale_after.as_millis() as u64,
-            committed_ms: AtomicU64::new(unix_ms()),
+            stale_after,
+            origin: std::time::Instant::now(),
+            alive_ms: AtomicU64::new(0),
             wanted: Notify::new(),
         });
+    }
+
+    /// The follower is running and had nothing to commit.
+    pub fn follower_alive(&self) {
+        if let Some(f) = self.follower.get() {
+            f.mark_alive();
+        }
     }
 
     /// Resolves when `drop_oldest` waits for the follower to commit.
@@ -415,7 +465,7 @@ impl Spool {
     pub fn commit(&self, sink: &str, cursor: Cursor) -> Result<(), SpoolError> {
         cursor::store(&self.dir, sink, &cursor)?;
         if let Some(f) = self.follower.get().filter(|f| f.cursor == sink) {
-            f.committed_ms.store(unix_ms(), Ordering::Relaxed);
+            f.mark_alive();
         }
         {
             let mut cursors = self.cursors.lock().unwrap();
@@ -445,9 +495,7 @@ impl Spool {
         let mut target = end.saturating_sub(self.policy.max_bytes / 2);
         if let Some(f) = self.follower.get() {
             let at = self.cursor_position(&f.cursor).unwrap_or(end);
-            let fresh =
-                unix_ms().saturating_sub(f.committed_ms.load(Ordering::Relaxed)) < f.stale_after_ms;
-            if at < target && fresh {
+            if at < target && f.is_alive() {
                 // Past its snapshot, dropping would lose spend to a crash
                 // (a restart could not replay it): drop up to it, and ask it
                 // to move on.

@@ -152,14 +152,21 @@ async fn drop_oldest_waits_for_the_followers_commit() {
     assert!(spool.backlog_bytes() < 8192);
     spool.close().await;
 
-    // A follower that stopped committing holds nothing back.
+    // A follower that is alive but had nothing to commit for a while still
+    // holds the spool back; one that shows no sign of life does not.
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), policy(8192, 2048, WhenFull::DropOldest), &sinks).unwrap();
-    spool.follow("_state", Duration::from_millis(50));
+    spool.follow("_state", Duration::from_millis(200));
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        spool.follower_alive();
+    }
     for i in 0..200 {
         spool.append(line(i), Flush::Batch).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    spool.check_capacity().unwrap();
+    assert_eq!(spool.stats.dropped_bytes.load(Ordering::Relaxed), 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
     spool.check_capacity().unwrap();
     assert!(spool.backlog_bytes() < 8192);
     spool.close().await;
