@@ -31,8 +31,9 @@ use crate::spool::{Spool, SpoolError};
 /// The spool cursor of the state keeper.
 pub const CURSOR: &str = "_state";
 const EVERY: Duration = Duration::from_secs(1);
-/// A keeper that has not committed for this long no longer holds the
-/// spool's `drop_oldest` back (see [`crate::spool::Spool::follow`]).
+/// A keeper that has shown no sign of life (a commit, or a tick with
+/// nothing to commit) for this long no longer holds the spool's
+/// `drop_oldest` back (see [`crate::spool::Spool::follow`]).
 pub const STALE_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -139,8 +139,8 @@ pub struct Spool {
     /// Start of the oldest segment still on disk.
     start: AtomicU64,
     cursors: Mutex<Vec<(String, u64)>>,
-    /// The cursor of the follower (the budget state keeper), which
-    /// `drop_oldest` does not pass while the follower keeps committing.
+    /// The follower (the budget state keeper), whose cursor `drop_oldest`
+    /// does not pass while it shows signs of life.
     follower: OnceLock<Follower>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     pub stats: Arc<SpoolStats>,
