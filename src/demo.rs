@@ -91,8 +91,13 @@ const INITECH: Traffic = Traffic {
 };
 
 pub async fn run() -> Result<(), DemoError> {
-    let data = std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&data)?;
+    // A new directory each run (kept: the output points at its events). A
+    // name from the PID alone came back in containers, where the demo is
+    // PID 1, and the next run inherited the last one's spend.
+    let data = tempfile::Builder::new()
+        .prefix("tollgate-demo-")
+        .tempdir()?
+        .keep();
     let mock = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mock_addr = mock.local_addr()?;
     let (stop_mock, mock_stopped) = tokio::sync::oneshot::channel::<()>();

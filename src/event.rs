@@ -39,7 +39,7 @@ pub enum Outcome {
     RejectedRate,
     RejectedAuth,
     /// A request the proxy refused before forwarding for another reason
-    /// (malformed JSON, too large, spool full, unknown model when rejected).
+    /// (malformed JSON, too large, unknown model when rejected).
     RejectedRequest,
 }
 

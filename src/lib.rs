@@ -221,6 +221,25 @@ pub enum RunError {
     },
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
+    #[error("{}: {source}", dir.display())]
+    Data {
+        dir: std::path::PathBuf,
+        source: spool::SpoolError,
+    },
+}
+
+impl RunError {
+    /// An error opening the spool or the state under `dir`, naming it
+    /// (a mount that is missing or read-only says where).
+    fn at(dir: &std::path::Path, e: spool::SpoolError) -> RunError {
+        match e {
+            spool::SpoolError::InUse(_) => RunError::Spool(e),
+            source => RunError::Data {
+                dir: dir.to_path_buf(),
+                source,
+            },
+        }
+    }
 }
 
 /// A running instance: its addresses, and the handle to stop it.
@@ -290,12 +309,12 @@ pub async fn run(
         })?;
     let mut sink_names: Vec<String> = policy.sinks.iter().map(|s| s.name.clone()).collect();
     sink_names.push(limits::state::CURSOR.to_string());
-    let spool = Spool::open(
-        &policy.server.data_dir.join("spool"),
-        policy.spool.clone(),
-        &sink_names,
-    )?;
-    let (ledger, state_position) = limits::state::recover(&policy.server.data_dir, &spool).await?;
+    let spool_dir = policy.server.data_dir.join("spool");
+    let spool = Spool::open(&spool_dir, policy.spool.clone(), &sink_names)
+        .map_err(|e| RunError::at(&spool_dir, e))?;
+    let (ledger, state_position) = limits::state::recover(&policy.server.data_dir, &spool)
+        .await
+        .map_err(|e| RunError::at(&policy.server.data_dir.join("state"), e))?;
     // The state keeper follows the spool from here, before anything is
     // appended.
     spool.follow(limits::state::CURSOR, limits::state::STALE_AFTER);

@@ -72,6 +72,9 @@ pub struct Metrics {
     pub config_last_reload_ok: Gauge,
     pub tenant_spent: Family<TenantLabels, Gauge<f64, AtomicU64>>,
     pub tenant_remaining: Family<TenantLabels, Gauge<f64, AtomicU64>>,
+    /// Held by a scrape while it refills the tenant gauges (cleared first,
+    /// so a tenant removed by a reload leaves no stale series) and encodes.
+    pub scrape: std::sync::Mutex<()>,
     pub spool_disk_bytes: Gauge,
     pub spool_backlog_bytes: Gauge,
     pub spool_appended: Gauge,
@@ -216,6 +219,7 @@ impl Metrics {
             config_last_reload_ok: Gauge::default(),
             tenant_spent: Family::default(),
             tenant_remaining: Family::default(),
+            scrape: std::sync::Mutex::new(()),
             spool_disk_bytes: Gauge::default(),
             spool_backlog_bytes: Gauge::default(),
             spool_appended: Gauge::default(),

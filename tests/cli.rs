@@ -129,24 +129,45 @@ fn report_totals_per_tenant_and_model() {
 
 #[test]
 fn demo_runs_and_prints_a_usage_table() {
-    let out = Command::new(bin()).arg("demo").output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    // Twice, in one temp dir: each run starts from nothing (same tables)
+    // and keeps its events in a directory of its own.
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = || {
+        let out = Command::new(bin())
+            .arg("demo")
+            .env("TMPDIR", tmp.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (first, second) = (demo(), demo());
+    let tables = |t: &str| {
+        t.lines()
+            .filter(|l| !l.contains(tmp.path().to_str().unwrap()) && !l.contains("127.0.0.1"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(tables(&first), tables(&second));
+    let text = first;
     assert!(
         text.contains("acme") && text.contains("globex") && text.contains("TOTAL"),
         "{text}"
     );
-    let events = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Events (CloudEvents JSONL): "))
-        .unwrap();
-    let n = std::fs::read_to_string(events.trim())
-        .unwrap()
-        .lines()
-        .count();
+    let events_of = |t: &str| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("Events (CloudEvents JSONL): "))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let events = events_of(&text);
+    assert_ne!(events, events_of(&second));
+    assert!(events.starts_with(tmp.path().to_str().unwrap()), "{events}");
+    let n = std::fs::read_to_string(events).unwrap().lines().count();
     assert!(n >= 5, "{n}");
 }

@@ -418,3 +418,64 @@ async fn tenants_api_and_metrics_show_spend_and_remaining() {
         "{m}"
     );
 }
+
+/// Tenant ids that need URL-encoding are reachable through the admin API,
+/// and a tenant removed by a reload leaves no stale gauges in `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_tenant_ids_in_the_admin_api_and_no_stale_tenant_gauges() {
+    let env = setup("");
+    let base = std::fs::read_to_string(&env.cfg).unwrap();
+    let odd = "\n[[tenants]]\nid = \"team/a\"\nbudget = { limit = \"1\", window = \"total\" }\n\
+               \n[[tenants]]\nid = \"acme corp\"\nbudget = { limit = \"2\", window = \"total\" }\n";
+    std::fs::write(&env.cfg, format!("{base}{odd}")).unwrap();
+    let proxy = start(&env);
+
+    let url = format!("http://{}/v1/tenants/team%2Fa/credits", proxy.admin);
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let r = send(
+        "POST",
+        &url,
+        &[("authorization", &auth)],
+        r#"{"amount":"5"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["id"], "team/a");
+    assert_eq!(tenant(&proxy.admin, "team%2Fa").await["limit"], "6");
+    assert_eq!(tenant(&proxy.admin, "acme%20corp").await["id"], "acme corp");
+
+    let m = metrics_text(&proxy.admin).await;
+    assert!(
+        metric(&m, r#"tollgate_tenant_remaining_usd{tenant="team/a"}"#).is_some(),
+        "{m}"
+    );
+    // Reload without them: their series go with them.
+    std::fs::write(&env.cfg, &base).unwrap();
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &proxy.proc.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = send(
+            "GET",
+            &format!("http://{}/v1/tenants/team%2Fa", proxy.admin),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+        if r.status == 404 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "reload not applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = metrics_text(&proxy.admin).await;
+    assert!(!m.contains("team/a") && !m.contains("acme corp"), "{m}");
+    assert!(
+        metric(&m, r#"tollgate_tenant_spent_usd{tenant="acme"}"#).is_some(),
+        "{m}"
+    );
+}

@@ -318,3 +318,21 @@ fn a_second_run_on_the_same_data_dir_exits_with_a_clear_error() {
         "{text}"
     );
 }
+
+/// A data_dir that cannot be made (a wrong mount path) fails the start with
+/// an error naming the directory, not a bare "No such file or directory".
+#[tokio::test]
+async fn a_bad_data_dir_fails_naming_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "127.0.0.1:9", "", "");
+    // `data` is a file, so nothing can be made under it.
+    std::fs::write(dir.path().join("data"), "").unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let policy = tollgate::config::parse(&text, "t.toml", &|_| Some("k".into())).unwrap();
+    let e = match tollgate::start(policy).await {
+        Ok(_) => panic!("started on a data_dir that is a file"),
+        Err(e) => e.to_string(),
+    };
+    let spool = dir.path().join("data").join("spool");
+    assert!(e.starts_with(&format!("{}: ", spool.display())), "{e}");
+}

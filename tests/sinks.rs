@@ -575,6 +575,16 @@ async fn full_spool_with_reject_fails_closed_then_recovers() {
     );
     let backlog = metric(&m, "tollgate_spool_backlog_bytes").expect("backlog gauge");
     assert!(backlog >= 4096.0, "backlog {backlog}; metrics:\n{m}");
+    // A refused call writes no event (it would grow the full spool): each
+    // is counted instead.
+    assert_eq!(
+        metric(&m, "tollgate_rejected_unrecorded_total"),
+        metric(
+            &m,
+            r#"tollgate_rejections_total{reason="metering_unavailable"}"#
+        ),
+        "{m}"
+    );
     // Every call that was served has its event.
     let file = wait_events(dir.path(), "served calls' events", |ev| {
         let got: HashSet<&str> = ev

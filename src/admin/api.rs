@@ -2,6 +2,7 @@
 //! events. Reads are open on the (pod-local) admin port; mutating calls need
 //! the bearer token named by `server.admin_token_env`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -23,8 +24,16 @@ const MAX_BODY: usize = 64 * 1024;
 
 /// Routes `/v1/...`; `None` when the path is not the API's.
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Option<Response<Body>> {
-    let path = req.uri().path().to_string();
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Segments are percent-decoded after the split, so a tenant id with a
+    // space or a `/` is reachable as `acme%20corp` or `team%2Fa`.
+    let segs: Vec<Cow<'_, str>> = req
+        .uri()
+        .path()
+        .trim_matches('/')
+        .split('/')
+        .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy())
+        .collect();
+    let segs: Vec<&str> = segs.iter().map(|s| s.as_ref()).collect();
     let policy = app.policy.load_full();
     Some(match (req.method().clone(), segs.as_slice()) {
         (Method::GET, ["v1", "tenants"]) => {

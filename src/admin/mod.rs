@@ -75,6 +75,9 @@ fn metrics(app: &App) -> Response<Body> {
     }
     let now = time::OffsetDateTime::now_utc();
     let policy = app.policy.load();
+    let _scrape = m.scrape.lock().unwrap_or_else(|p| p.into_inner());
+    m.tenant_spent.clear();
+    m.tenant_remaining.clear();
     for t in policy.tenants.values() {
         let labels = crate::metrics::TenantLabels {
             tenant: t.id.clone(),

@@ -2,7 +2,8 @@
 //! validated without I/O into a typed [`Policy`], and shared through
 //! `arc-swap` so a reload swaps the whole policy at once.
 //!
-//! Every error names the key and the line: `file:line: key: reason`.
+//! Every error names the key and the line: `file:line: key: reason`
+//! (see [`ConfigError`] for the errors that have no key or line).
 
 mod locate;
 pub mod raw;
@@ -18,14 +19,30 @@ use rust_decimal::Decimal;
 
 pub use validate::hash_key;
 
-/// A config error that points at the offending key.
+/// A config error that points at the offending key: `file:line: key: reason`.
+/// A syntax error has no key (`file:line: reason`), and a file that cannot
+/// be read no line either (`file: reason`).
 #[derive(Debug, thiserror::Error)]
-#[error("{file}:{line}: {key}: {reason}")]
 pub struct ConfigError {
     pub file: String,
+    /// 1-based; 0 when the error is not at a line.
     pub line: usize,
+    /// Empty when the error is not about one key.
     pub key: String,
     pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.file)?;
+        if self.line > 0 {
+            write!(f, ":{}", self.line)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.reason)
+    }
 }
 
 /// Loads, parses and validates a config file.

@@ -105,3 +105,64 @@ fn prices_dated_snapshots_by_prefix() {
     assert!(p.price("x", "gpt-4.1-2025-04-14").is_some());
     assert!(p.price("x", "gpt-4o").is_none());
 }
+
+#[test]
+fn negative_cache_prices_are_refused() {
+    for field in ["cache_read_input", "cache_write_input"] {
+        let src = GOOD.replace(
+            "output = \"8.00\"",
+            &format!("output = \"8.00\"\n{field} = \"-0.5\""),
+        );
+        let e = parse(&src, "t.toml", &env).unwrap_err();
+        assert_eq!(e.key, format!("models.gpt-4.1.{field}"), "{e}");
+        assert!(e.reason.contains("negative"), "{e}");
+    }
+    let src = GOOD.replace(
+        "output = \"8.00\"",
+        "output = \"8.00\"\ncache_read_input = \"0\"",
+    );
+    assert!(parse(&src, "t.toml", &env).is_ok());
+}
+
+#[test]
+fn a_spool_too_small_for_an_event_is_refused() {
+    for small in ["0", "4095"] {
+        let src = format!("{GOOD}\n[spool]\nmax_bytes = {small}\n");
+        let e = parse(&src, "t.toml", &env).unwrap_err();
+        assert_eq!(e.key, "spool.max_bytes", "{e}");
+    }
+    let src = format!("{GOOD}\n[spool]\nmax_bytes = 4096\n");
+    assert_eq!(
+        parse(&src, "t.toml", &env).unwrap().spool.segment_bytes,
+        4096
+    );
+}
+
+#[test]
+fn proxy_and_admin_on_one_address_is_refused() {
+    let src = GOOD.replace(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:18787\"\nadmin_listen = \"127.0.0.1:18787\"",
+    );
+    let e = parse(&src, "t.toml", &env).unwrap_err();
+    assert_eq!(e.key, "server.admin_listen", "{e}");
+    assert_eq!(e.line, 4, "{e}");
+    // Port 0 picks a free port for each.
+    assert!(parse(GOOD, "t.toml", &env).is_ok());
+}
+
+#[test]
+fn errors_without_a_key_or_line_say_so_plainly() {
+    let e = parse("[server]\nlisten = \n", "t.toml", &env).unwrap_err();
+    assert!(e.key.is_empty());
+    assert!(e.to_string().starts_with("t.toml:2: "), "{e}");
+    assert!(!e.to_string().contains(": :"), "{e}");
+    let e = read(Path::new("/nonexistent/tollgate.toml"))
+        .err()
+        .expect("no such file");
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/tollgate.toml: cannot read: "),
+        "{e}"
+    );
+}

@@ -29,6 +29,9 @@ fn duration(key: &str, s: &str) -> Result<Duration, Invalid> {
     humantime::parse_duration(s).map_err(|e| invalid(key, format!("invalid duration {s:?}: {e}")))
 }
 
+/// The smallest spool (and segment): a few events.
+const MIN_SPOOL_BYTES: u64 = 4096;
+
 fn addr(key: &str, s: &str) -> Result<SocketAddr, Invalid> {
     s.parse()
         .map_err(|_| invalid(key, format!("invalid socket address {s:?} (want ip:port)")))
@@ -56,9 +59,17 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
     if s.source.is_empty() {
         return Err(invalid("server.source", "must not be empty"));
     }
+    let listen = addr("server.listen", &s.listen)?;
+    let admin_listen = addr("server.admin_listen", &s.admin_listen)?;
+    if listen == admin_listen && listen.port() != 0 {
+        return Err(invalid(
+            "server.admin_listen",
+            format!("{admin_listen} is also server.listen: give the admin API its own port"),
+        ));
+    }
     let server = Server {
-        listen: addr("server.listen", &s.listen)?,
-        admin_listen: addr("server.admin_listen", &s.admin_listen)?,
+        listen,
+        admin_listen,
         max_request_bytes: s.max_request_bytes,
         data_dir: PathBuf::from(&s.data_dir),
         source: s.source.clone(),
@@ -67,6 +78,12 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
     };
 
     let sp = &raw.spool;
+    if sp.max_bytes < MIN_SPOOL_BYTES {
+        return Err(invalid(
+            "spool.max_bytes",
+            format!("must be at least {MIN_SPOOL_BYTES} (below it no event fits and every call is refused)"),
+        ));
+    }
     let spool = SpoolPolicy {
         max_bytes: sp.max_bytes,
         when_full: match sp.when_full.as_str() {
@@ -90,7 +107,7 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
                 ))
             }
         },
-        segment_bytes: sp.segment_bytes.clamp(4096, sp.max_bytes.max(4096)),
+        segment_bytes: sp.segment_bytes.clamp(MIN_SPOOL_BYTES, sp.max_bytes),
     };
 
     let tenancy = match raw.tenancy.mode.as_str() {
@@ -134,8 +151,14 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
     let mut models = crate::FastMap::default();
     for (name, m) in &raw.models {
         let key = format!("models.{name}");
-        for (field, v) in [("input", m.input), ("output", m.output)] {
-            if v.is_sign_negative() {
+        let prices = [
+            ("input", Some(m.input)),
+            ("output", Some(m.output)),
+            ("cache_read_input", m.cache_read_input),
+            ("cache_write_input", m.cache_write_input),
+        ];
+        for (field, v) in prices {
+            if v.is_some_and(|v| v.is_sign_negative()) {
                 return Err(invalid(
                     format!("{key}.{field}"),
                     "price must not be negative",

@@ -25,14 +25,19 @@ impl FileSink {
     }
 
     async fn open(&mut self, saved: Option<u64>) -> Result<(), SinkError> {
+        // Errors name the file: a wrong mount path should say which.
+        let at = |e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("{}: {e}", self.path.display()))
+        };
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(dir).await?;
+            tokio::fs::create_dir_all(dir).await.map_err(at)?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.path)?;
-        let on_disk = file.metadata()?.len();
+            .open(&self.path)
+            .map_err(at)?;
+        let on_disk = file.metadata().map_err(at)?.len();
         self.len = match saved {
             // Written after the last commit: it will be written again.
             Some(saved) if saved < on_disk => {
