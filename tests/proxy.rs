@@ -267,6 +267,19 @@ async fn errors_come_in_the_provider_shape_and_are_metered() {
     .await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["code"], "invalid_json");
+    // An array of the fields' values is not an object: 400, not a worker
+    // panic (injecting the usage option into it did), and not forwarded.
+    for stream in ["true", "false"] {
+        let r = chat(
+            p,
+            ACME_KEY,
+            &format!(r#"["gpt-4o-mini",{stream},null,null,null,null,null,null]"#),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], "invalid_json");
+    }
     // Too large, declared and streamed.
     let big = format!(
         r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#,
@@ -418,6 +431,8 @@ async fn credentials_never_cross_and_hop_headers_are_dropped() {
             ("x-hop-secret", "1"),
             ("x-tollgate-debug", "1"),
             ("x-keep-me", "1"),
+            ("openai-organization", "org-the-operators-other"),
+            ("openai-project", "proj-the-operators-other"),
         ],
     )
     .await;
@@ -450,9 +465,9 @@ async fn credentials_never_cross_and_hop_headers_are_dropped() {
         .collect();
     assert!(names.contains(&"x-keep-me"), "{names:?}");
     assert!(
-        !names
-            .iter()
-            .any(|n| *n == "x-hop-secret" || n.starts_with("x-tollgate")),
+        !names.iter().any(|n| *n == "x-hop-secret"
+            || n.starts_with("x-tollgate")
+            || n.starts_with("openai-")),
         "{names:?}"
     );
     for resp in [&r, &r2] {

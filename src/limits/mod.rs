@@ -160,13 +160,19 @@ fn worst_case(ask: &Ask<'_>, input: u64) -> Decimal {
     if ask.upstream.provider == Provider::Generic {
         return ask.upstream.price_per_call;
     }
+    // The request model, or its longest configured prefix (a dated snapshot
+    // name): settling prices it the same way when the response names it.
     let model = ask.info.model.as_deref().unwrap_or("");
-    let Some(p) = ask.policy.price(model, "") else {
+    let Some(p) = ask.policy.price(model, model) else {
         return Decimal::ZERO;
     };
     let output = match ask.op {
         Operation::Embeddings => 0,
-        _ => ask.info.max_output_tokens.unwrap_or(p.max_output_tokens),
+        _ => ask
+            .info
+            .max_output_tokens
+            .unwrap_or(p.max_output_tokens)
+            .saturating_mul(ask.info.choices.max(1)),
     };
     let input_rate = p.input.max(p.cache_read_input).max(p.cache_write_input);
     (Decimal::from(input) * input_rate + Decimal::from(output) * p.output) / MILLION

@@ -23,14 +23,18 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// Classifies leniently, on the path as a server might read it (see
+    /// [`route_key`]), while the raw path is what is forwarded: another
+    /// spelling of a metered route must not pass as `Other`, unbudgeted.
     pub fn classify(provider: Provider, method: &http::Method, path: &str) -> Operation {
-        let path = path.split('?').next().unwrap_or("").trim_end_matches('/');
         if provider == Provider::Generic {
             return Operation::ToolCall;
         }
         if method != http::Method::POST {
             return Operation::Other;
         }
+        let path = route_key(path.split('?').next().unwrap_or(""));
+        let path = path.as_ref();
         match provider {
             Provider::OpenAi if path.ends_with("/chat/completions") => Operation::Chat,
             Provider::OpenAi if path.ends_with("/completions") => Operation::Completions,
@@ -59,6 +63,58 @@ impl Operation {
     }
 }
 
+/// The path as servers commonly read it: percent-encoded unreserved
+/// characters decoded, `;` parameters, empty and `.` segments dropped, `..`
+/// applied, ASCII lowercased, no trailing `/`. Borrowed when there is
+/// nothing to change (the usual case).
+fn route_key(path: &str) -> std::borrow::Cow<'_, str> {
+    let plain = !path.bytes().any(|b| matches!(b, b'%' | b';' | b'A'..=b'Z'))
+        && !path.contains("//")
+        && !path.contains("/.");
+    if plain {
+        return path.trim_end_matches('/').into();
+    }
+    let decoded: Vec<u8> = {
+        let b = path.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            let unreserved = |c: u8| c.is_ascii_alphanumeric() || b"-._~".contains(&c);
+            if b[i] == b'%' && i + 2 < b.len() {
+                if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                    let c = (h * 16 + l) as u8;
+                    if unreserved(c) {
+                        out.push(c);
+                        i += 3;
+                        continue;
+                    }
+                }
+            }
+            out.push(b[i]);
+            i += 1;
+        }
+        out
+    };
+    let decoded = String::from_utf8_lossy(&decoded).to_ascii_lowercase();
+    let mut segs: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg.split(';').next().unwrap_or("") {
+            "" | "." => {}
+            ".." => {
+                segs.pop();
+            }
+            seg => segs.push(seg),
+        }
+    }
+    let mut key = String::with_capacity(decoded.len() + 1);
+    for seg in segs {
+        key.push('/');
+        key.push_str(seg);
+    }
+    key.into()
+}
+
 #[derive(Deserialize)]
 struct StreamOptions {
     include_usage: Option<bool>,
@@ -72,6 +128,7 @@ struct Fields {
     max_completion_tokens: Option<u64>,
     max_output_tokens: Option<u64>,
     n: Option<u64>,
+    best_of: Option<u64>,
     stream_options: Option<StreamOptions>,
 }
 
@@ -80,8 +137,10 @@ struct Fields {
 pub struct RequestInfo {
     pub model: Option<String>,
     pub stream: bool,
-    /// The output cap the request names, times `n` choices.
+    /// The output cap the request names, for one choice.
     pub max_output_tokens: Option<u64>,
+    /// Choices generated (and billed): `n`, or the legacy `best_of`; at least 1.
+    pub choices: u64,
     /// The client asked for the usage chunk itself (OpenAI streams).
     pub client_wants_usage: bool,
 }
@@ -92,6 +151,12 @@ pub struct MalformedJson(#[from] serde_json::Error);
 
 impl RequestInfo {
     pub fn parse(body: &[u8]) -> Result<RequestInfo, MalformedJson> {
+        // serde would also take a struct from an array of its fields.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(MalformedJson(serde::de::Error::custom(
+                "expected a JSON object",
+            )));
+        }
         let f: Fields = serde_json::from_slice(body)?;
         let cap = f
             .max_completion_tokens
@@ -100,7 +165,8 @@ impl RequestInfo {
         Ok(RequestInfo {
             model: f.model,
             stream: f.stream.unwrap_or(false),
-            max_output_tokens: cap.map(|c| c.saturating_mul(f.n.unwrap_or(1).max(1))),
+            max_output_tokens: cap,
+            choices: f.n.max(f.best_of).unwrap_or(1).max(1),
             client_wants_usage: f
                 .stream_options
                 .and_then(|o| o.include_usage)
@@ -215,6 +281,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn other_spellings_of_a_metered_route_are_metered() {
+        use http::Method;
+        let c = |path| Operation::classify(Provider::OpenAi, &Method::POST, path);
+        for path in [
+            "/v1/chat/completion%73",
+            "/v1/chat/completion%73?x=1",
+            "/v1/chat/completions;",
+            "/v1/chat/completions;x=1/",
+            "/v1/chat/completions/.",
+            "/v1/chat//completions",
+            "/v1/chat/./completions",
+            "/v1/x/../chat/completions",
+            "/v1/Chat/Completions",
+            "/v1/%63hat/completions",
+        ] {
+            assert_eq!(c(path), Operation::Chat, "{path}");
+        }
+        assert_eq!(c("/v1/chat/completions/.."), Operation::Other);
+        assert_eq!(c("/v1/chat%2Fcompletions"), Operation::Other);
+        assert_eq!(c("/v1/%"), Operation::Other);
+        assert_eq!(c("/v1/embeddings%"), Operation::Other);
+        assert_eq!(c("/v1/embedding%7"), Operation::Other);
+        assert_eq!(
+            Operation::classify(Provider::Anthropic, &Method::POST, "/v1/Messages/"),
+            Operation::Messages
+        );
+        assert!(matches!(
+            route_key("/v1/chat/completions/"),
+            std::borrow::Cow::Borrowed("/v1/chat/completions")
+        ));
+    }
+
+    #[test]
     fn classifies_routes() {
         use http::Method;
         let c = |p, m: &Method, path| Operation::classify(p, m, path);
@@ -264,9 +363,16 @@ mod tests {
         .unwrap();
         assert_eq!(r.model.as_deref(), Some("gpt-4o"));
         assert!(r.stream && r.client_wants_usage);
-        assert_eq!(r.max_output_tokens, Some(30));
+        assert_eq!((r.max_output_tokens, r.choices), (Some(10), 3));
+        let r = RequestInfo::parse(br#"{"prompt":"x","n":2,"best_of":5}"#).unwrap();
+        assert_eq!((r.max_output_tokens, r.choices), (None, 5));
         assert!(RequestInfo::parse(b"{\"model\":").is_err());
         assert!(RequestInfo::parse(b"[1]").is_err());
+        // An array of the fields' values is not an object (serde takes it
+        // for a struct; injecting usage into it panicked).
+        assert!(
+            RequestInfo::parse(br#" ["gpt-4o-mini",true,null,null,null,null,null,null]"#).is_err()
+        );
     }
 
     #[test]

@@ -20,14 +20,18 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-/// Client credentials and headers the upstream sets itself.
-static NOT_FORWARDED: [HeaderName; 6] = [
+/// Client credentials, headers the upstream sets itself, and OpenAI's
+/// organization and project selectors (with the operator's key, a tenant
+/// would pick which of the operator's organizations or projects pays).
+static NOT_FORWARDED: [HeaderName; 8] = [
     header::HOST,
     header::CONTENT_LENGTH,
     header::AUTHORIZATION,
     header::COOKIE,
     HeaderName::from_static("x-api-key"),
     HeaderName::from_static("api-key"),
+    HeaderName::from_static("openai-organization"),
+    HeaderName::from_static("openai-project"),
 ];
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
