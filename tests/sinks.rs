@@ -535,7 +535,12 @@ async fn full_spool_with_reject_fails_closed_then_recovers() {
     let mock = start_mock();
     let port = reserve_port();
     let url = format!("http://{port}/api/v1/events");
-    let cfg = config(dir.path(), &mock.addr, "", &http_sink("meter", &url, ""));
+    let cfg = config(
+        dir.path(),
+        &mock.addr,
+        "admin_token_env = \"TEST_METER_TOKEN\"",
+        &http_sink("meter", &url, ""),
+    );
     set_spool(
         &cfg,
         "fsync = \"never\"\nmax_bytes = 4096\nsegment_bytes = 4096\nwhen_full = \"reject\"",
@@ -564,6 +569,18 @@ async fn full_spool_with_reject_fails_closed_then_recovers() {
     );
     let ready = get(&format!("http://{}/readyz", proxy.admin)).await;
     assert_eq!(ready.status, 503, "{}", ready.text());
+    // The app's outcome events are refused too: they would grow the spool
+    // past max_bytes as well.
+    let auth = format!("Bearer {METER_TOKEN}");
+    let r = send(
+        "POST",
+        &format!("http://{}/v1/events", proxy.admin),
+        &[("authorization", &auth)],
+        r#"{"tenant":"acme","type":"ticket.resolved","quantity":1}"#,
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "metering_unavailable");
     let m = metrics_text(&proxy.admin).await;
     assert!(
         metric(

@@ -156,6 +156,20 @@ pub fn tenant_json(app: &App, t: &Tenant, now: OffsetDateTime) -> serde_json::Va
     }
 }
 
+/// Appends an admin event (credit, outcome). Refused as a proxied call is
+/// when the spool is full under `reject`, or failing: these events must not
+/// grow a spool past `max_bytes` either.
+async fn record(
+    app: &App,
+    line: Vec<u8>,
+    note: Option<crate::limits::state::Note>,
+) -> Result<u64, crate::spool::SpoolError> {
+    app.spool.check_capacity()?;
+    app.spool
+        .append_noted(line, note, crate::spool::Flush::Batch)
+        .await
+}
+
 async fn read_json<T: for<'de> Deserialize<'de>>(
     req: Request<Incoming>,
 ) -> Result<T, Response<Body>> {
@@ -217,11 +231,7 @@ async fn credit(
         at: crate::event::event_instant(now),
     };
     // Durable first: the credit exists once its event is in the spool.
-    if let Err(e) = app
-        .spool
-        .append_noted(event.to_line(), Some(note), crate::spool::Flush::Batch)
-        .await
-    {
+    if let Err(e) = record(app, event.to_line(), Some(note)).await {
         tracing::error!(error = %e, tenant = %id, "credit not recorded: spool append failed");
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -308,11 +318,7 @@ async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Res
         key,
         at: crate::event::event_instant(now),
     });
-    if let Err(e) = app
-        .spool
-        .append_noted(event.to_line(), note, crate::spool::Flush::Batch)
-        .await
-    {
+    if let Err(e) = record(app, event.to_line(), note).await {
         if let Some(key) = &body.id {
             app.limits
                 .budgets

@@ -73,7 +73,9 @@ impl Sink for FileSink {
     fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<Delivered, SinkError>> {
         Box::pin(async move {
             if self.file.is_none() {
-                self.open(None).await?;
+                // After a failed write (and a failed reopen), cut back to
+                // what was delivered: a torn batch would stay in the file.
+                self.open(Some(self.len)).await?;
             }
             let file = self.file.clone().expect("opened above");
             let mut buf = Vec::with_capacity(batch.bytes());
@@ -101,4 +103,43 @@ async fn blocking(f: impl FnOnce() -> std::io::Result<()> + Send + 'static) -> s
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn batch(lines: &[&'static str]) -> Batch {
+        Batch {
+            lines: lines
+                .iter()
+                .map(|l| Bytes::from_static(l.as_bytes()))
+                .collect(),
+            end: 0,
+        }
+    }
+
+    /// A write failed and so did the reopen right after it: the next
+    /// delivery still cuts the file back to the last delivered length.
+    #[tokio::test]
+    async fn a_retry_after_a_failed_reopen_cuts_the_torn_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let mut sink = FileSink::new(path.clone());
+        assert_eq!(sink.start(None).await.unwrap(), Some(0));
+        sink.deliver(&batch(&["{\"a\":1}\n"])).await.unwrap();
+        // What the failure left: a torn line, and no open file.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(b"{\"b\":"))
+            .unwrap();
+        sink.file = None;
+        sink.deliver(&batch(&["{\"b\":2}\n"])).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"a\":1}\n{\"b\":2}\n"
+        );
+    }
 }

@@ -304,8 +304,13 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// The longest wait between attempts, also when the receiver asks for more.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
 /// Exponential backoff from 100 ms to 30 s with full jitter, or what the
-/// receiver asked for (`retry-after`), whichever is longer.
+/// receiver asked for (`retry-after`), whichever is longer, but never past
+/// 30 s: one `Retry-After: 3600` would otherwise hold every event for an
+/// hour after the receiver is back (and fill the spool meanwhile).
 #[derive(Default)]
 struct Backoff {
     attempt: u32,
@@ -313,9 +318,25 @@ struct Backoff {
 
 impl Backoff {
     fn next(&mut self, asked: Option<Duration>) -> Duration {
-        let cap = Duration::from_millis(100u64 << self.attempt.min(9)).min(Duration::from_secs(30));
+        let cap = Duration::from_millis(100u64 << self.attempt.min(9)).min(MAX_BACKOFF);
         self.attempt += 1;
         let jittered = cap.mul_f64(0.5 + fastrand::f64() / 2.0);
-        asked.map_or(jittered, |a| a.max(jittered))
+        asked.map_or(jittered, |a| a.max(jittered).min(MAX_BACKOFF))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_honours_retry_after_up_to_its_cap() {
+        let mut b = Backoff::default();
+        assert!(b.next(None) <= Duration::from_millis(100));
+        assert!(b.next(Some(Duration::from_secs(5))) >= Duration::from_secs(5));
+        assert_eq!(b.next(Some(Duration::from_secs(3600))), MAX_BACKOFF);
+        for _ in 0..20 {
+            assert!(b.next(None) <= MAX_BACKOFF);
+        }
     }
 }

@@ -84,10 +84,14 @@ impl Reader {
     async fn read(&mut self, max_events: usize, max_bytes: usize) -> Result<Batch, SpoolError> {
         let dir = self.spool.dir().to_path_buf();
         let from = self.position;
-        let (from, lines) =
-            tokio::task::spawn_blocking(move || read_lines(&dir, from, max_events, max_bytes))
-                .await
-                .expect("spool read does not panic")?;
+        // Only what the writer has published: a failed write's bytes are in
+        // the file until it cuts them back, and must never be delivered.
+        let limit = self.spool.end();
+        let (from, lines) = tokio::task::spawn_blocking(move || {
+            read_lines(&dir, from, limit, max_events, max_bytes)
+        })
+        .await
+        .expect("spool read does not panic")?;
         if from != self.position {
             tracing::error!(
                 sink = %self.sink,
@@ -116,19 +120,20 @@ impl Reader {
 /// The most read from a segment at once (a batch may span several reads).
 const READ_CHUNK: usize = 256 * 1024;
 
-/// Reads whole lines from `from`. Returns the position actually read from
-/// (later than `from` if those segments were dropped) and the lines. A
-/// segment removed between listing and opening (by cleanup or `drop_oldest`)
-/// means listing again.
+/// Reads whole lines from `from`, up to `limit` (the published end of the
+/// log). Returns the position actually read from (later than `from` if those
+/// segments were dropped) and the lines. A segment removed between listing
+/// and opening (by cleanup or `drop_oldest`) means listing again.
 fn read_lines(
     dir: &std::path::Path,
     from: u64,
+    limit: u64,
     max_events: usize,
     max_bytes: usize,
 ) -> Result<(u64, Vec<Bytes>), SpoolError> {
     let mut attempts = 0;
     loop {
-        match read_lines_once(dir, from, max_events, max_bytes) {
+        match read_lines_once(dir, from, limit, max_events, max_bytes) {
             Err(SpoolError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound && attempts < 8 => {
                 attempts += 1;
             }
@@ -140,10 +145,14 @@ fn read_lines(
 fn read_lines_once(
     dir: &std::path::Path,
     mut from: u64,
+    limit: u64,
     max_events: usize,
     max_bytes: usize,
 ) -> Result<(u64, Vec<Bytes>), SpoolError> {
-    let segs = segments::list(dir)?;
+    let mut segs = segments::list(dir)?;
+    for seg in &mut segs {
+        seg.len = seg.len.min(limit.saturating_sub(seg.start));
+    }
     let Some(first) = segs.first() else {
         return Ok((from, Vec::new()));
     };

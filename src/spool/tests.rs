@@ -328,3 +328,52 @@ async fn an_append_after_close_is_refused_and_counted_lost() {
     assert_eq!(spool.stats.lost_events.get(), 1);
     assert!(written_lines(dir.path()).is_empty());
 }
+
+/// `fsync = "always"` acknowledges an event only once it is on disk: a
+/// failed sync fails the append, counts the event lost and refuses calls
+/// for a moment, as a failed write does (it acknowledged the event).
+#[tokio::test(flavor = "current_thread")]
+async fn with_fsync_always_a_failed_sync_fails_the_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = policy(1 << 20, 1 << 20, WhenFull::Reject);
+    p.fsync = Fsync::Always;
+    let spool = Spool::open(dir.path(), p, &[]).unwrap();
+    spool.append(line(0), Flush::Batch).await.unwrap();
+    spool.log.fail_syncs.store(true, Ordering::Relaxed);
+    let r = spool.append(line(1), Flush::Batch).await;
+    assert!(r.is_err(), "acknowledged an event whose sync failed: {r:?}");
+    assert_eq!(spool.stats.lost_events.get(), 1);
+    assert!(spool.refuses_calls());
+    spool.log.fail_syncs.store(false, Ordering::Relaxed);
+    spool.append(line(2), Flush::Batch).await.unwrap();
+    assert!(!spool.refuses_calls());
+    spool.close().await;
+}
+
+/// A reader takes only what the writer published. Bytes of a write that is
+/// failing are in the file until it cuts them back; delivered, they would
+/// be events counted lost, and the cursor would land inside the lines
+/// written over them next.
+#[tokio::test(flavor = "current_thread")]
+async fn readers_stop_at_the_published_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = vec!["a".to_string()];
+    let spool = Spool::open(
+        dir.path(),
+        policy(1 << 20, 1 << 20, WhenFull::Reject),
+        &sinks,
+    )
+    .unwrap();
+    spool.append(line(0), Flush::Batch).await.unwrap();
+    let seg = segments::list(dir.path()).unwrap()[0].start;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(segments::path(dir.path(), seg))
+        .unwrap();
+    std::io::Write::write_all(&mut f, &line(1)).unwrap();
+    let mut r = spool.reader("a").unwrap();
+    let b = next(&mut r, 64, 1 << 20).await.unwrap();
+    assert_eq!(b.lines, [line(0)]);
+    assert_eq!(b.end, line(0).len() as u64);
+    spool.close().await;
+}

@@ -34,6 +34,9 @@ pub struct Log {
     end_tx: watch::Sender<u64>,
     stats: Arc<SpoolStats>,
     pub closed: AtomicBool,
+    /// Tests: every sync fails, as a full or broken disk makes it.
+    #[cfg(test)]
+    pub fail_syncs: AtomicBool,
 }
 
 struct State {
@@ -50,6 +53,11 @@ struct State {
     /// took them, while it follows (see [`Log::take_notes`]).
     notes: Vec<Note>,
     following: bool,
+    /// A sync failed where nobody could be told (a roll under "always"):
+    /// the next [`Log::sync`] fails too. Linux marks the pages clean after
+    /// a failed `fdatasync`, so syncing again would report success for data
+    /// that never reached the disk.
+    sync_failed: bool,
 }
 
 impl Log {
@@ -75,10 +83,13 @@ impl Log {
                 dir_dirty: false,
                 notes: Vec::new(),
                 following: false,
+                sync_failed: false,
             }),
             end_tx,
             stats,
             closed: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_syncs: AtomicBool::new(false),
         })
     }
 
@@ -131,9 +142,7 @@ impl Log {
     ) -> Result<u64, SpoolError> {
         if let Err(e) = (&*s.file).write_all(buf) {
             let _ = s.file.set_len(s.seg_len);
-            self.stats
-                .failed_at_ms
-                .store(unix_ms().max(1), Ordering::Relaxed);
+            self.mark_failed();
             tracing::error!(error = %e, events, "spool write failed");
             return Err(e.into());
         }
@@ -160,6 +169,7 @@ impl Log {
         if s.seg_len >= self.policy.segment_bytes {
             if let Err(e) = self.roll(&mut s) {
                 tracing::error!(error = %e, "spool: cannot start a new segment");
+                s.sync_failed |= self.policy.fsync == Fsync::Always;
             }
         }
         Ok(end)
@@ -172,27 +182,46 @@ impl Log {
 
     /// Syncs what was written so far (no lock held during the sync):
     /// segments closed since the last sync, the active one, the directory.
-    pub fn sync(&self) {
-        let (rolled, file, dir_dirty) = {
+    /// The first error is returned (each is logged).
+    pub fn sync(&self) -> std::io::Result<()> {
+        let (rolled, file, dir_dirty, failed) = {
             let mut s = self.state.lock().unwrap();
-            if !s.dirty && s.rolled.is_empty() && !s.dir_dirty {
-                return;
+            if !s.dirty && s.rolled.is_empty() && !s.dir_dirty && !s.sync_failed {
+                return Ok(());
             }
             let file = std::mem::take(&mut s.dirty).then(|| s.file.clone());
             (
                 std::mem::take(&mut s.rolled),
                 file,
                 std::mem::take(&mut s.dir_dirty),
+                std::mem::take(&mut s.sync_failed),
             )
         };
+        let mut first =
+            failed.then(|| std::io::Error::other("a segment's sync failed at its roll"));
         for f in rolled.iter().chain(file.as_ref()) {
+            #[cfg(test)]
+            if self.fail_syncs.load(Ordering::Relaxed) {
+                first.get_or_insert(std::io::Error::other("injected sync failure"));
+                continue;
+            }
             if let Err(e) = f.sync_data() {
                 tracing::error!(error = %e, "spool: fsync failed");
+                first.get_or_insert(e);
             }
         }
         if dir_dirty {
             sync_dir(&self.dir);
         }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Marks the spool failed now: calls are refused for a moment (see
+    /// `FAILED_HOLD_MS`), as after a failed write.
+    fn mark_failed(&self) {
+        self.stats
+            .failed_at_ms
+            .store(unix_ms().max(1), Ordering::Relaxed);
     }
 
     fn roll(&self, s: &mut State) -> std::io::Result<()> {
@@ -226,7 +255,8 @@ pub fn run_syncer(log: Arc<Log>, every: Duration) {
     let every = every.max(Duration::from_millis(1));
     while !log.closed.load(Ordering::Relaxed) {
         std::thread::sleep(every);
-        log.sync();
+        // Logged; a periodic sync's failure fails no call (README, Durability).
+        let _ = log.sync();
     }
 }
 
@@ -250,7 +280,14 @@ pub fn run_group_commit(log: Arc<Log>, mut rx: mpsc::Receiver<Append>) {
             notes.extend(a.note.take());
         }
         let n = batch.iter().filter(|a| !a.line.is_empty()).count() as u64;
-        let result = log.write(&buf, n, &mut notes).map(|_| log.sync());
+        // Acknowledged only once synced: a failed sync loses the batch as a
+        // failed write does (counted, and calls refused for a moment).
+        let result = log.write(&buf, n, &mut notes).and_then(|_| {
+            log.sync().map_err(|e| {
+                log.mark_failed();
+                SpoolError::from(e)
+            })
+        });
         if result.is_err() {
             log.count_lost(n);
         }
