@@ -496,3 +496,47 @@ async fn odd_tenant_ids_in_the_admin_api_and_no_stale_tenant_gauges() {
         "{m}"
     );
 }
+
+/// Context the provider adds from its own store (`previous_response_id`,
+/// `conversation`, a stored `prompt`) is not bounded by the body's bytes:
+/// the reservation allows `stored_context_tokens` for it (128,000 by
+/// default, $0.0192 at gpt-4o-mini's input price). Ten concurrent calls on
+/// a $0.01 balance, each billed 60k input tokens, spent 9 times it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_context_is_reserved_for() {
+    let env = setup("budget = { limit = \"0.01\", window = \"total\" }");
+    let proxy = start(&env);
+    let responses = |addr: &str, body: &'static str| {
+        let url = format!("http://{addr}/openai/v1/responses");
+        async move {
+            let auth = format!("Bearer {ACME_KEY}");
+            send("POST", &url, &[("authorization", &auth)], body).await
+        }
+    };
+    let a = &proxy.addr;
+    for body in [
+        r#"{"model":"gpt-4o-mini","input":"hi","max_output_tokens":10,"previous_response_id":"resp_1"}"#,
+        r#"{"model":"gpt-4o-mini","input":"hi","max_output_tokens":10,"conversation":"conv_1"}"#,
+        r#"{"model":"gpt-4o-mini","max_output_tokens":10,"prompt":{"id":"pmpt_1"}}"#,
+    ] {
+        let r = responses(a, body).await;
+        assert_eq!(r.status, 402, "{body}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "budget_exceeded");
+    }
+    for body in [
+        r#"{"model":"gpt-4o-mini","input":"hi","max_output_tokens":10}"#,
+        r#"{"model":"gpt-4o-mini","input":"hi","max_output_tokens":10,"previous_response_id":null}"#,
+    ] {
+        let r = responses(a, body).await;
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+    }
+    // A legacy completion's `prompt` is its text, not a stored prompt.
+    let r = send(
+        "POST",
+        &format!("http://{a}/openai/v1/completions"),
+        &[("authorization", &format!("Bearer {ACME_KEY}"))],
+        r#"{"model":"gpt-4o-mini","prompt":"hi","max_tokens":10}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}

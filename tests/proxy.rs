@@ -662,3 +662,57 @@ async fn answers_arriving_together_share_spool_writes() {
     println!("{CALLS} calls, {writes} spool writes");
     assert!(writes < CALLS, "{writes} writes for {CALLS} calls");
 }
+
+/// A model name (or request id) of the client's or upstream's choosing is
+/// cut to 256 bytes in the event, on a character boundary: a 2 MB `model`
+/// made a 4 MB event line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_model_names_are_cut_in_the_event() {
+    let e = env();
+    let model = format!("gpt-{}", "é".repeat(5000));
+    let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+    let r = chat(&e.proxy.addr, ACME_KEY, &body, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["model"].as_str().unwrap().len() > 10_000);
+    let ev = event_for(e.dir.path(), &request_id(&r)).await;
+    for field in ["request_model", "response_model"] {
+        let v = ev["data"][field].as_str().unwrap();
+        assert!(
+            v.len() <= 256 && v.len() >= 250,
+            "{field}: {} bytes",
+            v.len()
+        );
+        assert!(model.starts_with(v), "{field}");
+    }
+    assert!(
+        ev.to_string().len() < 2048,
+        "{} bytes",
+        ev.to_string().len()
+    );
+}
+
+/// `unknown_model = "reject"` refuses a model with no price before it is
+/// forwarded, and takes a dated snapshot of a priced model (priced by its
+/// longest configured prefix, as settling prices it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_models_are_refused_when_configured() {
+    let e = env_with("", "[pricing]\nunknown_model = \"reject\"\n");
+    let body =
+        |m: &str| format!(r#"{{"model":"{m}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+    let r = chat(&e.proxy.addr, ACME_KEY, &body("gpt-9-turbo"), &[]).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "model_not_priced");
+    let r = chat(
+        &e.proxy.addr,
+        ACME_KEY,
+        &body("gpt-4o-mini-2024-07-18"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ev = event_for(e.dir.path(), &request_id(&r)).await;
+    assert_eq!(ev["data"]["unpriced"], false);
+    assert_ne!(ev["data"]["cost"], "0");
+    let log = mock_log(&e.mock.addr).await;
+    assert_eq!(log.len(), 1, "the refused call reached the upstream");
+}

@@ -128,6 +128,9 @@ pub struct Policy {
     pub price_version: String,
     pub unknown_model: UnknownModel,
     pub url_item_tokens: u64,
+    /// Input tokens a reservation allows for context the provider adds from
+    /// its own store (`previous_response_id`, `conversation`, a stored prompt).
+    pub stored_context_tokens: u64,
     pub tenants: crate::FastMap<String, Arc<Tenant>>,
     /// sha256 digest (raw bytes) of a tenant key -> tenant id.
     pub keys: crate::FastMap<[u8; 32], String>,

@@ -200,6 +200,8 @@ pub struct RawPricing {
     pub unknown_model: String,
     #[serde(default = "default_url_item_tokens")]
     pub url_item_tokens: u64,
+    #[serde(default = "default_stored_context_tokens")]
+    pub stored_context_tokens: u64,
 }
 
 impl Default for RawPricing {
@@ -208,6 +210,7 @@ impl Default for RawPricing {
             version: None,
             unknown_model: default_unknown_model(),
             url_item_tokens: default_url_item_tokens(),
+            stored_context_tokens: default_stored_context_tokens(),
         }
     }
 }
@@ -217,6 +220,9 @@ fn default_unknown_model() -> String {
 }
 fn default_url_item_tokens() -> u64 {
     2000
+}
+fn default_stored_context_tokens() -> u64 {
+    128_000
 }
 
 #[derive(Debug, Deserialize)]

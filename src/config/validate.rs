@@ -291,6 +291,7 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
         price_version,
         unknown_model,
         url_item_tokens: raw.pricing.url_item_tokens,
+        stored_context_tokens: raw.pricing.stored_context_tokens,
         tenants,
         keys,
         sinks,

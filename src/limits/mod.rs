@@ -131,7 +131,19 @@ fn input_bound(ask: &Ask<'_>) -> u64 {
         .iter()
         .map(|f| positions(f, ask.body).count() as u64)
         .sum::<u64>();
-    ask.body.len() as u64 + by_reference * ask.policy.url_item_tokens
+    ask.body.len() as u64 + by_reference * ask.policy.url_item_tokens + stored_context(ask)
+}
+
+/// The allowance for input the provider adds from its own store: a
+/// `previous_response_id`, a `conversation` or (Responses API) a stored
+/// `prompt`. A tiny body can bill a long conversation.
+fn stored_context(ask: &Ask<'_>) -> u64 {
+    let stored = ask.info.stored_context || (ask.op == Operation::Responses && ask.info.prompt);
+    if stored {
+        ask.policy.stored_context_tokens
+    } else {
+        0
+    }
 }
 
 /// Input tokens counted with tiktoken (plus message framing and the
@@ -143,6 +155,7 @@ async fn counted_input(ask: &Ask<'_>) -> Option<u64> {
     let body = ask.body.clone();
     let model = ask.info.model.clone().unwrap_or_default();
     let per_item = ask.policy.url_item_tokens;
+    let stored = stored_context(ask);
     Some(
         tokens::estimate_blocking(move || {
             let input = crate::meter::request::input_text(&body);
@@ -150,6 +163,7 @@ async fn counted_input(ask: &Ask<'_>) -> Option<u64> {
                 + 3 * input.messages
                 + 3
                 + input.by_reference * per_item
+                + stored
         })
         .await,
     )

@@ -337,9 +337,9 @@ impl CallState {
             upstream: s.upstream.name.clone(),
             provider: s.upstream.provider.as_str().into(),
             operation: s.op.as_str().into(),
-            request_model: model,
-            response_model,
-            request_id: s.request_id.take(),
+            request_model: bounded(model),
+            response_model: bounded(response_model),
+            request_id: bounded(s.request_id.take()),
             http_status: status,
             stream: s.request.stream,
             outcome,
@@ -433,6 +433,24 @@ fn record_metrics(app: &App, policy: &Policy, d: &CallData) {
         ],
         f64::try_from(d.cost).unwrap_or(0.0),
     );
+}
+
+/// The most bytes of a client- or upstream-chosen string (model, request id)
+/// an event keeps: a 2 MB `model` made a 4 MB event (and an OTLP message
+/// past receivers' 4 MiB limit, retried forever).
+const MAX_FIELD_BYTES: usize = 256;
+
+fn bounded(s: Option<String>) -> Option<String> {
+    s.map(|mut s| {
+        if s.len() > MAX_FIELD_BYTES {
+            let mut n = MAX_FIELD_BYTES;
+            while !s.is_char_boundary(n) {
+                n -= 1;
+            }
+            s.truncate(n);
+        }
+        s
+    })
 }
 
 #[cfg(test)]

@@ -130,6 +130,9 @@ struct Fields {
     n: Option<u64>,
     best_of: Option<u64>,
     stream_options: Option<StreamOptions>,
+    previous_response_id: Option<serde::de::IgnoredAny>,
+    conversation: Option<serde::de::IgnoredAny>,
+    prompt: Option<serde::de::IgnoredAny>,
 }
 
 /// The facts of a metered request.
@@ -141,6 +144,12 @@ pub struct RequestInfo {
     pub max_output_tokens: Option<u64>,
     /// Choices generated (and billed): `n`, or the legacy `best_of`; at least 1.
     pub choices: u64,
+    /// Names context the provider keeps (`previous_response_id`,
+    /// `conversation`): input the body's bytes do not bound.
+    pub stored_context: bool,
+    /// Has a `prompt`: a stored prompt on the Responses API (on legacy
+    /// completions it is the text itself).
+    pub prompt: bool,
     /// The client asked for the usage chunk itself (OpenAI streams).
     pub client_wants_usage: bool,
 }
@@ -167,6 +176,8 @@ impl RequestInfo {
             stream: f.stream.unwrap_or(false),
             max_output_tokens: cap,
             choices: f.n.max(f.best_of).unwrap_or(1).max(1),
+            stored_context: f.previous_response_id.is_some() || f.conversation.is_some(),
+            prompt: f.prompt.is_some(),
             client_wants_usage: f
                 .stream_options
                 .and_then(|o| o.include_usage)

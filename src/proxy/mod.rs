@@ -109,7 +109,7 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             if let Some(m) = info
                 .model
                 .as_deref()
-                .filter(|m| policy.price(m, "").is_none())
+                .filter(|m| policy.price(m, m).is_none())
             {
                 let e = ProxyError::UnknownModel(m.to_string());
                 return reject(call, e, upstream.provider).await;
