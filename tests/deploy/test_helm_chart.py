@@ -103,6 +103,8 @@ def test_sidecar_is_native_and_wired_to_its_config_and_volumes() -> None:
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert tg[probe]["httpGet"]["port"] in port_names
     assert tg["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Not /readyz: a restart with a full spool would fail it and loop.
+    assert tg["startupProbe"]["httpGet"]["path"] == "/healthz"
     assert volume(deploy, "tollgate-config")["configMap"]["name"] == cm["metadata"]["name"]
     mounts = {m["name"]: m["mountPath"] for m in tg["volumeMounts"]}
     assert mounts == {"tollgate-config": "/etc/tollgate", "tollgate-data": "/var/lib/tollgate"}

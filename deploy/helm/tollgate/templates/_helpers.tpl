@@ -62,7 +62,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service | quote }}
     {{- end }}
   startupProbe:
     httpGet:
-      path: /readyz
+      path: /healthz
       port: tg-admin
     periodSeconds: 1
     failureThreshold: 30
