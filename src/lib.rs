@@ -121,7 +121,7 @@ impl App {
     ) -> Result<(), config::ConfigError> {
         let m = &self.metrics;
         let file = source.as_ref().map(|s| s.file.clone()).unwrap_or_default();
-        let new = match source.and_then(|s| s.parse()) {
+        let mut new = match source.and_then(|s| s.parse()) {
             Ok(p) => p,
             Err(e) => {
                 m.config_reloads
@@ -152,7 +152,17 @@ impl App {
         }
         if !restart.is_empty() {
             tracing::warn!(changed = ?restart, "these settings change only on restart; running with the old values");
+            // The policy says what runs: the stored one keeps the running
+            // values, so every later reload compares against them and warns
+            // again while the file still differs.
+            new.server.listen = old.server.listen;
+            new.server.admin_listen = old.server.admin_listen;
+            new.server.shutdown_grace = old.server.shutdown_grace;
+            new.server.data_dir = old.server.data_dir.clone();
+            new.spool = old.spool.clone();
+            new.sinks = old.sinks.clone();
         }
+        m.config_restart_pending.set(i64::from(!restart.is_empty()));
         self.policy.store(Arc::new(new));
         m.config_reloads
             .get_or_create(&metrics::ResultLabels { result: "ok" })

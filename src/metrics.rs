@@ -70,6 +70,7 @@ pub struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     pub config_last_load: Gauge,
     pub config_last_reload_ok: Gauge,
+    pub config_restart_pending: Gauge,
     pub tenant_spent: Family<TenantLabels, Gauge<f64, AtomicU64>>,
     pub tenant_remaining: Family<TenantLabels, Gauge<f64, AtomicU64>>,
     /// Held by a scrape while it refills the tenant gauges (cleared first,
@@ -217,6 +218,7 @@ impl Metrics {
             config_reloads: Family::default(),
             config_last_load: Gauge::default(),
             config_last_reload_ok: Gauge::default(),
+            config_restart_pending: Gauge::default(),
             tenant_spent: Family::default(),
             tenant_remaining: Family::default(),
             scrape: std::sync::Mutex::new(()),
@@ -286,6 +288,11 @@ impl Metrics {
             "config_last_reload_ok",
             "1 if the last reload attempt succeeded, 0 if the file was rejected",
             m.config_last_reload_ok.clone(),
+        );
+        r.register(
+            "config_restart_pending",
+            "1 while the file changes settings that apply only on restart (listeners, data_dir, shutdown_grace, [spool], [[sinks]])",
+            m.config_restart_pending.clone(),
         );
         r.register(
             "rejected_unrecorded",

@@ -336,3 +336,51 @@ async fn a_bad_data_dir_fails_naming_the_directory() {
     let spool = dir.path().join("data").join("spool");
     assert!(e.starts_with(&format!("{}: ", spool.display())), "{e}");
 }
+
+/// A change to a restart-only setting keeps the running value in the
+/// policy, and says so on every reload while the file still differs (one
+/// WARN at the first reload, then silence, left the operator guessing),
+/// with `tollgate_config_restart_pending` 1 until the file matches again.
+#[tokio::test]
+async fn a_pending_restart_stays_visible_across_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "127.0.0.1:9", "", "");
+    // No secrets: `reload` reads them from the process environment.
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("api_key_env = \"TEST_UPSTREAM_KEY\"", "");
+    let env = |_: &str| None;
+    let source = |text: &str| {
+        Ok(tollgate::config::Source {
+            file: "t.toml".into(),
+            text: text.to_string(),
+            sha256: [0; 32],
+        })
+    };
+    let policy = tollgate::config::parse(&text, "t.toml", &env).unwrap();
+    let running = tollgate::start(policy).await.unwrap();
+    let app = &running.app;
+    let pending = || {
+        let m = app.metrics.encode();
+        metric(&m, "tollgate_config_restart_pending").unwrap()
+    };
+    assert_eq!(pending(), 0.0);
+    let max_bytes = app.policy.load().spool.max_bytes;
+    let changed = text.replace("fsync = \"never\"", "fsync = \"never\"\nmax_bytes = 8192");
+    app.reload(source(&changed)).unwrap();
+    assert_eq!(
+        app.policy.load().spool.max_bytes,
+        max_bytes,
+        "runs the old value"
+    );
+    assert_eq!(pending(), 1.0);
+    // Another change on top: applied, and the restart is still pending.
+    let more = changed.replace("id = \"globex\"", "id = \"globex2\"");
+    app.reload(source(&more)).unwrap();
+    assert!(app.policy.load().tenants.contains_key("globex2"));
+    assert_eq!(app.policy.load().spool.max_bytes, max_bytes);
+    assert_eq!(pending(), 1.0);
+    app.reload(source(&text)).unwrap();
+    assert_eq!(pending(), 0.0);
+    running.shutdown().await;
+}
