@@ -174,6 +174,22 @@ impl App {
     }
 }
 
+/// The live ledger forgets what the snapshots forget (outcome keys after
+/// `KEEP_KEYS_DAYS`, days after `KEEP_DAYS`): without this, every outcome
+/// key stayed in memory until a restart. Hourly, one pass under the budget
+/// lock.
+async fn prune_live_ledger(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = server::stopped(&mut stop) => return,
+        }
+        let now = time::OffsetDateTime::now_utc();
+        app.limits.budgets.with(|l| l.prune(now));
+    }
+}
+
 fn unix_seconds() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -370,6 +386,7 @@ pub async fn run(
         state_position,
         sink_stop_rx.clone(),
     )));
+    tokio::spawn(prune_live_ledger(app.clone(), sink_stop_rx.clone()));
 
     let a = app.clone();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());

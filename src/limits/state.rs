@@ -177,6 +177,8 @@ pub async fn keep(
 ) {
     let mut saved = position;
     let mut tick = tokio::time::interval(EVERY);
+    // Pruning walks every outcome key: once a minute, not every snapshot.
+    let mut pruned = tokio::time::Instant::now();
     loop {
         let stop = tokio::select! {
             _ = tick.tick() => false,
@@ -197,7 +199,10 @@ pub async fn keep(
             // Alive with nothing to cover: a full spool need not wait.
             spool.follower_alive();
         } else {
-            ledger.prune(OffsetDateTime::now_utc());
+            if pruned.elapsed() >= std::time::Duration::from_secs(60) {
+                ledger.prune(OffsetDateTime::now_utc());
+                pruned = tokio::time::Instant::now();
+            }
             let snap = Snapshot { position, ledger };
             let dir = data_dir.clone();
             let (snap, result) = tokio::task::spawn_blocking(move || {
