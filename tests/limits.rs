@@ -87,7 +87,7 @@ async fn thirty_concurrent_calls_on_a_balance_for_three_serve_at_most_three() {
 }
 
 /// A dated snapshot name (what providers recommend pinning) is priced by
-/// its longest configured prefix when reserving too, not only when settling:
+/// its configured name when reserving too, not only when settling:
 /// it reserved nothing, and 40 concurrent calls spent 184% of a cap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dated_model_name_reserves_like_its_base_model() {
@@ -518,6 +518,7 @@ async fn stored_context_is_reserved_for() {
         r#"{"model":"gpt-4o-mini","input":"hi","max_output_tokens":10,"previous_response_id":"resp_1"}"#,
         r#"{"model":"gpt-4o-mini","input":"hi","max_output_tokens":10,"conversation":"conv_1"}"#,
         r#"{"model":"gpt-4o-mini","max_output_tokens":10,"prompt":{"id":"pmpt_1"}}"#,
+        r#"{"model":"gpt-4o-mini","max_output_tokens":10,"input":[{"type":"item_reference","id":"msg_1"}]}"#,
     ] {
         let r = responses(a, body).await;
         assert_eq!(r.status, 402, "{body}: {}", r.text());

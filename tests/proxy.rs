@@ -692,16 +692,19 @@ async fn long_model_names_are_cut_in_the_event() {
 }
 
 /// `unknown_model = "reject"` refuses a model with no price before it is
-/// forwarded, and takes a dated snapshot of a priced model (priced by its
-/// longest configured prefix, as settling prices it).
+/// forwarded, and takes a dated snapshot of a priced model (priced as its
+/// configured name, as settling prices it), but not another model whose
+/// name starts with a priced one (`o1-pro` is not `o1`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_models_are_refused_when_configured() {
     let e = env_with("", "[pricing]\nunknown_model = \"reject\"\n");
     let body =
         |m: &str| format!(r#"{{"model":"{m}","messages":[{{"role":"user","content":"hi"}}]}}"#);
-    let r = chat(&e.proxy.addr, ACME_KEY, &body("gpt-9-turbo"), &[]).await;
-    assert_eq!(r.status, 400, "{}", r.text());
-    assert_eq!(r.json()["error"]["code"], "model_not_priced");
+    for model in ["gpt-9-turbo", "gpt-4o-mini-pro"] {
+        let r = chat(&e.proxy.addr, ACME_KEY, &body(model), &[]).await;
+        assert_eq!(r.status, 400, "{model}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "model_not_priced");
+    }
     let r = chat(
         &e.proxy.addr,
         ACME_KEY,
@@ -715,4 +718,56 @@ async fn unknown_models_are_refused_when_configured() {
     assert_ne!(ev["data"]["cost"], "0");
     let log = mock_log(&e.mock.addr).await;
     assert_eq!(log.len(), 1, "the refused call reached the upstream");
+}
+
+/// A POST path with an escape the upstream's front end could read as
+/// another route (`chat%2Fcompletions` decoded to a chat call) is refused
+/// in the provider's shape, with its event, and never forwarded: metered as
+/// `other`, it would have reserved and cost nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_route_escapes_are_refused() {
+    let e = env();
+    let r = chat_at(&e.proxy.addr, "/openai/v1/chat%2Fcompletions").await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "invalid_request_path");
+    let r = send(
+        "POST",
+        &format!("http://{}/anthropic/v1%2Fmessages", e.proxy.addr),
+        &[("x-api-key", GLOBEX_KEY)],
+        r#"{"model":"claude-sonnet-4-5","max_tokens":5,"messages":[]}"#,
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["type"], "error");
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    // Another spelling of the route without such an escape is metered as it.
+    let r = chat_at(&e.proxy.addr, "/openai/v1/chat/completion%73").await;
+    let ev = wait_events(e.dir.path(), "three events", |ev| ev.len() >= 3).await;
+    assert!(
+        ev.iter()
+            .any(|x| x["data"]["operation"] == "chat" && x["data"]["calls"] == 1),
+        "{ev:#?} (last status {})",
+        r.status
+    );
+    let refused = ev
+        .iter()
+        .filter(|x| x["data"]["outcome"] == "rejected_request")
+        .count();
+    assert_eq!(refused, 2, "{ev:#?}");
+    let log = mock_log(&e.mock.addr).await;
+    assert_eq!(
+        log.len(),
+        1,
+        "a refused call reached the upstream: {log:#?}"
+    );
+}
+
+async fn chat_at(proxy: &str, path: &str) -> Resp {
+    send(
+        "POST",
+        &format!("http://{proxy}{path}"),
+        &[("authorization", &format!("Bearer {ACME_KEY}"))],
+        CHAT,
+    )
+    .await
 }

@@ -326,23 +326,50 @@ impl Policy {
         })
     }
 
-    /// Price for a model: exact request model, else exact response model,
-    /// else the longest configured name that prefixes the response model
-    /// (dated snapshots such as `gpt-4o-mini-2024-07-18`).
+    /// Price for a model: the exact request model, else the exact response
+    /// model, else a dated snapshot of a configured name, the response
+    /// model's, then the request model's. Only a date may follow the name
+    /// (`gpt-4o-mini-2024-07-18`, `claude-sonnet-4-5-20250929`,
+    /// `gpt-4-0613`): `o1-pro` is not priced as `o1`.
     pub fn price(&self, request_model: &str, response_model: &str) -> Option<&ModelPrice> {
         self.models
             .get(request_model)
             .or_else(|| self.models.get(response_model))
-            .or_else(|| {
-                self.models
-                    .iter()
-                    .filter(|(name, _)| {
-                        !response_model.is_empty() && response_model.starts_with(name.as_str())
-                    })
-                    .max_by_key(|(name, _)| name.len())
-                    .map(|(_, p)| p)
-            })
+            .or_else(|| self.models.get(undated(response_model)?))
+            .or_else(|| self.models.get(undated(request_model)?))
     }
+}
+
+/// The name before a snapshot date: `-YYYY-MM-DD`, `-YYYYMMDD` or `-MMDD`.
+fn undated(model: &str) -> Option<&str> {
+    let b = model.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    let n = b.len();
+    let cut = if n > 11
+        && b[n - 11] == b'-'
+        && b[n - 6] == b'-'
+        && b[n - 3] == b'-'
+        && digits(n - 10..n - 6)
+        && digits(n - 5..n - 3)
+        && digits(n - 2..n)
+    {
+        n - 11
+    } else {
+        // `-YYYYMMDD` or `-MMDD`, with a real month and day.
+        let (base, date) = model.rsplit_once('-')?;
+        let d = date.as_bytes();
+        if !matches!(d.len(), 4 | 8) || !d.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let two = |i: usize| (d[i] - b'0') * 10 + (d[i + 1] - b'0');
+        let (month, day) = (two(d.len() - 4), two(d.len() - 2));
+        if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+            return None;
+        }
+        base.len()
+    };
+    // The byte at `cut` is an ASCII '-', so `cut` is a char boundary.
+    Some(&model[..cut]).filter(|base| !base.is_empty())
 }
 
 #[cfg(test)]

@@ -104,6 +104,25 @@ fn prices_dated_snapshots_by_prefix() {
     assert!(p.price("gpt-4.1", "").is_some());
     assert!(p.price("x", "gpt-4.1-2025-04-14").is_some());
     assert!(p.price("x", "gpt-4o").is_none());
+    // A dated request model (reservations, or no response model).
+    for dated in ["gpt-4.1-2025-04-14", "gpt-4.1-20250414", "gpt-4.1-0414"] {
+        assert!(p.price(dated, "").is_some(), "{dated}");
+    }
+    // Only a date may follow the name: a longer name is another model.
+    for other in [
+        "gpt-4.1-mini",
+        "gpt-4.1-pro",
+        "gpt-4.1-2025",
+        "gpt-4.1-2025-04-1x",
+        "gpt-4.1-041",
+        "gpt-4.1x2025-04-14",
+        "-2025-04-14",
+        "é-2025-04-14é",
+        "éééééééééééé",
+        "",
+    ] {
+        assert!(p.price(other, other).is_none(), "{other}");
+    }
 }
 
 #[test]
@@ -147,6 +166,16 @@ fn proxy_and_admin_on_one_address_is_refused() {
     let e = parse(&src, "t.toml", &env).unwrap_err();
     assert_eq!(e.key, "server.admin_listen", "{e}");
     assert_eq!(e.line, 4, "{e}");
+    let src = GOOD.replace(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:18787\"\nadmin_listen = \"0.0.0.0:18787\"",
+    );
+    assert!(parse(&src, "t.toml", &env).is_err());
+    let src = GOOD.replace(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:18787\"\nadmin_listen = \"127.0.0.2:18787\"",
+    );
+    assert!(parse(&src, "t.toml", &env).is_ok());
     // Port 0 picks a free port for each.
     assert!(parse(GOOD, "t.toml", &env).is_ok());
 }

@@ -61,7 +61,11 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
     }
     let listen = addr("server.listen", &s.listen)?;
     let admin_listen = addr("server.admin_listen", &s.admin_listen)?;
-    if listen == admin_listen && listen.port() != 0 {
+    // One port on two addresses collides too when either is 0.0.0.0 or ::.
+    let overlap = listen.ip() == admin_listen.ip()
+        || listen.ip().is_unspecified()
+        || admin_listen.ip().is_unspecified();
+    if overlap && listen.port() == admin_listen.port() && listen.port() != 0 {
         return Err(invalid(
             "server.admin_listen",
             format!("{admin_listen} is also server.listen: give the admin API its own port"),

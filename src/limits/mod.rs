@@ -136,9 +136,13 @@ fn input_bound(ask: &Ask<'_>) -> u64 {
 
 /// The allowance for input the provider adds from its own store: a
 /// `previous_response_id`, a `conversation` or (Responses API) a stored
-/// `prompt`. A tiny body can bill a long conversation.
+/// `prompt` or an `item_reference` input. A tiny body can bill a long
+/// conversation.
 fn stored_context(ask: &Ask<'_>) -> u64 {
-    let stored = ask.info.stored_context || (ask.op == Operation::Responses && ask.info.prompt);
+    let responses = ask.op == Operation::Responses;
+    let stored = ask.info.stored_context
+        || (responses && ask.info.prompt)
+        || (responses && memchr::memmem::find(ask.body, b"\"item_reference\"").is_some());
     if stored {
         ask.policy.stored_context_tokens
     } else {
@@ -174,8 +178,8 @@ fn worst_case(ask: &Ask<'_>, input: u64) -> Decimal {
     if ask.upstream.provider == Provider::Generic {
         return ask.upstream.price_per_call;
     }
-    // The request model, or its longest configured prefix (a dated snapshot
-    // name): settling prices it the same way when the response names it.
+    // The request model, exactly or as a dated snapshot of a configured
+    // name: settling prices it the same way.
     let model = ask.info.model.as_deref().unwrap_or("");
     let Some(p) = ask.policy.price(model, model) else {
         return Decimal::ZERO;

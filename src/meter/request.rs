@@ -63,6 +63,32 @@ impl Operation {
     }
 }
 
+/// Whether a POST path to an LLM upstream could be read as another route by
+/// the upstream's front end, in a way [`route_key`] does not follow: a `\`
+/// (some servers take it for `/`), or a percent-escape of anything but an
+/// unreserved character (`%2F` decoded to `/` would make
+/// `chat%2Fcompletions` a chat call that was metered as `other`). Real SDK
+/// paths have neither, so such a request is refused rather than guessed at.
+pub fn ambiguous_path(path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or("");
+    let b = path.as_bytes();
+    b.iter().enumerate().any(|(i, &c)| match c {
+        b'\\' => true,
+        b'%' => {
+            let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
+            match (hex(i + 1), hex(i + 2)) {
+                (Some(h), Some(l)) => !is_unreserved((h * 16 + l) as u8),
+                _ => true,
+            }
+        }
+        _ => false,
+    })
+}
+
+fn is_unreserved(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"-._~".contains(&c)
+}
+
 /// The path as servers commonly read it: percent-encoded unreserved
 /// characters decoded, `;` parameters, empty and `.` segments dropped, `..`
 /// applied, ASCII lowercased, no trailing `/`. Borrowed when there is
@@ -80,11 +106,10 @@ fn route_key(path: &str) -> std::borrow::Cow<'_, str> {
         let mut i = 0;
         while i < b.len() {
             let hex = |c: u8| (c as char).to_digit(16);
-            let unreserved = |c: u8| c.is_ascii_alphanumeric() || b"-._~".contains(&c);
             if b[i] == b'%' && i + 2 < b.len() {
                 if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
                     let c = (h * 16 + l) as u8;
-                    if unreserved(c) {
+                    if is_unreserved(c) {
                         out.push(c);
                         i += 3;
                         continue;
@@ -322,6 +347,31 @@ mod tests {
             route_key("/v1/chat/completions/"),
             std::borrow::Cow::Borrowed("/v1/chat/completions")
         ));
+    }
+
+    #[test]
+    fn escapes_that_could_name_another_route_are_ambiguous() {
+        for path in [
+            "/v1/chat%2Fcompletions",
+            "/v1/chat%2fcompletions",
+            "/v1/chat\\completions",
+            "/v1/chat/completions%20",
+            "/v1/chat/completions%",
+            "/v1/chat/completions%2",
+            "/v1/chat/completions%zz",
+            "/v1/%C3%A9",
+        ] {
+            assert!(ambiguous_path(path), "{path}");
+        }
+        for path in [
+            "/v1/chat/completions",
+            "/v1/chat/completion%73",
+            "/v1/threads/thread_AbC/runs",
+            "/v1/chat/completions?q=%2F",
+            "/v1/é",
+        ] {
+            assert!(!ambiguous_path(path), "{path}");
+        }
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub enum ProxyError {
     MalformedJson(String),
     #[error("model {0:?} has no price and unpriced models are rejected")]
     UnknownModel(String),
+    #[error("request path has an escape that could name another route (write it unescaped)")]
+    AmbiguousPath,
     #[error("{0}")]
     BudgetExceeded(crate::limits::budget::BudgetExceeded),
     #[error("rate limit reached for {}; retry after {}s", match .0.kind { LimitKind::Requests => "requests", LimitKind::Tokens => "tokens" }, retry_secs(.0))]
@@ -41,9 +43,10 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Unauthenticated => StatusCode::UNAUTHORIZED,
             ProxyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BadBody(_) | ProxyError::MalformedJson(_) | ProxyError::UnknownModel(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::BadBody(_)
+            | ProxyError::MalformedJson(_)
+            | ProxyError::UnknownModel(_)
+            | ProxyError::AmbiguousPath => StatusCode::BAD_REQUEST,
             ProxyError::BudgetExceeded(_) => StatusCode::PAYMENT_REQUIRED,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::SpoolUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -61,6 +64,7 @@ impl ProxyError {
             ProxyError::BadBody(_) => "bad_request_body",
             ProxyError::MalformedJson(_) => "invalid_json",
             ProxyError::UnknownModel(_) => "model_not_priced",
+            ProxyError::AmbiguousPath => "invalid_request_path",
             ProxyError::BudgetExceeded(_) => "budget_exceeded",
             ProxyError::RateLimited(_) => "rate_limit_exceeded",
             ProxyError::SpoolUnavailable => "metering_unavailable",

@@ -81,6 +81,12 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let Some(tenant) = tenant else {
         return reject(call, ProxyError::Unauthenticated, upstream.provider).await;
     };
+    if upstream.provider != Provider::Generic
+        && req.method() == http::Method::POST
+        && meter::request::ambiguous_path(rest)
+    {
+        return reject(call, ProxyError::AmbiguousPath, upstream.provider).await;
+    }
     span.record("tenant", tenant.id.as_str());
 
     // read

@@ -41,7 +41,7 @@ impl FileSink {
         self.len = match saved {
             // Written after the last commit: it will be written again.
             Some(saved) if saved < on_disk => {
-                file.set_len(saved)?;
+                file.set_len(saved).map_err(at)?;
                 tracing::info!(path = %self.path.display(), cut_bytes = on_disk - saved, "file sink: removed lines written after the last commit");
                 saved
             }

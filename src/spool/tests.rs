@@ -337,16 +337,45 @@ async fn with_fsync_always_a_failed_sync_fails_the_append() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = policy(1 << 20, 1 << 20, WhenFull::Reject);
     p.fsync = Fsync::Always;
-    let spool = Spool::open(dir.path(), p, &[]).unwrap();
-    spool.append(line(0), Flush::Batch).await.unwrap();
+    use crate::limits::state::Note;
+    let spool = Spool::open(dir.path(), p, &["a".to_string()]).unwrap();
+    spool.follow("_state", std::time::Duration::from_secs(10));
+    let note = |amount: &str| Note::Spend {
+        tenant: "t".into(),
+        amount: amount.parse().unwrap(),
+        at: crate::event::event_instant(time::OffsetDateTime::now_utc()),
+    };
+    spool
+        .append_noted(line(0), Some(note("1")), Flush::Batch)
+        .await
+        .unwrap();
     spool.log.fail_syncs.store(true, Ordering::Relaxed);
-    let r = spool.append(line(1), Flush::Batch).await;
+    let r = spool
+        .append_noted(line(1), Some(note("2")), Flush::Batch)
+        .await;
     assert!(r.is_err(), "acknowledged an event whose sync failed: {r:?}");
     assert_eq!(spool.stats.lost_events.get(), 1);
     assert!(spool.refuses_calls());
     spool.log.fail_syncs.store(false, Ordering::Relaxed);
-    spool.append(line(2), Flush::Batch).await.unwrap();
+    spool
+        .append_noted(line(2), Some(note("3")), Flush::Batch)
+        .await
+        .unwrap();
     assert!(!spool.refuses_calls());
+    // The lost event is gone: no sink reads it, and the state keeper never
+    // counts it (a credit answered 503 took effect at the next restart).
+    let mut r = spool.reader("a").unwrap();
+    let b = next(&mut r, 64, 1 << 20).await.unwrap();
+    assert_eq!(b.lines, [line(0), line(2)]);
+    let (_, notes) = spool.take_notes().unwrap();
+    let amounts: Vec<String> = notes
+        .into_iter()
+        .map(|n| match n {
+            Note::Spend { amount, .. } => amount.to_string(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(amounts, ["1", "3"]);
     spool.close().await;
 }
 

@@ -53,11 +53,6 @@ struct State {
     /// took them, while it follows (see [`Log::take_notes`]).
     notes: Vec<Note>,
     following: bool,
-    /// A sync failed where nobody could be told (a roll under "always"):
-    /// the next [`Log::sync`] fails too. Linux marks the pages clean after
-    /// a failed `fdatasync`, so syncing again would report success for data
-    /// that never reached the disk.
-    sync_failed: bool,
 }
 
 impl Log {
@@ -83,7 +78,6 @@ impl Log {
                 dir_dirty: false,
                 notes: Vec::new(),
                 following: false,
-                sync_failed: false,
             }),
             end_tx,
             stats,
@@ -146,8 +140,21 @@ impl Log {
             tracing::error!(error = %e, events, "spool write failed");
             return Err(e.into());
         }
+        // "always": on disk before anything can see it (the ack, readers,
+        // the state keeper's notes). A failed sync cuts the lines back as a
+        // failed write does; syncing again later would not do, since Linux
+        // marks the pages clean after a failed `fdatasync`.
+        let always = self.policy.fsync == Fsync::Always;
+        if always {
+            if let Err(e) = self.sync_data(&s.file) {
+                let _ = s.file.set_len(s.seg_len);
+                self.mark_failed();
+                tracing::error!(error = %e, events, "spool sync failed");
+                return Err(e.into());
+            }
+        }
         s.seg_len += buf.len() as u64;
-        s.dirty = true;
+        s.dirty = !always;
         if s.following && !notes.is_empty() {
             if s.notes.len() + notes.len() > MAX_NOTES {
                 tracing::error!(
@@ -169,7 +176,6 @@ impl Log {
         if s.seg_len >= self.policy.segment_bytes {
             if let Err(e) = self.roll(&mut s) {
                 tracing::error!(error = %e, "spool: cannot start a new segment");
-                s.sync_failed |= self.policy.fsync == Fsync::Always;
             }
         }
         Ok(end)
@@ -184,9 +190,9 @@ impl Log {
     /// segments closed since the last sync, the active one, the directory.
     /// The first error is returned (each is logged).
     pub fn sync(&self) -> std::io::Result<()> {
-        let (rolled, file, dir_dirty, failed) = {
+        let (rolled, file, dir_dirty) = {
             let mut s = self.state.lock().unwrap();
-            if !s.dirty && s.rolled.is_empty() && !s.dir_dirty && !s.sync_failed {
+            if !s.dirty && s.rolled.is_empty() && !s.dir_dirty {
                 return Ok(());
             }
             let file = std::mem::take(&mut s.dirty).then(|| s.file.clone());
@@ -194,18 +200,11 @@ impl Log {
                 std::mem::take(&mut s.rolled),
                 file,
                 std::mem::take(&mut s.dir_dirty),
-                std::mem::take(&mut s.sync_failed),
             )
         };
-        let mut first =
-            failed.then(|| std::io::Error::other("a segment's sync failed at its roll"));
+        let mut first = None;
         for f in rolled.iter().chain(file.as_ref()) {
-            #[cfg(test)]
-            if self.fail_syncs.load(Ordering::Relaxed) {
-                first.get_or_insert(std::io::Error::other("injected sync failure"));
-                continue;
-            }
-            if let Err(e) = f.sync_data() {
+            if let Err(e) = self.sync_data(f) {
                 tracing::error!(error = %e, "spool: fsync failed");
                 first.get_or_insert(e);
             }
@@ -214,6 +213,14 @@ impl Log {
             sync_dir(&self.dir);
         }
         first.map_or(Ok(()), Err)
+    }
+
+    fn sync_data(&self, f: &File) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.fail_syncs.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("injected sync failure"));
+        }
+        f.sync_data()
     }
 
     /// Marks the spool failed now: calls are refused for a moment (see
@@ -280,14 +287,10 @@ pub fn run_group_commit(log: Arc<Log>, mut rx: mpsc::Receiver<Append>) {
             notes.extend(a.note.take());
         }
         let n = batch.iter().filter(|a| !a.line.is_empty()).count() as u64;
-        // Acknowledged only once synced: a failed sync loses the batch as a
-        // failed write does (counted, and calls refused for a moment).
-        let result = log.write(&buf, n, &mut notes).and_then(|_| {
-            log.sync().map_err(|e| {
-                log.mark_failed();
-                SpoolError::from(e)
-            })
-        });
+        // Written and synced before anything sees it (see `write_locked`):
+        // a failed sync loses the batch as a failed write does (counted,
+        // acknowledged as failed, calls refused for a moment).
+        let result = log.write(&buf, n, &mut notes).map(|_| ());
         if result.is_err() {
             log.count_lost(n);
         }
