@@ -138,6 +138,8 @@ pub struct Spool {
     end: watch::Receiver<u64>,
     /// Start of the oldest segment still on disk.
     start: AtomicU64,
+    /// Byte ranges between segments that recovery found missing.
+    gaps: Vec<(u64, u64)>,
     cursors: Mutex<Vec<(String, u64)>>,
     /// The follower (the budget state keeper), whose cursor `drop_oldest`
     /// does not pass while it shows signs of life.
@@ -198,6 +200,14 @@ impl Spool {
             Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
         }
         let segs = segments::recover(dir)?;
+        let gaps = segments::gaps(&segs);
+        for (from, to) in &gaps {
+            tracing::error!(
+                from,
+                lost_bytes = to - from,
+                "spool: events lost between segments (a power loss before their sync); readers skip them"
+            );
+        }
         let end = segs.last().map(|s| s.start + s.len).unwrap_or(0);
         let start = segs.first().map(|s| s.start).unwrap_or(end);
         let mut cursors = Vec::new();
@@ -252,6 +262,7 @@ impl Spool {
             rt: tokio::runtime::Handle::current(),
             end: end_rx,
             start: AtomicU64::new(start),
+            gaps,
             cursors: Mutex::new(cursors),
             follower: OnceLock::new(),
             threads: Mutex::new(threads),

@@ -87,6 +87,13 @@ impl Reader {
         // Only what the writer has published: a failed write's bytes are in
         // the file until it cuts them back, and must never be delivered.
         let limit = self.spool.end();
+        // Over a gap that recovery found (lost in a power loss).
+        let from = self
+            .spool
+            .gaps
+            .iter()
+            .find(|(start, end)| (*start..*end).contains(&from))
+            .map_or(from, |(_, end)| *end);
         let (from, lines) = tokio::task::spawn_blocking(move || {
             read_lines(&dir, from, limit, max_events, max_bytes)
         })
@@ -96,7 +103,7 @@ impl Reader {
             tracing::error!(
                 sink = %self.sink,
                 lost_bytes = from - self.position,
-                "sink cursor was behind the oldest segment: events were dropped"
+                "sink skipped events missing from the spool (dropped when full, or lost in a power loss)"
             );
         }
         let end = from + lines.iter().map(|l| l.len() as u64).sum::<u64>();

@@ -39,11 +39,14 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<Segment>> {
     Ok(segs)
 }
 
-/// Lists segments and cuts a torn tail off the newest one: anything after its
-/// last newline was a write interrupted by a crash, never acknowledged.
+/// Lists segments and cuts a torn tail off each: anything after a segment's
+/// last newline was a write interrupted by a crash (in the newest segment),
+/// or lost with the page cache in a power loss before the periodic sync (in
+/// an older one, whose successor then starts past its end: a gap, see
+/// [`gaps`]).
 pub fn recover(dir: &Path) -> std::io::Result<Vec<Segment>> {
     let mut segs = list(dir)?;
-    if let Some(last) = segs.last_mut() {
+    for last in segs.iter_mut() {
         let p = path(dir, last.start);
         let mut f = std::fs::OpenOptions::new()
             .read(true)
@@ -62,6 +65,16 @@ pub fn recover(dir: &Path) -> std::io::Result<Vec<Segment>> {
         }
     }
     Ok(segs)
+}
+
+/// The byte ranges no segment holds between the first and the last (lost
+/// in a power loss): readers step over them. Closed segments never change,
+/// so what recovery finds stays true while the spool is open.
+pub fn gaps(segs: &[Segment]) -> Vec<(u64, u64)> {
+    segs.windows(2)
+        .filter(|w| w[0].start + w[0].len < w[1].start)
+        .map(|w| (w[0].start + w[0].len, w[1].start))
+        .collect()
 }
 
 /// Length of the file up to and including its last `\n`.
