@@ -219,7 +219,12 @@ pub async fn keep(
                         position,
                         sink_offset: None,
                     };
-                    if let Err(e) = spool.commit(CURSOR, cursor) {
+                    // Two fsyncs: on the blocking pool, off the main runtime.
+                    let sp = spool.clone();
+                    let committed = tokio::task::spawn_blocking(move || sp.commit(CURSOR, cursor))
+                        .await
+                        .expect("cursor commit does not panic");
+                    if let Err(e) = committed {
                         tracing::error!(error = %e, "state keeper cannot commit its cursor");
                     }
                 }
