@@ -18,9 +18,12 @@ use super::usage::{Envelope, RawUsage};
 use crate::config::Provider;
 use crate::event::Usage;
 
-/// Largest JSON body parsed whole; past it only the tail is kept.
-const MAX_JSON_BYTES: usize = 32 << 20;
+/// Largest JSON body parsed whole; past it only the head and the tail are
+/// kept, so a call holds at most about this much (large embeddings bodies
+/// held whole made four concurrent calls cost 87 MB).
+const MAX_JSON_BYTES: usize = 4 << 20;
 const JSON_TAIL_BYTES: usize = 256 << 10;
+const JSON_HEAD_BYTES: usize = 64 << 10;
 /// Generated-text payloads kept for estimation; past it bytes are counted.
 const MAX_TEXT_BYTES: usize = 4 << 20;
 
@@ -55,6 +58,8 @@ pub struct ResponseMeter {
     json_first: Bytes,
     json: Vec<u8>,
     json_overflow: bool,
+    /// Past `MAX_JSON_BYTES`: the body's first bytes (for `model`).
+    json_head: Vec<u8>,
     raw_usage: Option<RawUsage>,
     pub response_model: Option<String>,
     /// The stream reached its terminal event.
@@ -79,6 +84,7 @@ impl ResponseMeter {
             json_first: Bytes::new(),
             json: Vec::new(),
             json_overflow: false,
+            json_head: Vec::new(),
             raw_usage: None,
             response_model: None,
             complete: false,
@@ -147,8 +153,14 @@ impl ResponseMeter {
     }
 
     fn collect_json(&mut self, frame: &[u8]) {
-        if self.json.len() + frame.len() > MAX_JSON_BYTES {
+        if !self.json_overflow && self.json.len() + frame.len() > MAX_JSON_BYTES {
             self.json_overflow = true;
+            let head = if self.json.is_empty() {
+                frame
+            } else {
+                &self.json
+            };
+            self.json_head = head[..head.len().min(JSON_HEAD_BYTES)].to_vec();
         }
         self.json.extend_from_slice(frame);
         if self.json_overflow && self.json.len() > 2 * JSON_TAIL_BYTES {
@@ -166,7 +178,10 @@ impl ResponseMeter {
             &collected
         };
         if self.json_overflow {
-            // Usage sits near the end of every supported body.
+            // Usage sits near the end of every supported body; `model` near
+            // the start (chat) or the end (embeddings).
+            self.response_model = string_member(json, b"\"model\"", true)
+                .or_else(|| string_member(&self.json_head, b"\"model\"", false));
             if let Some(at) = super::needles::USAGE_KEY_REV.rfind(json) {
                 let after = &json[at + 7..];
                 let start = after.iter().position(|&b| b == b'{');
@@ -348,6 +363,21 @@ impl ResponseMeter {
 }
 
 /// A `model` member's string (`None` when absent, null or not a string).
+/// The string value after the last (`last`) or first occurrence of `key`
+/// followed by `:`; `None` if there is none or it is not a string.
+fn string_member(buf: &[u8], key: &[u8], last: bool) -> Option<String> {
+    let at = if last {
+        memchr::memmem::rfind(buf, key)?
+    } else {
+        memchr::memmem::find(buf, key)?
+    };
+    let rest = &buf[at + key.len()..];
+    let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    let value = rest[colon..].strip_prefix(b":")?;
+    let mut de = serde_json::Deserializer::from_slice(value);
+    serde::Deserialize::deserialize(&mut de).ok()
+}
+
 fn model_of(raw: Option<&[u8]>) -> Option<String> {
     serde_json::from_slice::<Option<String>>(raw?)
         .ok()

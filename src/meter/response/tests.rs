@@ -197,3 +197,47 @@ fn detects_usage_objects_only() {
     assert!(!has_usage_object(br#"{"x\\":1,"usage":null}"#));
     assert!(has_usage_object(br#"{"usage":{"a":1},"x\\\"usage":null}"#));
 }
+
+/// Bodies past `MAX_JSON_BYTES` keep only their head and tail (a large
+/// embeddings batch held whole cost its full size per call): usage and
+/// model still come out, from the tail or the head.
+#[test]
+fn large_bodies_are_metered_from_head_and_tail_in_bounded_memory() {
+    let floats = "0.0123456789,".repeat(MAX_JSON_BYTES / 12 + 1000);
+    let embeddings = format!(
+        r#"{{"object":"list","data":[{{"object":"embedding","index":0,"embedding":[{floats}0.5]}}],"model":"text-embedding-3-small","usage":{{"prompt_tokens":1234,"total_tokens":1234}}}}"#
+    );
+    let chat = format!(
+        r#"{{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini-2024-07-18","choices":[{{"index":0,"message":{{"role":"assistant","content":"{}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":9,"completion_tokens":1500000,"total_tokens":1500009}}}}"#,
+        "ab ".repeat(MAX_JSON_BYTES / 3 + 1000)
+    );
+    for (body, op, model, input, output) in [
+        (
+            &embeddings,
+            Operation::Embeddings,
+            "text-embedding-3-small",
+            1234,
+            0,
+        ),
+        (
+            &chat,
+            Operation::Chat,
+            "gpt-4o-mini-2024-07-18",
+            9,
+            1_500_000,
+        ),
+    ] {
+        assert!(body.len() > MAX_JSON_BYTES);
+        let mut m = ResponseMeter::new(Provider::OpenAi, op, Format::Json, false);
+        let mut held = 0;
+        for c in body.as_bytes().chunks(64 << 10) {
+            m.feed(Bytes::copy_from_slice(c));
+            held = held.max(m.json.len() + m.json_first.len());
+        }
+        m.finish();
+        assert!(held <= MAX_JSON_BYTES + (64 << 10), "held {held} bytes");
+        assert_eq!(m.response_model.as_deref(), Some(model));
+        let u = m.usage().expect("usage from the tail");
+        assert_eq!((u.input_tokens, u.output_tokens), (input, output));
+    }
+}
