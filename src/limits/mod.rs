@@ -82,6 +82,12 @@ impl Limits {
             let reservation = match self.budgets.reserve(&ask.tenant.id, budget, bound, now) {
                 Ok(r) => r,
                 Err(first) => {
+                    // Counting cannot help when even no input at all would
+                    // not fit (an exhausted tenant retrying a large body
+                    // cost a tokenizer pass, up to 0.3 s of CPU, each time).
+                    if worst_case(&ask, stored_context(&ask)) > first.remaining {
+                        return Err(Refusal::Budget(first));
+                    }
                     // The byte bound is too coarse to admit: count tokens.
                     let Some(counted) = counted_input(&ask).await else {
                         return Err(Refusal::Budget(first));
