@@ -227,6 +227,12 @@ async fn ready_soon_after_process_start() {
         if r.status == 200 {
             break;
         }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never ready: {} {}",
+            r.status,
+            r.text()
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // The figure is benchmarked (bench/); here it is only reported.

@@ -433,6 +433,7 @@ async fn credentials_never_cross_and_hop_headers_are_dropped() {
             ("x-keep-me", "1"),
             ("openai-organization", "org-the-operators-other"),
             ("openai-project", "proj-the-operators-other"),
+            ("x-mock-leak-headers", "1"),
         ],
     )
     .await;
@@ -443,6 +444,7 @@ async fn credentials_never_cross_and_hop_headers_are_dropped() {
         &[
             ("x-api-key", GLOBEX_KEY),
             ("authorization", &format!("Bearer {GLOBEX_KEY}")),
+            ("x-mock-leak-headers", "1"),
         ],
         r#"{"model":"claude-sonnet-4-5","max_tokens":5,"messages":[]}"#,
     )
@@ -470,9 +472,14 @@ async fn credentials_never_cross_and_hop_headers_are_dropped() {
             || n.starts_with("openai-")),
         "{names:?}"
     );
+    // The mock echoed the upstream key and added hop-by-hop headers
+    // (x-mock-leak-headers): none of it reaches the client.
     for resp in [&r, &r2] {
         let headers = format!("{:?}", resp.headers);
         assert!(!headers.contains(UPSTREAM_KEY) && !resp.text().contains(UPSTREAM_KEY));
+        for hop in ["x-upstream-hop", "keep-alive"] {
+            assert!(!resp.headers.contains_key(hop), "{hop}: {headers}");
+        }
     }
     // Nor in the proxy's log.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -770,4 +777,55 @@ async fn chat_at(proxy: &str, path: &str) -> Resp {
         CHAT,
     )
     .await
+}
+
+/// `tenancy.mode = "header"`: a trusted header names the tenant; keys no
+/// longer do; an unknown name is 401; the header never reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_tenancy_names_the_tenant() {
+    let e = env_with("", "[tenancy]\nmode = \"header\"\nheader = \"X-Team\"\n");
+    let url = format!("http://{}/openai/v1/chat/completions", e.proxy.addr);
+    let r = send("POST", &url, &[("x-team", "globex")], CHAT).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ev = event_for(e.dir.path(), &request_id(&r)).await;
+    assert_eq!(ev["subject"], "globex");
+    assert_eq!(ev["data"]["tenant"], "globex");
+    for h in [
+        ("x-team", "initech"),
+        ("authorization", &format!("Bearer {ACME_KEY}")[..]),
+    ] {
+        let r = send("POST", &url, &[h], CHAT).await;
+        assert_eq!(r.status, 401, "{h:?}: {}", r.text());
+    }
+    let log = mock_log(&e.mock.addr).await;
+    assert_eq!(log.len(), 1, "{log:#?}");
+    let names = log[0]["headers"].as_array().unwrap();
+    assert!(!names.iter().any(|n| n == "x-team"), "{names:?}");
+}
+
+/// SIGHUP reloads at once, changed or not (the file poller reloads only on
+/// a change): with the file untouched, only the signal can count a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_an_unchanged_file() {
+    let e = env();
+    let m = format!("http://{}/metrics", e.proxy.admin);
+    let reloads = || async {
+        let text = send("GET", &m, &[], Bytes::new()).await.text();
+        metric(&text, r#"tollgate_config_reloads_total{result="ok"}"#).unwrap_or(0.0)
+    };
+    assert_eq!(reloads().await, 0.0);
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &e.proxy.proc.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reloads().await < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -201,3 +201,6 @@ fn worst_case(ask: &Ask<'_>, input: u64) -> Decimal {
     let input_rate = p.input.max(p.cache_read_input).max(p.cache_write_input);
     (Decimal::from(input) * input_rate + Decimal::from(output) * p.output) / MILLION
 }
+
+#[cfg(test)]
+mod tests;

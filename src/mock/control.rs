@@ -21,6 +21,9 @@ pub(crate) struct Controls {
     pub(crate) fail_after: Option<usize>,
     pub(crate) status: Option<StatusCode>,
     pub(crate) no_usage: bool,
+    /// Misbehave in the response head: echo the credentials the request
+    /// carried, and add hop-by-hop headers (for the proxy's hygiene tests).
+    pub(crate) leak_headers: bool,
     cached: u64,
     cache_write: u64,
     reasoning: u64,
@@ -40,6 +43,9 @@ impl Controls {
                 .filter(|s| s.is_client_error() || s.is_server_error()),
             no_usage: h
                 .get("x-mock-no-usage")
+                .is_some_and(|v| matches!(v.as_bytes(), b"1" | b"true")),
+            leak_headers: h
+                .get("x-mock-leak-headers")
                 .is_some_and(|v| matches!(v.as_bytes(), b"1" | b"true")),
             cached: num("x-mock-cached-tokens").unwrap_or(0),
             cache_write: num("x-mock-cache-write-tokens").unwrap_or(0),

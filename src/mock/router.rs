@@ -121,7 +121,19 @@ pub(crate) async fn handle(
         tokio::time::sleep(controls.first_byte_delay).await;
     }
     let id = Some((id_header, request_id));
-    Ok(reply(status, id, handled.reply, Some(&controls)))
+    let mut res = reply(status, id, handled.reply, Some(&controls));
+    if controls.leak_headers {
+        let h = res.headers_mut();
+        for name in [http::header::AUTHORIZATION, "x-api-key".parse().unwrap()] {
+            if let Some(v) = parts.headers.get(&name) {
+                h.insert(name, v.clone());
+            }
+        }
+        h.insert(http::header::CONNECTION, "x-upstream-hop".parse().unwrap());
+        h.insert("x-upstream-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+    }
+    Ok(res)
 }
 
 /// Auth, forced status, JSON parsing, then the route's handler.

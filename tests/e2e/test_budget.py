@@ -47,7 +47,11 @@ def test_thirty_concurrent_calls_on_a_small_prepaid_balance(stack):
     statuses = [s for s, _ in results]
     assert set(statuses) <= {200, 402}, statuses
     served = statuses.count(200)
-    assert 1 <= served <= 3, statuses
+    # Three worst cases (74.25 u$ each for this 95-byte body) fit in LIMIT
+    # at once. A straggler that arrives after three calls settled at their
+    # actual 57.6 u$ fits too (3 x 57.6 + 74.25 <= 250): at most four. What
+    # must hold whatever the timing is below: spent <= LIMIT.
+    assert 1 <= served <= 4, statuses
 
     mine = stack.wait_events(
         lambda e: e["subject"] == "prepaid",

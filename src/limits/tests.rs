@@ -1,0 +1,127 @@
+//! The worst case a call reserves (DESIGN §7), part by part: each of these
+//! left out would let a call spend past what it reserved.
+
+use super::*;
+
+const CONFIG: &str = r#"
+[[upstreams]]
+name = "openai"
+prefix = "/openai"
+url = "http://127.0.0.1:9"
+provider = "openai"
+
+[models."gpt-4o-mini"]
+input = "0.15"
+output = "0.60"
+max_output_tokens = 1000
+
+[pricing]
+url_item_tokens = 500
+
+[[tenants]]
+id = "acme"
+budget = { limit = "LIMIT", window = "total" }
+"#;
+
+fn policy(limit: &str) -> Policy {
+    crate::config::parse(&CONFIG.replace("LIMIT", limit), "t.toml", &|_| None).unwrap()
+}
+
+fn with_ask<T>(p: &Policy, body: &str, f: impl FnOnce(&Ask<'_>) -> T) -> T {
+    let body = Bytes::from(body.to_string());
+    let info = RequestInfo::parse(&body).unwrap();
+    let ask = Ask {
+        policy: p,
+        tenant: &p.tenants["acme"],
+        upstream: &p.upstreams[0],
+        op: Operation::Chat,
+        info: &info,
+        body: &body,
+    };
+    f(&ask)
+}
+
+fn usd(input: u64, output: u64) -> Decimal {
+    (Decimal::from(input) * Decimal::new(15, 2) + Decimal::from(output) * Decimal::new(60, 2))
+        / MILLION
+}
+
+#[test]
+fn output_is_the_request_cap_else_the_model_default_times_the_choices() {
+    let p = policy("1");
+    for (body, output) in [
+        (
+            r#"{"model":"gpt-4o-mini","max_tokens":100,"messages":[]}"#,
+            100,
+        ),
+        (
+            r#"{"model":"gpt-4o-mini","max_tokens":100,"n":5,"messages":[]}"#,
+            500,
+        ),
+        (r#"{"model":"gpt-4o-mini","messages":[]}"#, 1000),
+        (r#"{"model":"gpt-4o-mini","n":3,"messages":[]}"#, 3000),
+        (r#"{"model":"gpt-4o-mini","prompt":"x","best_of":4}"#, 4000),
+        (
+            r#"{"model":"gpt-4o-mini-2024-07-18","max_tokens":7,"messages":[]}"#,
+            7,
+        ),
+    ] {
+        let got = with_ask(&p, body, |a| worst_case(a, 0));
+        assert_eq!(got, usd(0, output), "{body}");
+    }
+    // Unpriced: nothing to reserve (settled at 0, flagged).
+    let got = with_ask(&p, r#"{"model":"o1-pro","messages":[]}"#, |a| {
+        worst_case(a, 0)
+    });
+    assert_eq!(got, Decimal::ZERO);
+}
+
+#[test]
+fn input_is_the_body_bytes_plus_an_allowance_per_item_by_reference() {
+    let p = policy("1");
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/a.png"}},{"type":"file","file":{"file_id":"f1"}}]}]}"#;
+    let got = with_ask(&p, body, input_bound);
+    assert_eq!(got, body.len() as u64 + 2 * 500);
+    let body = r#"{"model":"gpt-4o-mini","input":"hi","previous_response_id":"r1"}"#;
+    let got = with_ask(&p, body, |a| {
+        let mut a = Ask { ..*a };
+        a.op = Operation::Responses;
+        input_bound(&a)
+    });
+    assert_eq!(got, body.len() as u64 + 128_000);
+}
+
+/// The byte bound refuses, the token count admits: a long text of short
+/// words is far fewer tokens than bytes.
+#[tokio::test]
+async fn a_call_the_byte_bound_refuses_is_admitted_on_its_token_count() {
+    let text = "hello ".repeat(2000);
+    let body = format!(
+        r#"{{"model":"gpt-4o-mini","max_tokens":10,"messages":[{{"role":"user","content":"{text}"}}]}}"#
+    );
+    // About 2,000 tokens counted (" hello" is one), 12,000 bytes bound.
+    let limit = (usd(2100, 10) * Decimal::new(15, 1))
+        .normalize()
+        .to_string();
+    let p = policy(&limit);
+    let limits = Limits::new(MemoryStore::default());
+    let body = Bytes::from(body);
+    let info = RequestInfo::parse(&body).unwrap();
+    let ask = |info| Ask {
+        policy: &p,
+        tenant: &p.tenants["acme"],
+        upstream: &p.upstreams[0],
+        op: Operation::Chat,
+        info,
+        body: &body,
+    };
+    assert!(worst_case(&ask(&info), input_bound(&ask(&info))) > limit.parse().unwrap());
+    let now = OffsetDateTime::now_utc();
+    let admitted = limits.admit(ask(&info), now).await;
+    assert!(admitted.is_ok(), "{:?}", admitted.err());
+    // A second one does not fit beside it.
+    assert!(matches!(
+        limits.admit(ask(&info), now).await,
+        Err(Refusal::Budget(_))
+    ));
+}
