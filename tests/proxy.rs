@@ -389,7 +389,6 @@ timeout = "400ms"
 "#;
     let e = env_with("", extra);
     let auth = format!("Bearer {ACME_KEY}");
-    let started = std::time::Instant::now();
     // 40 pieces 100 ms apart: about 4 s, ten times the timeout.
     let r = send(
         "POST",
@@ -407,10 +406,12 @@ timeout = "400ms"
         r.body_error,
         "the client's body must break, not end cleanly"
     );
+    // Cut at the timeout, not at the stream's end: far fewer than the 40
+    // content pieces came through (counted, not timed).
+    let pieces = r.text().matches("\"content\":\"").count();
     assert!(
-        started.elapsed() < Duration::from_millis(3000),
-        "cut at the timeout, not at the stream's end: {:?}",
-        started.elapsed()
+        (1..30).contains(&pieces),
+        "{pieces} pieces: the stream was not cut, or nothing came first"
     );
     let ev = wait_events(e.dir.path(), "the cut stream's event", |ev| !ev.is_empty()).await;
     let d = &ev[0]["data"];
