@@ -135,7 +135,8 @@ fn main() -> Result<()> {
                     .await
                     .with_context(|| format!("cannot listen on {listen}"))?;
                 tracing::info!(addr = %listener.local_addr()?, "mock listening");
-                tollgate::mock::serve(listener, shutdown_signal()).await?;
+                tollgate::mock::serve(listener, async { ShutdownSignals::new().recv().await })
+                    .await?;
                 Ok(())
             })
         }
@@ -166,13 +167,14 @@ async fn run(policy: tollgate::config::Policy, config: PathBuf, loaded: [u8; 32]
         loaded,
         std::time::Duration::from_secs(1),
     ));
-    shutdown_signal().await;
+    let mut signals = ShutdownSignals::new();
+    signals.recv().await;
     watcher.abort();
     tracing::info!(grace = ?grace, "shutting down: draining in-flight calls");
     running.begin_shutdown();
     tokio::select! {
         _ = running.finished() => {}
-        _ = shutdown_signal() => {
+        _ = signals.recv() => {
             tracing::warn!("second signal: stopping now; finished events are in the spool");
             running.force();
             running.finished().await;
@@ -182,17 +184,37 @@ async fn run(policy: tollgate::config::Policy, config: PathBuf, loaded: [u8; 32]
     Ok(())
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
+/// SIGTERM and Ctrl-C (SIGINT), listened for from creation on: one set of
+/// listeners for both the first signal and the second, so a second signal
+/// sent right after the first is not lost between two listeners.
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn new() -> ShutdownSignals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            ShutdownSignals {
+                term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+                int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+            }
         }
+        #[cfg(not(unix))]
+        ShutdownSignals {}
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
