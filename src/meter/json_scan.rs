@@ -141,6 +141,55 @@ pub fn head_and_tail<'a>(
     }
 }
 
+/// The raw value of the top-level member `key` of an object of which `json`
+/// holds only the end (the tail of a body too large to keep): members are
+/// walked back from the closing brace, the last one wins. `None` when the
+/// walk meets the start of `json`, or anything it cannot read, first: a
+/// member's text inside another member's value is never taken for it.
+pub fn tail_member<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let close = rskip_ws(json, json.len()).checked_sub(1)?;
+    if json[close] != b'}' {
+        return None;
+    }
+    // Nothing at index 0 is read: it stands for the unseen opening brace.
+    let floor = 0;
+    let mut end = rskip_ws(json, close);
+    loop {
+        let value_start = value_start(json, end, floor)?;
+        let colon = rskip_ws(json, value_start).checked_sub(1)?;
+        let key_end = rskip_ws(json, colon);
+        if json[colon] != b':' || key_end <= floor + 1 || json[key_end - 1] != b'"' {
+            return None;
+        }
+        let key_start = string_start(json, key_end - 1, floor)?;
+        if &json[key_start + 1..key_end - 1] == key {
+            return Some(&json[value_start..end]);
+        }
+        let before = rskip_ws(json, key_start).checked_sub(1)?;
+        if before <= floor || json[before] != b',' {
+            return None;
+        }
+        end = rskip_ws(json, before);
+    }
+}
+
+/// The raw value of the top-level member `key` of an object of which `json`
+/// holds only the start, walking members forward from the opening brace
+/// (the first one wins). `None` when the walk runs out of `json`, or meets
+/// anything it cannot read, first.
+pub fn head_member<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let mut found = None;
+    members(json, 0, |k, start| {
+        let end = value_end(json, start)?;
+        if k == key {
+            found = Some(&json[start..end]);
+            return None;
+        }
+        Some(end)
+    });
+    found
+}
+
 fn rskip_ws(json: &[u8], mut end: usize) -> usize {
     while end > 0 && matches!(json[end - 1], b' ' | b'\t' | b'\n' | b'\r') {
         end -= 1;
@@ -268,7 +317,26 @@ fn value_end(json: &[u8], i: usize) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::top_level;
+    use super::{head_member, tail_member, top_level};
+
+    #[test]
+    fn members_from_one_end_only() {
+        let body = br#"{"model":"m1","data":[1,2,{"usage":{"x":1}}],"usage":{"a":1},"user":"usage","metadata":{"usage":"{}","model":"decoy"}}"#;
+        // The tail alone, cut inside `data`: usage is found, model is not
+        // (it sits before the cut), and no decoy is taken.
+        let tail = &body[20..];
+        assert_eq!(tail_member(tail, b"usage"), Some(&br#"{"a":1}"#[..]));
+        assert_eq!(tail_member(tail, b"model"), None);
+        assert_eq!(tail_member(tail, b"nothing"), None);
+        // Cut inside the usage object itself: nothing.
+        assert_eq!(tail_member(&body[60..], b"usage"), None);
+        // The head alone, cut inside `data`.
+        let head = &body[..30];
+        assert_eq!(head_member(head, b"model"), Some(&br#""m1""#[..]));
+        assert_eq!(head_member(head, b"usage"), None);
+        assert_eq!(head_member(b"[1]", b"model"), None);
+        assert_eq!(tail_member(b"", b"model"), None);
+    }
 
     #[test]
     fn finds_top_level_members_only() {
@@ -390,6 +458,10 @@ mod tests {
             let _ = super::head_and_tail(&b, b"model", b"usage");
             let _ = top_level(&b, [b"model", b"usage"]);
             let _ = super::raw_usage(&b);
+            for cut in [0, b.len() / 3, b.len() / 2] {
+                let _ = tail_member(&b[cut..], b"usage");
+                let _ = head_member(&b[..b.len() - cut], b"model");
+            }
         }
     }
 

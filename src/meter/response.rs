@@ -178,20 +178,14 @@ impl ResponseMeter {
             &collected
         };
         if self.json_overflow {
-            // Usage sits near the end of every supported body; `model` near
-            // the start (chat) or the end (embeddings).
-            self.response_model = string_member(json, b"\"model\"", true)
-                .or_else(|| string_member(&self.json_head, b"\"model\"", false));
-            if let Some(at) = super::needles::USAGE_KEY_REV.rfind(json) {
-                let after = &json[at + 7..];
-                let start = after.iter().position(|&b| b == b'{');
-                if let Some(u) = start.and_then(|s| {
-                    let mut de = serde_json::Deserializer::from_slice(&after[s..]);
-                    serde::Deserialize::deserialize(&mut de).ok()
-                }) {
-                    self.raw_usage = Some(u);
-                }
-            }
+            // Only the top-level members are taken, walked from either end
+            // (usage and, for embeddings, model near the end; model near
+            // the start for chat): a `"usage"` inside an echoed `metadata`
+            // or `user` must not stand in for the real one.
+            use super::json_scan::{head_member, tail_member};
+            self.response_model = model_of(tail_member(json, b"model"))
+                .or_else(|| model_of(head_member(&self.json_head, b"model")));
+            self.raw_usage = usage_of(tail_member(json, b"usage"));
         } else if let Some([model, usage]) =
             super::json_scan::head_and_tail(json, b"model", b"usage")
                 .or_else(|| super::json_scan::top_level(json, [b"model", b"usage"]))
@@ -363,21 +357,6 @@ impl ResponseMeter {
 }
 
 /// A `model` member's string (`None` when absent, null or not a string).
-/// The string value after the last (`last`) or first occurrence of `key`
-/// followed by `:`; `None` if there is none or it is not a string.
-fn string_member(buf: &[u8], key: &[u8], last: bool) -> Option<String> {
-    let at = if last {
-        memchr::memmem::rfind(buf, key)?
-    } else {
-        memchr::memmem::find(buf, key)?
-    };
-    let rest = &buf[at + key.len()..];
-    let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
-    let value = rest[colon..].strip_prefix(b":")?;
-    let mut de = serde_json::Deserializer::from_slice(value);
-    serde::Deserialize::deserialize(&mut de).ok()
-}
-
 fn model_of(raw: Option<&[u8]>) -> Option<String> {
     serde_json::from_slice::<Option<String>>(raw?)
         .ok()

@@ -211,7 +211,20 @@ fn large_bodies_are_metered_from_head_and_tail_in_bounded_memory() {
         r#"{{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini-2024-07-18","choices":[{{"index":0,"message":{{"role":"assistant","content":"{}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":9,"completion_tokens":1500000,"total_tokens":1500009}}}}"#,
         "ab ".repeat(MAX_JSON_BYTES / 3 + 1000)
     );
+    // The Responses API echoes client-chosen `user` and `metadata` after
+    // `usage`: decoys there must not stand in for the top-level members.
+    let responses = format!(
+        r#"{{"id":"resp_1","object":"response","model":"gpt-4.1-2025-04-14","output":[{{"type":"message","content":[{{"type":"output_text","text":"{}"}}]}}],"usage":{{"input_tokens":900000,"output_tokens":5000,"total_tokens":905000}},"user":"usage","metadata":{{"usage":"{{}}","model":"gpt-4o-mini","note":"\"usage\":{{\"input_tokens\":0}}"}}}}"#,
+        "ab ".repeat(MAX_JSON_BYTES / 3 + 1000)
+    );
     for (body, op, model, input, output) in [
+        (
+            &responses,
+            Operation::Responses,
+            "gpt-4.1-2025-04-14",
+            900_000,
+            5000,
+        ),
         (
             &embeddings,
             Operation::Embeddings,
