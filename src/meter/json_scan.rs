@@ -96,19 +96,11 @@ pub fn head_and_tail<'a>(
         return Some([None, None]);
     }
     loop {
-        let value_start = value_start(json, end, open)?;
-        let colon = rskip_ws(json, value_start).checked_sub(1)?;
-        let key_end = rskip_ws(json, colon);
-        if json[colon] != b':' || key_end <= open + 1 || json[key_end - 1] != b'"' {
-            return None;
-        }
-        let key_start = string_start(json, key_end - 1, open)?;
-        let key = &json[key_start + 1..key_end - 1];
+        let (key, value_start, before) = member_before(json, end, open)?;
         let value = &json[value_start..end];
         if head_at.is_none() && key == head {
             head_at = Some(value);
         }
-        let before = rskip_ws(json, key_start).checked_sub(1)?;
         if key == tail {
             tail_at = Some(value);
         }
@@ -155,22 +147,30 @@ pub fn tail_member<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     let floor = 0;
     let mut end = rskip_ws(json, close);
     loop {
-        let value_start = value_start(json, end, floor)?;
-        let colon = rskip_ws(json, value_start).checked_sub(1)?;
-        let key_end = rskip_ws(json, colon);
-        if json[colon] != b':' || key_end <= floor + 1 || json[key_end - 1] != b'"' {
-            return None;
-        }
-        let key_start = string_start(json, key_end - 1, floor)?;
-        if &json[key_start + 1..key_end - 1] == key {
+        let (k, value_start, before) = member_before(json, end, floor)?;
+        if k == key {
             return Some(&json[value_start..end]);
         }
-        let before = rskip_ws(json, key_start).checked_sub(1)?;
         if before <= floor || json[before] != b',' {
             return None;
         }
         end = rskip_ws(json, before);
     }
+}
+
+/// The member whose value ends just before `end` (nothing at or before
+/// `floor` is read): its key, where its value starts, and the index of what
+/// precedes it (a `,`, or the object's opening brace).
+fn member_before(json: &[u8], end: usize, floor: usize) -> Option<(&[u8], usize, usize)> {
+    let value_start = value_start(json, end, floor)?;
+    let colon = rskip_ws(json, value_start).checked_sub(1)?;
+    let key_end = rskip_ws(json, colon);
+    if json[colon] != b':' || key_end <= floor + 1 || json[key_end - 1] != b'"' {
+        return None;
+    }
+    let key_start = string_start(json, key_end - 1, floor)?;
+    let before = rskip_ws(json, key_start).checked_sub(1)?;
+    Some((&json[key_start + 1..key_end - 1], value_start, before))
 }
 
 /// The raw value of the top-level member `key` of an object of which `json`
