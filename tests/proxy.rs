@@ -830,3 +830,26 @@ async fn sighup_reloads_an_unchanged_file() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `background: true` on the Responses API is answered at once with no
+/// usage, and its output fetched later by a GET that carries no tokens to
+/// meter: refused, so that no output goes unpaid (a 100,000-token cap
+/// settled at 0 output).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_responses_are_refused() {
+    let e = env();
+    let url = format!("http://{}/openai/v1/responses", e.proxy.addr);
+    let auth = format!("Bearer {ACME_KEY}");
+    let body = |bg: bool| {
+        format!(
+            r#"{{"model":"gpt-4o-mini","input":"hi","max_output_tokens":100000,"background":{bg}}}"#
+        )
+    };
+    let r = send("POST", &url, &[("authorization", &auth)], body(true)).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "unsupported_parameter");
+    let r = send("POST", &url, &[("authorization", &auth)], body(false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let log = mock_log(&e.mock.addr).await;
+    assert_eq!(log.len(), 1, "the background call reached the upstream");
+}

@@ -158,6 +158,7 @@ struct Fields {
     previous_response_id: Option<serde::de::IgnoredAny>,
     conversation: Option<serde::de::IgnoredAny>,
     prompt: Option<serde::de::IgnoredAny>,
+    background: Option<bool>,
 }
 
 /// The facts of a metered request.
@@ -175,6 +176,9 @@ pub struct RequestInfo {
     /// Has a `prompt`: a stored prompt on the Responses API (on legacy
     /// completions it is the text itself).
     pub prompt: bool,
+    /// `background: true` (Responses API): answered at once, its output
+    /// fetched later.
+    pub background: bool,
     /// The client asked for the usage chunk itself (OpenAI streams).
     pub client_wants_usage: bool,
 }
@@ -203,6 +207,7 @@ impl RequestInfo {
             choices: f.n.max(f.best_of).unwrap_or(1).max(1),
             stored_context: f.previous_response_id.is_some() || f.conversation.is_some(),
             prompt: f.prompt.is_some(),
+            background: f.background.unwrap_or(false),
             client_wants_usage: f
                 .stream_options
                 .and_then(|o| o.include_usage)

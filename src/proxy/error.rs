@@ -25,6 +25,8 @@ pub enum ProxyError {
     UnknownModel(String),
     #[error("request path has an escape that could name another route (write it unescaped)")]
     AmbiguousPath,
+    #[error("background responses are not supported through this proxy: their output is fetched later and could be neither metered nor budgeted")]
+    Background,
     #[error("{0}")]
     BudgetExceeded(crate::limits::budget::BudgetExceeded),
     #[error("rate limit reached for {}; retry after {}s", match .0.kind { LimitKind::Requests => "requests", LimitKind::Tokens => "tokens" }, retry_secs(.0))]
@@ -46,7 +48,8 @@ impl ProxyError {
             ProxyError::BadBody(_)
             | ProxyError::MalformedJson(_)
             | ProxyError::UnknownModel(_)
-            | ProxyError::AmbiguousPath => StatusCode::BAD_REQUEST,
+            | ProxyError::AmbiguousPath
+            | ProxyError::Background => StatusCode::BAD_REQUEST,
             ProxyError::BudgetExceeded(_) => StatusCode::PAYMENT_REQUIRED,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::SpoolUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -65,6 +68,7 @@ impl ProxyError {
             ProxyError::MalformedJson(_) => "invalid_json",
             ProxyError::UnknownModel(_) => "model_not_priced",
             ProxyError::AmbiguousPath => "invalid_request_path",
+            ProxyError::Background => "unsupported_parameter",
             ProxyError::BudgetExceeded(_) => "budget_exceeded",
             ProxyError::RateLimited(_) => "rate_limit_exceeded",
             ProxyError::SpoolUnavailable => "metering_unavailable",

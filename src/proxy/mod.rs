@@ -111,6 +111,9 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
                 .await
             }
         };
+        if info.background && op == Operation::Responses {
+            return reject(call, ProxyError::Background, upstream.provider).await;
+        }
         if policy.unknown_model == UnknownModel::Reject {
             if let Some(m) = info
                 .model
