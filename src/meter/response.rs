@@ -36,10 +36,14 @@ pub enum Format {
 
 impl Format {
     pub fn from_content_type(ct: Option<&http::HeaderValue>) -> Format {
-        let ct = ct.and_then(|v| v.to_str().ok()).unwrap_or("");
-        if ct.starts_with("text/event-stream") {
+        // Media types are case-insensitive (RFC 9110 §8.3.1).
+        let ct = ct.map_or(&b""[..], |v| v.as_bytes());
+        let starts = |p: &[u8]| ct.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p));
+        if starts(b"text/event-stream") {
             Format::Sse
-        } else if ct.starts_with("application/json") || ct.contains("+json") {
+        } else if starts(b"application/json")
+            || ct.windows(5).any(|w| w.eq_ignore_ascii_case(b"+json"))
+        {
             Format::Json
         } else {
             Format::Opaque
@@ -346,10 +350,25 @@ impl ResponseMeter {
     /// The generated text seen so far (for estimation), and the bytes of
     /// payload past the cap, which are estimated at four bytes a token.
     pub fn generated_text(&self) -> (String, u64) {
+        // Consecutive JSON values, each over as many lines as it takes (a
+        // pretty-printed body, a multi-line `data:` event); one that does
+        // not parse is skipped to the next line.
         let mut out = String::new();
-        for line in self.text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) {
-                collect_text(&v, None, &mut out);
+        let t = &self.text;
+        let mut at = 0;
+        while at < t.len() {
+            let mut values =
+                serde_json::Deserializer::from_slice(&t[at..]).into_iter::<serde_json::Value>();
+            match values.next() {
+                None => break,
+                Some(Ok(v)) => {
+                    collect_text(&v, None, &mut out);
+                    at += values.byte_offset();
+                }
+                Some(Err(_)) => match memchr::memchr(b'\n', &t[at..]) {
+                    Some(i) => at += i + 1,
+                    None => break,
+                },
             }
         }
         (out, self.text_overflow)

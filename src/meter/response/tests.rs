@@ -254,3 +254,35 @@ fn large_bodies_are_metered_from_head_and_tail_in_bounded_memory() {
         assert_eq!((u.input_tokens, u.output_tokens), (input, output));
     }
 }
+
+/// A body without usage is estimated from its text however it is laid
+/// out: OpenAI pretty-prints non-streamed bodies, and a line-by-line read
+/// found no text in them (0 output tokens).
+#[test]
+fn pretty_printed_bodies_without_usage_are_estimated_from_their_text() {
+    let compact = r#"{"id":"c1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Four score and seven years ago"},"finish_reason":"stop"}]}"#;
+    let pretty =
+        serde_json::to_string_pretty(&serde_json::from_str::<serde_json::Value>(compact).unwrap())
+            .unwrap();
+    for body in [compact.to_string(), pretty] {
+        let mut m = ResponseMeter::new(Provider::OpenAi, Operation::Chat, Format::Json, false);
+        m.feed(Bytes::from(body.clone()));
+        m.finish();
+        assert!(m.usage().is_none());
+        let (text, _) = m.generated_text();
+        assert!(
+            text.starts_with("Four score and seven years ago"),
+            "{body}: {text:?}"
+        );
+    }
+}
+
+#[test]
+fn content_types_are_case_insensitive() {
+    let f = |ct: &str| Format::from_content_type(Some(&http::HeaderValue::from_str(ct).unwrap()));
+    assert_eq!(f("Text/Event-Stream; charset=utf-8"), Format::Sse);
+    assert_eq!(f("Application/JSON"), Format::Json);
+    assert_eq!(f("application/problem+JSON"), Format::Json);
+    assert_eq!(f("text/plain"), Format::Opaque);
+    assert_eq!(Format::from_content_type(None), Format::Opaque);
+}
