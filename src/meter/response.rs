@@ -132,12 +132,22 @@ impl ResponseMeter {
             Format::Sse => {
                 // Events whole in the frame are read from it; only a partial
                 // one is carried over (copied) to the next frame.
-                let input = if self.pending.is_empty() {
-                    frame
-                } else {
-                    self.pending.extend_from_slice(&frame);
-                    self.pending.split().freeze()
-                };
+                if self.pending.is_empty() {
+                    return self.take_complete_events(frame, false);
+                }
+                let scanned = self.pending.len();
+                self.pending.extend_from_slice(&frame);
+                if self.pending.len() > super::sse::MAX_EVENT_BYTES {
+                    return self.stop_stripping();
+                }
+                // No blank line in the new bytes (nor across the join): the
+                // held event is still open. Not rescanning it, nor copying
+                // it again, keeps a large event linear (an 8 MiB one cost
+                // 1.4 s of CPU, 32 MiB 42 s).
+                if !has_blank_line(&self.pending[scanned.saturating_sub(2)..]) {
+                    return Bytes::new();
+                }
+                let input = self.pending.split().freeze();
                 self.take_complete_events(input, false)
             }
         }
@@ -232,6 +242,25 @@ impl ResponseMeter {
             self.pending.extend_from_slice(&input);
         }
         out.freeze()
+    }
+
+    /// An event too large to hold: the rest of the stream passes through
+    /// as it comes, metered like any other (the SSE decoder drops the
+    /// oversized event, as it does without stripping). The client may then
+    /// see a usage chunk it did not ask for; memory stays bounded.
+    fn stop_stripping(&mut self) -> Bytes {
+        tracing::warn!(
+            bytes = self.pending.len(),
+            "an SSE event too large to hold: passing the rest of the stream through unstripped"
+        );
+        self.strip_usage = false;
+        let held = self.pending.split().freeze();
+        let mut sse = std::mem::take(&mut self.sse);
+        sse.feed(&held, &mut |name, data| {
+            self.on_event(name, data);
+        });
+        self.sse = sse;
+        held
     }
 
     /// Handles one SSE event; returns true for an OpenAI usage-only chunk.
@@ -373,6 +402,17 @@ impl ResponseMeter {
         }
         (out, self.text_overflow)
     }
+}
+
+/// Whether `b` holds two line ends in a row (`\n\n`, `\r\r`, `\n\r`,
+/// which covers `\r\n\r\n`): where an SSE event can end.
+fn has_blank_line(b: &[u8]) -> bool {
+    memchr::memchr2_iter(b'\n', b'\r', b).any(|i| {
+        matches!(
+            (b[i], b.get(i + 1)),
+            (b'\n', Some(b'\n' | b'\r')) | (b'\r', Some(b'\r'))
+        )
+    })
 }
 
 /// A `model` member's string (`None` when absent, null or not a string).

@@ -286,3 +286,44 @@ fn content_types_are_case_insensitive() {
     assert_eq!(f("text/plain"), Format::Opaque);
     assert_eq!(Format::from_content_type(None), Format::Opaque);
 }
+
+/// Strip mode with events larger than a read: one held across many reads
+/// comes out whole (without its `"usage":null`); one past the event bound
+/// ends stripping, and the stream passes through as it came, still metered.
+#[test]
+fn strip_mode_holds_large_events_and_lets_oversized_ones_through() {
+    let chunk = |content: &str| {
+        format!(
+            "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}}}}],\"usage\":null}}\n\n"
+        )
+    };
+    let usage = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\n\n";
+    for (big, stripped) in [
+        (2 << 20, true),
+        (super::super::sse::MAX_EVENT_BYTES + 1, false),
+    ] {
+        let body = format!(
+            "{}{}{usage}data: [DONE]\n\n",
+            chunk("a"),
+            chunk(&"x".repeat(big))
+        );
+        let mut m = ResponseMeter::new(Provider::OpenAi, Operation::Chat, Format::Sse, true);
+        let mut out = Vec::new();
+        for c in body.as_bytes().chunks(16 << 10) {
+            out.extend_from_slice(&m.feed(Bytes::copy_from_slice(c)));
+        }
+        out.extend_from_slice(&m.finish());
+        let out = String::from_utf8(out).unwrap();
+        let u = m.usage().expect("usage metered");
+        assert_eq!((u.input_tokens, u.output_tokens), (5, 7));
+        if stripped {
+            assert!(!out.contains("\"usage\""), "usage shown to the client");
+            assert!(out.contains(&"x".repeat(big)));
+            assert!(out.ends_with("data: [DONE]\n\n"));
+        } else {
+            // The first event went out stripped before the large one came.
+            let first = chunk("a").replace(",\"usage\":null", "");
+            assert_eq!(out, format!("{first}{}", &body[chunk("a").len()..]));
+        }
+    }
+}
