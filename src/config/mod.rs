@@ -340,8 +340,12 @@ impl Policy {
     }
 }
 
-/// The name before a snapshot date: `-YYYY-MM-DD`, `-YYYYMMDD` or `-MMDD`.
+/// The name before a snapshot date (`-YYYY-MM-DD`, `-YYYYMMDD` or `-MMDD`,
+/// with a real month and day) or the `-latest` alias.
 fn undated(model: &str) -> Option<&str> {
+    if let Some(base) = model.strip_suffix("-latest") {
+        return Some(base).filter(|b| !b.is_empty());
+    }
     let b = model.as_bytes();
     let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
     let n = b.len();
@@ -353,6 +357,10 @@ fn undated(model: &str) -> Option<&str> {
         && digits(n - 5..n - 3)
         && digits(n - 2..n)
     {
+        let two = |i: usize| (b[i] - b'0') * 10 + (b[i + 1] - b'0');
+        if !(1..=12).contains(&two(n - 5)) || !(1..=31).contains(&two(n - 2)) {
+            return None;
+        }
         n - 11
     } else {
         // `-YYYYMMDD` or `-MMDD`, with a real month and day.

@@ -105,7 +105,12 @@ fn prices_dated_snapshots_by_prefix() {
     assert!(p.price("x", "gpt-4.1-2025-04-14").is_some());
     assert!(p.price("x", "gpt-4o").is_none());
     // A dated request model (reservations, or no response model).
-    for dated in ["gpt-4.1-2025-04-14", "gpt-4.1-20250414", "gpt-4.1-0414"] {
+    for dated in [
+        "gpt-4.1-2025-04-14",
+        "gpt-4.1-20250414",
+        "gpt-4.1-0414",
+        "gpt-4.1-latest",
+    ] {
         assert!(p.price(dated, "").is_some(), "{dated}");
     }
     // Only a date may follow the name: a longer name is another model.
@@ -115,6 +120,9 @@ fn prices_dated_snapshots_by_prefix() {
         "gpt-4.1-2025",
         "gpt-4.1-2025-04-1x",
         "gpt-4.1-041",
+        "gpt-4.1-2025-13-01",
+        "gpt-4.1-2025-04-32",
+        "-latest",
         "gpt-4.1x2025-04-14",
         "-2025-04-14",
         "é-2025-04-14é",

@@ -85,7 +85,8 @@ impl Limits {
                     // Counting cannot help when even no input at all would
                     // not fit (an exhausted tenant retrying a large body
                     // cost a tokenizer pass, up to 0.3 s of CPU, each time).
-                    if worst_case(&ask, stored_context(&ask)) > first.remaining {
+                    // (A count is at least its framing, 3 tokens.)
+                    if worst_case(&ask, stored_context(&ask) + 3) > first.remaining {
                         return Err(Refusal::Budget(first));
                     }
                     // The byte bound is too coarse to admit: count tokens.

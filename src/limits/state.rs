@@ -56,13 +56,18 @@ pub async fn recover(data_dir: &Path, spool: &Arc<Spool>) -> Result<(Ledger, u64
     };
     let mut ledger = snap.ledger;
     let mut reader = spool.reader_at(CURSOR, snap.position)?;
+    // To the end of the log: an empty batch that moved the position (over
+    // a gap a power loss left) is not the end.
     loop {
+        let before = reader.position();
         let batch = reader.try_batch(4096, 8 << 20).await?;
-        if batch.lines.is_empty() {
-            break;
-        }
         for line in &batch.lines {
             apply(&mut ledger, line);
+        }
+        if batch.lines.is_empty()
+            && (reader.position() == before || reader.position() >= spool.end())
+        {
+            break;
         }
     }
     let position = reader.position();

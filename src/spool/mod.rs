@@ -466,7 +466,9 @@ impl Spool {
         Ok(Reader::new(
             self.clone(),
             sink.to_string(),
-            position.max(start),
+            // Not past the end either: after a power loss a snapshot can be
+            // ahead of what recovery kept.
+            position.clamp(start, self.end()),
             None,
             self.end.clone(),
         ))

@@ -71,10 +71,19 @@ pub fn recover(dir: &Path) -> std::io::Result<Vec<Segment>> {
 /// in a power loss): readers step over them. Closed segments never change,
 /// so what recovery finds stays true while the spool is open.
 pub fn gaps(segs: &[Segment]) -> Vec<(u64, u64)> {
-    segs.windows(2)
-        .filter(|w| w[0].start + w[0].len < w[1].start)
-        .map(|w| (w[0].start + w[0].len, w[1].start))
-        .collect()
+    let mut gaps: Vec<(u64, u64)> = Vec::new();
+    for w in segs.windows(2) {
+        let (from, to) = (w[0].start + w[0].len, w[1].start);
+        if from >= to {
+            continue;
+        }
+        // Gaps that touch (a segment cut to nothing between them) are one.
+        match gaps.last_mut() {
+            Some(last) if last.1 == from => last.1 = to,
+            _ => gaps.push((from, to)),
+        }
+    }
+    gaps
 }
 
 /// Length of the file up to and including its last `\n`.

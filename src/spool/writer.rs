@@ -127,9 +127,9 @@ impl Log {
         Some(self.write_locked(s, buf, events, notes))
     }
 
-    fn write_locked(
-        &self,
-        mut s: std::sync::MutexGuard<'_, State>,
+    fn write_locked<'a>(
+        &'a self,
+        mut s: std::sync::MutexGuard<'a, State>,
         buf: &[u8],
         events: u64,
         notes: &mut Vec<Note>,
@@ -146,7 +146,14 @@ impl Log {
         // marks the pages clean after a failed `fdatasync`.
         let always = self.policy.fsync == Fsync::Always;
         if always {
-            if let Err(e) = self.sync_data(&s.file) {
+            // Synced without the lock: the state keeper takes it (from the
+            // main runtime) to read the notes. Only the group-commit thread
+            // writes under "always", so nothing moves meanwhile.
+            let file = s.file.clone();
+            drop(s);
+            let synced = self.sync_data(&file);
+            s = self.state.lock().unwrap();
+            if let Err(e) = synced {
                 let _ = s.file.set_len(s.seg_len);
                 self.mark_failed();
                 tracing::error!(error = %e, events, "spool sync failed");
