@@ -65,10 +65,11 @@ impl Operation {
 
 /// Whether a POST path to an LLM upstream could be read as another route by
 /// the upstream's front end, in a way [`route_key`] does not follow: a `\`
-/// (some servers take it for `/`), or a percent-escape of anything but an
-/// unreserved character (`%2F` decoded to `/` would make
-/// `chat%2Fcompletions` a chat call that was metered as `other`). Real SDK
-/// paths have neither, so such a request is refused rather than guessed at.
+/// (some servers take it for `/`), a malformed escape, or an escape of a
+/// character that splits or ends a path (`/`, `\`, `;`, `?`, `#`), of `%`
+/// itself (decoded twice, `%252F` is `/`) or of a control character:
+/// `chat%2Fcompletions` decoded by the upstream would be a chat call metered
+/// as `other`. Other escapes (`%3A`, `%40`, UTF-8) name nothing else.
 pub fn ambiguous_path(path: &str) -> bool {
     let path = path.split('?').next().unwrap_or("");
     let b = path.as_bytes();
@@ -77,7 +78,10 @@ pub fn ambiguous_path(path: &str) -> bool {
         b'%' => {
             let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
             match (hex(i + 1), hex(i + 2)) {
-                (Some(h), Some(l)) => !is_unreserved((h * 16 + l) as u8),
+                (Some(h), Some(l)) => {
+                    let c = (h * 16 + l) as u8;
+                    b"/\\;?#%".contains(&c) || c.is_ascii_control()
+                }
                 _ => true,
             }
         }
@@ -360,16 +364,21 @@ mod tests {
             "/v1/chat%2Fcompletions",
             "/v1/chat%2fcompletions",
             "/v1/chat\\completions",
-            "/v1/chat/completions%20",
+            "/v1/chat%5Ccompletions",
+            "/v1/chat/completions%3B",
+            "/v1/chat%252Fcompletions",
+            "/v1/chat/completions%00",
             "/v1/chat/completions%",
             "/v1/chat/completions%2",
             "/v1/chat/completions%zz",
-            "/v1/%C3%A9",
         ] {
             assert!(ambiguous_path(path), "{path}");
         }
         for path in [
             "/v1/chat/completions",
+            "/v1/fine_tuning/jobs/ft%3Agpt-4o%40x/cancel",
+            "/v1/%C3%A9",
+            "/v1/chat/completions%20",
             "/v1/chat/completion%73",
             "/v1/threads/thread_AbC/runs",
             "/v1/chat/completions?q=%2F",
