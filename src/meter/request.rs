@@ -75,18 +75,18 @@ pub fn ambiguous_path(path: &str) -> bool {
     let b = path.as_bytes();
     b.iter().enumerate().any(|(i, &c)| match c {
         b'\\' => true,
-        b'%' => {
-            let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
-            match (hex(i + 1), hex(i + 2)) {
-                (Some(h), Some(l)) => {
-                    let c = (h * 16 + l) as u8;
-                    b"/\\;?#%".contains(&c) || c.is_ascii_control()
-                }
-                _ => true,
-            }
-        }
+        b'%' => escape_at(b, i).is_none_or(|c| b"/\\;?#%".contains(&c) || c.is_ascii_control()),
         _ => false,
     })
+}
+
+/// The byte the `%XX` escape at `b[i]` stands for; `None` if there is none.
+fn escape_at(b: &[u8], i: usize) -> Option<u8> {
+    let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
+    if b.get(i) != Some(&b'%') {
+        return None;
+    }
+    Some((hex(i + 1)? * 16 + hex(i + 2)?) as u8)
 }
 
 fn is_unreserved(c: u8) -> bool {
@@ -109,19 +109,13 @@ fn route_key(path: &str) -> std::borrow::Cow<'_, str> {
         let mut out = Vec::with_capacity(b.len());
         let mut i = 0;
         while i < b.len() {
-            let hex = |c: u8| (c as char).to_digit(16);
-            if b[i] == b'%' && i + 2 < b.len() {
-                if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                    let c = (h * 16 + l) as u8;
-                    if is_unreserved(c) {
-                        out.push(c);
-                        i += 3;
-                        continue;
-                    }
-                }
+            if let Some(c) = escape_at(b, i).filter(|c| is_unreserved(*c)) {
+                out.push(c);
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
             }
-            out.push(b[i]);
-            i += 1;
         }
         out
     };
