@@ -468,12 +468,7 @@ async fn odd_tenant_ids_in_the_admin_api_and_no_stale_tenant_gauges() {
     );
     // Reload without them: their series go with them.
     std::fs::write(&env.cfg, &base).unwrap();
-    let ok = std::process::Command::new("kill")
-        .args(["-HUP", &proxy.proc.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    proxy.proc.signal("-HUP");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let r = send(

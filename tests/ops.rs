@@ -13,15 +13,6 @@ const STREAM: &str =
     r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
 const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
 
-fn signal(proc: &Proc, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &proc.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
-
 fn wait_exit(proc: &mut Proc, within: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
     loop {
@@ -69,7 +60,7 @@ async fn sigterm_drains_streams_refuses_new_connections_and_exits_zero() {
     let mut proxy = start_proxy(&cfg);
     let (rid, mut body) = slow_stream(&proxy.addr).await;
 
-    signal(&proxy.proc, "-TERM");
+    proxy.proc.signal("-TERM");
     // /readyz turns 503 at once; the proxy port stops accepting.
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
@@ -121,9 +112,9 @@ async fn second_sigterm_cuts_streams_but_keeps_their_events() {
     let cfg = config(dir.path(), &mock.addr, "shutdown_grace = \"60s\"", "");
     let mut proxy = start_proxy(&cfg);
     let (rid, _body) = slow_stream(&proxy.addr).await;
-    signal(&proxy.proc, "-TERM");
+    proxy.proc.signal("-TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    signal(&proxy.proc, "-TERM");
+    proxy.proc.signal("-TERM");
     let status = wait_exit(&mut proxy.proc, Duration::from_secs(5));
     assert_eq!(status.code(), Some(0));
     // Restart: the cut stream's event is in the spool and gets delivered.
@@ -194,7 +185,7 @@ async fn config_changes_apply_without_restart_and_bad_files_keep_the_old() {
 
     // 3. SIGHUP applies a fix within a second; here, removing the new tenant.
     std::fs::write(mount.join("..v2/tollgate.toml"), &text).unwrap();
-    signal(&proxy.proc, "-HUP");
+    proxy.proc.signal("-HUP");
     let t = Instant::now();
     loop {
         if chat(&proxy.addr, new_key, CHAT, &[]).await.status == 401 {

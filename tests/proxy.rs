@@ -815,12 +815,7 @@ async fn sighup_reloads_an_unchanged_file() {
         metric(&text, r#"tollgate_config_reloads_total{result="ok"}"#).unwrap_or(0.0)
     };
     assert_eq!(reloads().await, 0.0);
-    let ok = std::process::Command::new("kill")
-        .args(["-HUP", &e.proxy.proc.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    e.proxy.proc.signal("-HUP");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while reloads().await < 1.0 {
         assert!(

@@ -838,12 +838,7 @@ async fn sigterm_delivers_every_event_and_exits_zero() {
     serve(&proxy.addr, 15).await;
     let file = wait_events(dir.path(), "15 events", |ev| ev.len() >= 15).await;
 
-    let pid = proxy.proc.child.id().to_string();
-    let st = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    proxy.proc.signal("-TERM");
     let status = poll("the proxy to exit", Duration::from_secs(30), || {
         proxy.proc.child.try_wait().unwrap()
     })

@@ -78,7 +78,10 @@ impl Limits {
             admission.remaining = remaining;
         }
         if let Some(budget) = &ask.tenant.budget {
-            let bound = worst_case(&ask, input_bound(&ask));
+            // Context the provider adds from its own store, on top of
+            // whatever bounds or counts the body.
+            let stored = stored_context(&ask);
+            let bound = worst_case(&ask, input_bound(&ask) + stored);
             let reservation = match self.budgets.reserve(&ask.tenant.id, budget, bound, now) {
                 Ok(r) => r,
                 Err(first) => {
@@ -86,14 +89,14 @@ impl Limits {
                     // not fit (an exhausted tenant retrying a large body
                     // cost a tokenizer pass, up to 0.3 s of CPU, each time).
                     // (A count is at least its framing, 3 tokens.)
-                    if worst_case(&ask, stored_context(&ask) + 3) > first.remaining {
+                    if worst_case(&ask, stored + 3) > first.remaining {
                         return Err(Refusal::Budget(first));
                     }
                     // The byte bound is too coarse to admit: count tokens.
                     let Some(counted) = counted_input(&ask).await else {
                         return Err(Refusal::Budget(first));
                     };
-                    let amount = worst_case(&ask, counted);
+                    let amount = worst_case(&ask, counted + stored);
                     self.budgets
                         .reserve(&ask.tenant.id, budget, amount, now)
                         .map_err(Refusal::Budget)?
@@ -128,7 +131,8 @@ impl Limits {
     }
 }
 
-/// Upper bound on input tokens without tokenizing.
+/// Upper bound on the input tokens the body carries, without tokenizing
+/// (stored context, which it only names, is added by `admit`).
 fn input_bound(ask: &Ask<'_>) -> u64 {
     if !ask.op.is_metered() {
         return 0;
@@ -138,7 +142,7 @@ fn input_bound(ask: &Ask<'_>) -> u64 {
         .iter()
         .map(|f| positions(f, ask.body).count() as u64)
         .sum::<u64>();
-    ask.body.len() as u64 + by_reference * ask.policy.url_item_tokens + stored_context(ask)
+    ask.body.len() as u64 + by_reference * ask.policy.url_item_tokens
 }
 
 /// The allowance for input the provider adds from its own store: a
@@ -166,7 +170,6 @@ async fn counted_input(ask: &Ask<'_>) -> Option<u64> {
     let body = ask.body.clone();
     let model = ask.info.model.clone().unwrap_or_default();
     let per_item = ask.policy.url_item_tokens;
-    let stored = stored_context(ask);
     Some(
         tokens::estimate_blocking(move || {
             let input = crate::meter::request::input_text(&body);
@@ -174,7 +177,6 @@ async fn counted_input(ask: &Ask<'_>) -> Option<u64> {
                 + 3 * input.messages
                 + 3
                 + input.by_reference * per_item
-                + stored
         })
         .await,
     )

@@ -56,17 +56,15 @@ pub async fn recover(data_dir: &Path, spool: &Arc<Spool>) -> Result<(Ledger, u64
     };
     let mut ledger = snap.ledger;
     let mut reader = spool.reader_at(CURSOR, snap.position)?;
-    // To the end of the log: an empty batch that moved the position (over
-    // a gap a power loss left) is not the end.
+    // To the end of the log: an empty read that moved the position (over
+    // a gap a power loss left) is not the end; one that moved nothing is.
     loop {
         let before = reader.position();
         let batch = reader.try_batch(4096, 8 << 20).await?;
         for line in &batch.lines {
             apply(&mut ledger, line);
         }
-        if batch.lines.is_empty()
-            && (reader.position() == before || reader.position() >= spool.end())
-        {
+        if batch.lines.is_empty() && reader.position() == before {
             break;
         }
     }
@@ -210,31 +208,30 @@ pub async fn keep(
             }
             let snap = Snapshot { position, ledger };
             let dir = data_dir.clone();
-            let (snap, result) = tokio::task::spawn_blocking(move || {
-                let r = store(&dir, &snap);
-                (snap, r)
+            let sp = spool.clone();
+            // Snapshot, then the cursor it allows: four fsyncs in all, on
+            // the blocking pool, off the one-thread main runtime.
+            let (snap, stored, committed) = tokio::task::spawn_blocking(move || {
+                let stored = store(&dir, &snap);
+                let cursor = crate::spool::Cursor {
+                    position: snap.position,
+                    sink_offset: None,
+                };
+                let committed = stored.is_ok().then(|| sp.commit(CURSOR, cursor));
+                (snap, stored, committed)
             })
             .await
             .expect("snapshot write does not panic");
             ledger = snap.ledger;
-            match result {
-                Ok(()) => {
+            match (stored, committed) {
+                (Err(e), _) => {
+                    tracing::error!(error = %e, "cannot write the budget snapshot; retrying");
+                }
+                (Ok(()), committed) => {
                     saved = position;
-                    let cursor = crate::spool::Cursor {
-                        position,
-                        sink_offset: None,
-                    };
-                    // Two fsyncs: on the blocking pool, off the main runtime.
-                    let sp = spool.clone();
-                    let committed = tokio::task::spawn_blocking(move || sp.commit(CURSOR, cursor))
-                        .await
-                        .expect("cursor commit does not panic");
-                    if let Err(e) = committed {
+                    if let Some(Err(e)) = committed {
                         tracing::error!(error = %e, "state keeper cannot commit its cursor");
                     }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot write the budget snapshot; retrying");
                 }
             }
         }

@@ -86,7 +86,7 @@ fn input_is_the_body_bytes_plus_an_allowance_per_item_by_reference() {
     let got = with_ask(&p, body, |a| {
         let mut a = Ask { ..*a };
         a.op = Operation::Responses;
-        input_bound(&a)
+        input_bound(&a) + stored_context(&a)
     });
     assert_eq!(got, body.len() as u64 + 128_000);
 }

@@ -129,7 +129,7 @@ pub async fn drive(
                 // Record where the sink starts, so a crash before the first
                 // commit cuts back to here rather than duplicating.
                 if offset.is_some() && offset != reader.sink_offset() {
-                    if let Err(e) = reader.commit_async(reader.position(), offset).await {
+                    if let Err(e) = reader.commit(reader.position(), offset).await {
                         tracing::error!(sink = %name, error = %e, "cannot save sink cursor");
                     }
                 }
@@ -255,7 +255,7 @@ async fn commit(
         tracing::error!(sink = %name, error = %e, "sink sync failed; cursor not moved");
         return;
     }
-    if let Err(e) = reader.commit_async(end, offset).await {
+    if let Err(e) = reader.commit(end, offset).await {
         tracing::error!(sink = %name, error = %e, "cannot save sink cursor");
     }
 }

@@ -111,10 +111,11 @@ impl Reader {
         Ok(Batch { lines, end })
     }
 
-    /// [`Reader::commit`] on the blocking pool: the cursor file is synced
-    /// twice (file and directory), which a slow disk makes long, and sinks
-    /// share the one-thread main runtime with the accept loop.
-    pub async fn commit_async(
+    /// Commits delivery up to `batch_end`, with the sink's own offset. On
+    /// the blocking pool: the cursor file is synced twice (file and
+    /// directory), which a slow disk makes long, and sinks share the
+    /// one-thread main runtime with the accept loop.
+    pub async fn commit(
         &mut self,
         batch_end: u64,
         sink_offset: Option<u64>,
@@ -128,18 +129,6 @@ impl Reader {
         tokio::task::spawn_blocking(move || spool.commit(&sink, cursor))
             .await
             .unwrap_or_else(|e| Err(SpoolError::Io(std::io::Error::other(e))))
-    }
-
-    /// Commits delivery up to `batch_end`, with the sink's own offset.
-    pub fn commit(&mut self, batch_end: u64, sink_offset: Option<u64>) -> Result<(), SpoolError> {
-        self.sink_offset = sink_offset;
-        self.spool.commit(
-            &self.sink,
-            Cursor {
-                position: batch_end,
-                sink_offset,
-            },
-        )
     }
 }
 

@@ -10,6 +10,11 @@ fn policy(max_bytes: u64, segment_bytes: u64, when_full: WhenFull) -> SpoolPolic
     }
 }
 
+/// A spool of 1 MiB segments and bound, refusing when full, never synced.
+fn open(dir: &std::path::Path, sinks: &[String]) -> Arc<Spool> {
+    Spool::open(dir, policy(1 << 20, 1 << 20, WhenFull::Reject), sinks).unwrap()
+}
+
 /// Waits for events, then reads them.
 async fn next(r: &mut Reader, max_events: usize, max_bytes: usize) -> Result<Batch, SpoolError> {
     r.wait_data().await?;
@@ -39,7 +44,7 @@ async fn appends_read_back_in_order_across_segments() {
         for l in &b.lines {
             seen.push(l.to_vec());
         }
-        r.commit(b.end, None).unwrap();
+        r.commit(b.end, None).await.unwrap();
     }
     assert_eq!(seen, (0..300).map(line).collect::<Vec<_>>());
     // Delivered segments are gone, the active one stays.
@@ -52,18 +57,13 @@ async fn recovers_torn_tail_and_resumes_from_cursor() {
     let dir = tempfile::tempdir().unwrap();
     let sinks = vec!["a".to_string()];
     {
-        let spool = Spool::open(
-            dir.path(),
-            policy(1 << 20, 1 << 20, WhenFull::Reject),
-            &sinks,
-        )
-        .unwrap();
+        let spool = open(dir.path(), &sinks);
         for i in 0..10 {
             spool.append(line(i), Flush::Batch).await.unwrap();
         }
         let mut r = spool.reader("a").unwrap();
         let b = next(&mut r, 4, 1 << 20).await.unwrap();
-        r.commit(b.end, Some(123)).unwrap();
+        r.commit(b.end, Some(123)).await.unwrap();
         spool.close().await;
     }
     // A crash mid-write leaves half a line.
@@ -72,12 +72,7 @@ async fn recovers_torn_tail_and_resumes_from_cursor() {
     std::io::Write::write_all(&mut f, b"{\"n\":10,\"pa").unwrap();
     drop(f);
 
-    let spool = Spool::open(
-        dir.path(),
-        policy(1 << 20, 1 << 20, WhenFull::Reject),
-        &sinks,
-    )
-    .unwrap();
+    let spool = open(dir.path(), &sinks);
     let mut r = spool.reader("a").unwrap();
     assert_eq!(r.sink_offset(), Some(123));
     let b = next(&mut r, 100, 1 << 20).await.unwrap();
@@ -203,7 +198,7 @@ fn written_lines(dir: &std::path::Path) -> Vec<Vec<u8>> {
 #[tokio::test(flavor = "current_thread")]
 async fn appends_in_one_scheduler_pass_share_one_write() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), policy(1 << 20, 1 << 20, WhenFull::Reject), &[]).unwrap();
+    let spool = open(dir.path(), &[]);
     let appends: Vec<_> = (0..10)
         .map(|i| spool.append(line(i), Flush::Batch))
         .collect();
@@ -241,7 +236,7 @@ async fn appends_in_one_scheduler_pass_share_one_write() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_dropped_append_is_still_written() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), policy(1 << 20, 1 << 20, WhenFull::Reject), &[]).unwrap();
+    let spool = open(dir.path(), &[]);
     // The caller goes away before the write: the scheduled flush writes it.
     drop(spool.append(line(1), Flush::Batch));
     tokio::task::yield_now().await;
@@ -260,8 +255,7 @@ fn a_flush_whose_runtime_shuts_down_still_writes() {
         .build()
         .unwrap();
     let spool = rt.block_on(async {
-        let spool =
-            Spool::open(dir.path(), policy(1 << 20, 1 << 20, WhenFull::Reject), &[]).unwrap();
+        let spool = open(dir.path(), &[]);
         drop(spool.append(line(7), Flush::Batch));
         spool
     });
@@ -276,7 +270,7 @@ fn a_flush_whose_runtime_shuts_down_still_writes() {
 async fn notes_cover_exactly_the_written_log() {
     use crate::limits::state::Note;
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), policy(1 << 20, 1 << 20, WhenFull::Reject), &[]).unwrap();
+    let spool = open(dir.path(), &[]);
     // Not following: nothing is kept.
     spool.append(line(0), Flush::Now).await.unwrap();
     assert!(spool.take_notes().is_none());
@@ -321,7 +315,7 @@ async fn notes_cover_exactly_the_written_log() {
 #[tokio::test(flavor = "current_thread")]
 async fn an_append_after_close_is_refused_and_counted_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), policy(1 << 20, 1 << 20, WhenFull::Reject), &[]).unwrap();
+    let spool = open(dir.path(), &[]);
     spool.close().await;
     let r = spool.append(line(1), Flush::Batch).await;
     assert!(matches!(r, Err(SpoolError::Closed)), "{r:?}");
@@ -387,12 +381,7 @@ async fn with_fsync_always_a_failed_sync_fails_the_append() {
 async fn readers_stop_at_the_published_end() {
     let dir = tempfile::tempdir().unwrap();
     let sinks = vec!["a".to_string()];
-    let spool = Spool::open(
-        dir.path(),
-        policy(1 << 20, 1 << 20, WhenFull::Reject),
-        &sinks,
-    )
-    .unwrap();
+    let spool = open(dir.path(), &sinks);
     spool.append(line(0), Flush::Batch).await.unwrap();
     let seg = segments::list(dir.path()).unwrap()[0].start;
     let mut f = std::fs::OpenOptions::new()
@@ -422,12 +411,7 @@ async fn a_torn_older_segment_after_a_power_loss_does_not_stall_readers() {
         let nominal_end = (a.len() + b.len()) as u64;
         std::fs::write(segments::path(dir.path(), nominal_end), &c).unwrap();
         let sinks = vec!["a".to_string()];
-        let spool = Spool::open(
-            dir.path(),
-            policy(1 << 20, 1 << 20, WhenFull::Reject),
-            &sinks,
-        )
-        .unwrap();
+        let spool = open(dir.path(), &sinks);
         let mut r = spool.reader("a").unwrap();
         let mut seen = Vec::new();
         while seen.len() < 2 {
@@ -437,7 +421,7 @@ async fn a_torn_older_segment_after_a_power_loss_does_not_stall_readers() {
                 .expect("the reader stalled at the torn segment")
                 .unwrap();
             seen.extend(b.lines.iter().map(|l| l.to_vec()));
-            r.commit(b.end, None).unwrap();
+            r.commit(b.end, None).await.unwrap();
         }
         assert_eq!(seen, vec![a, c]);
         spool.close().await;
@@ -461,12 +445,7 @@ async fn touching_gaps_are_stepped_over_at_once() {
         [(l(&a), l(&a) + 2 * l(&b))]
     );
     let sinks = vec!["_state".to_string()];
-    let spool = Spool::open(
-        dir.path(),
-        policy(1 << 20, 1 << 20, WhenFull::Reject),
-        &sinks,
-    )
-    .unwrap();
+    let spool = open(dir.path(), &sinks);
     let mut r = spool.reader_at("_state", 0).unwrap();
     let mut seen = Vec::new();
     loop {

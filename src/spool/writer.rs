@@ -240,13 +240,9 @@ impl Log {
 
     fn roll(&self, s: &mut State) -> std::io::Result<()> {
         let start = s.seg_start + s.seg_len;
-        // The group-commit thread rolls under "always": it may wait for the
-        // disk. The old segment is synced before the new file exists, so a
-        // failed sync leaves no empty segment behind (readers and recovery
-        // take the newest file as the active one).
-        if self.policy.fsync == Fsync::Always {
-            s.file.sync_data()?;
-        }
+        // Under "always" every line of the old segment is already synced
+        // (`write_locked` syncs before publishing); only the new directory
+        // entry needs it, and the group-commit thread may wait for the disk.
         let file = Arc::new(open_segment(&self.dir, start)?);
         match self.policy.fsync {
             Fsync::Always => sync_dir(&self.dir),
