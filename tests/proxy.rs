@@ -848,3 +848,42 @@ async fn background_responses_are_refused() {
     let log = mock_log(&e.mock.addr).await;
     assert_eq!(log.len(), 1, "the background call reached the upstream");
 }
+
+/// An upstream that compresses although Tollgate asked for `identity`: the
+/// client gets the body as sent, and the meter reads through the gzip (it
+/// metered the compressed bytes as text, 0 output tokens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_answers_are_metered_through_the_coding() {
+    use std::io::Read;
+    let e = env();
+    let gunzip = |b: &[u8]| {
+        let mut s = String::new();
+        flate2::read::GzDecoder::new(b)
+            .read_to_string(&mut s)
+            .expect("the client gets the gzip body as sent");
+        s
+    };
+    let gz = ("x-mock-gzip", "1");
+    let out = ("x-mock-output-tokens", "7");
+    let r = chat(&e.proxy.addr, ACME_KEY, CHAT, &[gz, out]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-encoding"], "gzip");
+    let body: serde_json::Value = serde_json::from_str(&gunzip(&r.body)).unwrap();
+    let ev = event_for(e.dir.path(), &request_id(&r)).await;
+    assert_eq!(ev["data"]["usage_source"], "provider", "{ev}");
+    assert_eq!(ev["data"]["output_tokens"], 7);
+    assert_eq!(ev["data"]["input_tokens"], body["usage"]["prompt_tokens"]);
+    assert_eq!(ev["data"]["response_model"], "gpt-4o-mini-2024-07-18");
+
+    // A stream that did not ask for usage: Tollgate asked for it and cannot
+    // strip a compressed body, so the client sees the usage chunk, whole.
+    let r = chat(&e.proxy.addr, ACME_KEY, CHAT_STREAM, &[gz, out]).await;
+    assert_eq!(r.status, 200);
+    let text = gunzip(&r.body);
+    assert!(text.contains("\"choices\":[]"), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let ev = event_for(e.dir.path(), &request_id(&r)).await;
+    assert_eq!(ev["data"]["usage_source"], "provider", "{ev}");
+    assert_eq!(ev["data"]["output_tokens"], 7);
+    assert_eq!(ev["data"]["stream"], true);
+}

@@ -32,7 +32,7 @@ use crate::App;
 
 pub use body::MeteredBody;
 pub use request::{Operation, RequestInfo};
-pub use response::{Format, ResponseMeter};
+pub use response::{Coding, Format, ResponseMeter};
 
 /// How a call ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

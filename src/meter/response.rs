@@ -51,6 +51,85 @@ impl Format {
     }
 }
 
+/// The content coding of a response body (RFC 9110 §8.4.1). Tollgate asks
+/// metered upstreams for `identity`; one that compresses anyway is read
+/// through gzip or deflate, while the client gets the bytes as sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coding {
+    Identity,
+    Gzip,
+    Deflate,
+    /// Any other coding, or more than one: the meter cannot read the body.
+    Unreadable,
+}
+
+impl Coding {
+    pub fn from_header(v: Option<&http::HeaderValue>) -> Coding {
+        let Some(v) = v else {
+            return Coding::Identity;
+        };
+        let v = v.as_bytes().trim_ascii();
+        let is = |name: &[u8]| v.eq_ignore_ascii_case(name);
+        if v.is_empty() || is(b"identity") {
+            Coding::Identity
+        } else if is(b"gzip") || is(b"x-gzip") {
+            Coding::Gzip
+        } else if is(b"deflate") {
+            Coding::Deflate
+        } else {
+            Coding::Unreadable
+        }
+    }
+}
+
+/// Decompresses a coded body for the meter, a bounded piece at a time.
+enum Decoder {
+    Gzip(flate2::write::GzDecoder<Vec<u8>>),
+    Deflate(flate2::write::ZlibDecoder<Vec<u8>>),
+}
+
+impl Decoder {
+    /// Coded input per step: deflate expands at most about 1032 to 1, so
+    /// one step makes at most about 4 MiB of plain bytes.
+    const STEP: usize = 4 << 10;
+
+    /// Feeds `input`, handing the plain bytes to `out`; false when the
+    /// body is not valid in its coding (the meter reads no more of it).
+    fn decode(&mut self, input: &[u8], out: &mut impl FnMut(Bytes)) -> bool {
+        use std::io::Write;
+        for step in input.chunks(Self::STEP) {
+            let written = match self {
+                Decoder::Gzip(d) => d.write_all(step),
+                Decoder::Deflate(d) => d.write_all(step),
+            };
+            self.drain(out);
+            if written.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The body ended: the last plain bytes.
+    fn finish(&mut self, out: &mut impl FnMut(Bytes)) {
+        let _ = match self {
+            Decoder::Gzip(d) => d.try_finish(),
+            Decoder::Deflate(d) => d.try_finish(),
+        };
+        self.drain(out);
+    }
+
+    fn drain(&mut self, out: &mut impl FnMut(Bytes)) {
+        let plain = match self {
+            Decoder::Gzip(d) => std::mem::take(d.get_mut()),
+            Decoder::Deflate(d) => std::mem::take(d.get_mut()),
+        };
+        if !plain.is_empty() {
+            out(Bytes::from(plain));
+        }
+    }
+}
+
 pub struct ResponseMeter {
     provider: Provider,
     op: Operation,
@@ -64,6 +143,8 @@ pub struct ResponseMeter {
     json_overflow: bool,
     /// Past `MAX_JSON_BYTES`: the body's first bytes (for `model`).
     json_head: Vec<u8>,
+    /// Bytes of JSON body collected (all of them, kept or not).
+    json_seen: u64,
     raw_usage: Option<RawUsage>,
     pub response_model: Option<String>,
     /// The stream reached its terminal event.
@@ -75,6 +156,8 @@ pub struct ResponseMeter {
     text_overflow: u64,
     /// Strip mode: bytes of an event not yet complete.
     pending: BytesMut,
+    /// A compressed body: what the meter reads it through.
+    decoder: Option<Box<Decoder>>,
 }
 
 impl ResponseMeter {
@@ -89,6 +172,7 @@ impl ResponseMeter {
             json: Vec::new(),
             json_overflow: false,
             json_head: Vec::new(),
+            json_seen: 0,
             raw_usage: None,
             response_model: None,
             complete: false,
@@ -96,7 +180,33 @@ impl ResponseMeter {
             text: Vec::new(),
             text_overflow: 0,
             pending: BytesMut::new(),
+            decoder: None,
         }
+    }
+
+    /// Reads a body sent in `coding`. A compressed body reaches the client
+    /// as it came, so it is not stripped (the usage chunk stays in it); one
+    /// the meter cannot decompress is not read at all (usage estimated).
+    pub fn decoding(mut self, coding: Coding) -> Self {
+        match coding {
+            Coding::Identity => return self,
+            Coding::Gzip => {
+                let d = flate2::write::GzDecoder::new(Vec::new());
+                self.decoder = Some(Box::new(Decoder::Gzip(d)));
+            }
+            Coding::Deflate => {
+                let d = flate2::write::ZlibDecoder::new(Vec::new());
+                self.decoder = Some(Box::new(Decoder::Deflate(d)));
+            }
+            Coding::Unreadable => self.format = Format::Opaque,
+        }
+        self.strip_usage = false;
+        self
+    }
+
+    /// Whether the body is rewritten (its length changes).
+    pub fn strips(&self) -> bool {
+        self.strip_usage
     }
 
     pub fn usage(&self) -> Option<Usage> {
@@ -106,6 +216,21 @@ impl ResponseMeter {
     /// Meters one frame and returns the bytes to send on: the frame itself,
     /// except in strip mode, where only complete, rewritten events go out.
     pub fn feed(&mut self, frame: Bytes) -> Bytes {
+        if let Some(mut d) = self.decoder.take() {
+            // Not stripped: the plain bytes are only read.
+            if d.decode(&frame, &mut |plain| {
+                self.feed_plain(plain);
+            }) {
+                self.decoder = Some(d);
+            } else {
+                tracing::warn!("a compressed response body does not decompress: usage estimated");
+            }
+            return frame;
+        }
+        self.feed_plain(frame)
+    }
+
+    fn feed_plain(&mut self, frame: Bytes) -> Bytes {
         match self.format {
             Format::Opaque => frame,
             Format::Json => {
@@ -155,6 +280,11 @@ impl ResponseMeter {
 
     /// The body ended: parses a JSON body, releases held bytes.
     pub fn finish(&mut self) -> Bytes {
+        if let Some(mut d) = self.decoder.take() {
+            d.finish(&mut |plain| {
+                self.feed_plain(plain);
+            });
+        }
         if self.format == Format::Json {
             self.parse_json();
         }
@@ -167,6 +297,7 @@ impl ResponseMeter {
     }
 
     fn collect_json(&mut self, frame: &[u8]) {
+        self.json_seen += frame.len() as u64;
         if !self.json_overflow && self.json.len() + frame.len() > MAX_JSON_BYTES {
             self.json_overflow = true;
             let head = if self.json.is_empty() {
@@ -200,6 +331,11 @@ impl ResponseMeter {
             self.response_model = model_of(tail_member(json, b"model"))
                 .or_else(|| model_of(head_member(&self.json_head, b"model")));
             self.raw_usage = usage_of(tail_member(json, b"usage"));
+            if self.raw_usage.is_none() {
+                // Its text was not kept: the whole body is estimated at
+                // four bytes a token, as text past the cap is (it was 0).
+                self.text_overflow += self.json_seen;
+            }
         } else if let Some([model, usage]) =
             super::json_scan::head_and_tail(json, b"model", b"usage")
                 .or_else(|| super::json_scan::top_level(json, [b"model", b"usage"]))

@@ -24,6 +24,9 @@ pub(crate) struct Controls {
     /// Misbehave in the response head: echo the credentials the request
     /// carried, and add hop-by-hop headers (for the proxy's hygiene tests).
     pub(crate) leak_headers: bool,
+    /// Answer gzip-compressed whatever `accept-encoding` says (as an
+    /// upstream ignoring `identity` would), in many small frames.
+    pub(crate) gzip: bool,
     cached: u64,
     cache_write: u64,
     reasoning: u64,
@@ -46,6 +49,9 @@ impl Controls {
                 .is_some_and(|v| matches!(v.as_bytes(), b"1" | b"true")),
             leak_headers: h
                 .get("x-mock-leak-headers")
+                .is_some_and(|v| matches!(v.as_bytes(), b"1" | b"true")),
+            gzip: h
+                .get("x-mock-gzip")
                 .is_some_and(|v| matches!(v.as_bytes(), b"1" | b"true")),
             cached: num("x-mock-cached-tokens").unwrap_or(0),
             cache_write: num("x-mock-cache-write-tokens").unwrap_or(0),

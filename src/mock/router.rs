@@ -211,7 +211,13 @@ fn reply(
     reply: Reply,
     controls: Option<&Controls>,
 ) -> Response<MockBody> {
+    let gzip = controls.is_some_and(|c| c.gzip);
     let (content_type, body) = match reply {
+        Reply::Json(v) if gzip => ("application/json", gzipped(v.to_string().as_bytes())),
+        Reply::Stream(pieces) if gzip => {
+            let plain: Vec<u8> = pieces.iter().flat_map(|p| p.bytes.to_vec()).collect();
+            ("text/event-stream", gzipped(&plain))
+        }
         Reply::Json(v) => ("application/json", MockBody::full(v.to_string())),
         Reply::Stream(pieces) => {
             let (delay, fail_after) =
@@ -231,9 +237,29 @@ fn reply(
     if let Some((name, value)) = id {
         res = res.header(name, value);
     }
+    if gzip {
+        res = res.header(http::header::CONTENT_ENCODING, "gzip");
+    }
     if status == StatusCode::TOO_MANY_REQUESTS {
         res = res.header(http::header::RETRY_AFTER, "1");
     }
     res.body(body)
         .unwrap_or_else(|_| Response::new(MockBody::full("")))
+}
+
+/// `plain` gzip-compressed, sent in 16-byte frames (a decoder must carry
+/// its state across them).
+fn gzipped(plain: &[u8]) -> MockBody {
+    use std::io::Write;
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(plain).expect("writes to a Vec");
+    let coded = z.finish().expect("writes to a Vec");
+    let pieces = coded
+        .chunks(16)
+        .map(|c| Piece {
+            bytes: bytes::Bytes::copy_from_slice(c),
+            content: false,
+        })
+        .collect();
+    MockBody::stream(pieces, Duration::ZERO, None)
 }

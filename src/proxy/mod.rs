@@ -25,7 +25,9 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Policy, Provider, Tenancy, Tenant, UnknownModel};
 use crate::limits::{Ask, Refusal};
-use crate::meter::{self, Call, End, Format, MeteredBody, Operation, RequestInfo, ResponseMeter};
+use crate::meter::{
+    self, Call, Coding, End, Format, MeteredBody, Operation, RequestInfo, ResponseMeter,
+};
 use crate::server::Body;
 use crate::spool::Flush;
 use crate::App;
@@ -235,12 +237,10 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         .map(str::to_string);
     if op.is_metered() {
         let format = Format::from_content_type(parts.headers.get(http::header::CONTENT_TYPE));
-        state.meter = Some(ResponseMeter::new(
-            upstream.provider,
-            op,
-            format,
-            strip_usage,
-        ));
+        let coding = Coding::from_header(parts.headers.get(http::header::CONTENT_ENCODING));
+        let meter = ResponseMeter::new(upstream.provider, op, format, strip_usage).decoding(coding);
+        strip_usage = meter.strips();
+        state.meter = Some(meter);
     }
     let content_length = parts
         .headers

@@ -66,7 +66,11 @@ struct Run {
 }
 
 fn run(f: &Fixture, chunks: &[&[u8]], strip: bool) -> Run {
-    let mut m = ResponseMeter::new(f.provider, f.op, f.format, strip);
+    run_coded(f, chunks, strip, Coding::Identity)
+}
+
+fn run_coded(f: &Fixture, chunks: &[&[u8]], strip: bool, coding: Coding) -> Run {
+    let mut m = ResponseMeter::new(f.provider, f.op, f.format, strip).decoding(coding);
     let mut out = Vec::new();
     for c in chunks {
         out.extend_from_slice(&m.feed(Bytes::copy_from_slice(c)));
@@ -132,6 +136,31 @@ fn every_fixture_every_split() {
         for n in [1, 7] {
             let chunks: Vec<&[u8]> = b.chunks(n).collect();
             check(&f, &run(&f, &chunks, false), &format!("{n}-byte reads"));
+        }
+    }
+}
+
+/// Every fixture gzip-compressed, read in small pieces: the same usage,
+/// model and text, and the client's bytes untouched (even where strip
+/// mode was asked for: a compressed body cannot be rewritten).
+#[test]
+fn every_fixture_through_gzip() {
+    use std::io::Write;
+    for f in fixtures() {
+        let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(&f.body).unwrap();
+        let coded = z.finish().unwrap();
+        for n in [1, 7, 4096] {
+            let chunks: Vec<&[u8]> = coded.chunks(n).collect();
+            for strip in [false, true] {
+                let r = run_coded(&f, &chunks, strip, Coding::Gzip);
+                check(&f, &r, &format!("gzip, {n}-byte reads"));
+                assert_eq!(
+                    r.out, coded,
+                    "{}: the coded body must pass unchanged",
+                    f.name
+                );
+            }
         }
     }
 }
@@ -255,6 +284,23 @@ fn large_bodies_are_metered_from_head_and_tail_in_bounded_memory() {
     }
 }
 
+/// A body past `MAX_JSON_BYTES` without usage has no kept text to estimate
+/// from: the whole of it counts at four bytes a token (it counted as 0).
+#[test]
+fn a_large_body_without_usage_is_estimated_from_its_length() {
+    let body = format!(
+        r#"{{"id":"chatcmpl-1","model":"gpt-4o-mini","choices":[{{"index":0,"message":{{"role":"assistant","content":"{}"}}}}]}}"#,
+        "ab ".repeat(MAX_JSON_BYTES / 3 + 1000)
+    );
+    let mut m = ResponseMeter::new(Provider::OpenAi, Operation::Chat, Format::Json, false);
+    for c in body.as_bytes().chunks(64 << 10) {
+        m.feed(Bytes::copy_from_slice(c));
+    }
+    m.finish();
+    assert!(m.usage().is_none());
+    assert_eq!(m.generated_text().1, body.len() as u64);
+}
+
 /// A body without usage is estimated from its text however it is laid
 /// out: OpenAI pretty-prints non-streamed bodies, and a line-by-line read
 /// found no text in them (0 output tokens).
@@ -326,4 +372,52 @@ fn strip_mode_holds_large_events_and_lets_oversized_ones_through() {
             assert_eq!(out, format!("{first}{}", &body[chunk("a").len()..]));
         }
     }
+}
+
+/// Compressed bodies are read through gzip or deflate in pieces of any
+/// size; a coding the meter cannot read, or a body broken in its coding,
+/// leaves usage to the estimate (and never fails the call).
+#[test]
+fn compressed_bodies_are_read_through_their_coding() {
+    use std::io::Write;
+    let json = br#"{"id":"c","model":"gpt-4o-mini-2024-07-18","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":3,"total_tokens":14}}"#;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(json).unwrap();
+    let gz = gz.finish().unwrap();
+    let mut zl = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    zl.write_all(json).unwrap();
+    let zl = zl.finish().unwrap();
+    let header = |v: &'static str| Coding::from_header(Some(&http::HeaderValue::from_static(v)));
+    assert_eq!(Coding::from_header(None), Coding::Identity);
+    assert_eq!(header("identity"), Coding::Identity);
+    assert_eq!(header("GZip"), Coding::Gzip);
+    assert_eq!(header("x-gzip"), Coding::Gzip);
+    assert_eq!(header("deflate"), Coding::Deflate);
+    assert_eq!(header("br"), Coding::Unreadable);
+    assert_eq!(header("gzip, br"), Coding::Unreadable);
+    let meter = |coding, body: &[u8], piece: usize| {
+        let m = ResponseMeter::new(Provider::OpenAi, Operation::Chat, Format::Json, false);
+        let mut m = m.decoding(coding);
+        for c in body.chunks(piece) {
+            // The client's bytes are the coded ones, unchanged.
+            assert_eq!(&m.feed(Bytes::copy_from_slice(c))[..], c);
+        }
+        m.finish();
+        m
+    };
+    for piece in [1, 3, 1000] {
+        for (coding, body) in [(Coding::Gzip, &gz), (Coding::Deflate, &zl)] {
+            let m = meter(coding, body, piece);
+            let u = m.usage().expect("usage read through the coding");
+            assert_eq!((u.input_tokens, u.output_tokens), (11, 3));
+            assert_eq!(m.response_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
+        }
+    }
+    let mut broken = gz.clone();
+    broken[12] ^= 0xff;
+    broken.truncate(broken.len() - 9);
+    assert!(meter(Coding::Gzip, &broken, 7).usage().is_none());
+    assert!(meter(Coding::Unreadable, &gz, 7).usage().is_none());
+    // Not gzip at all (an upstream mislabelling a plain body).
+    assert!(meter(Coding::Gzip, json, 7).usage().is_none());
 }
