@@ -7,16 +7,17 @@
 #                 This script does NOT build it; run `cargo build` first.
 #   E2E_PYTHON    the interpreter for the venv (default: python3, needs 3.11+).
 #
-# The venv lives at $REPO/.venv; it is reused when its stamp (the sha256 of
-# tests/e2e/requirements.txt) matches and pip reports the pinned versions.
+# The venv lives in the user's cache, one per requirements file
+# ($XDG_CACHE_HOME/tollgate/e2e-venv-<sha256 prefix>, or $TOLLGATE_VENV), so
+# a fresh clone reuses it; $REPO/.venv links to it. It is reused when its
+# stamp (the sha256 of tests/e2e/requirements.txt) matches and pip reports
+# the pinned versions. Runs at once take turns on a lock while installing.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
 REQS="$REPO/tests/e2e/requirements.txt"
-VENV="$REPO/.venv"
-STAMP="$VENV/.tollgate-e2e-requirements.sha256"
 PYTHON="${E2E_PYTHON:-python3}"
 
 die() { echo "e2e.sh: error: $*" >&2; exit 1; }
@@ -38,6 +39,19 @@ sha256_of() {
 }
 
 want="$(sha256_of "$REQS")"
+
+CACHE="${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/tollgate"
+if [ -n "${TOLLGATE_VENV:-}" ]; then
+    VENV="$TOLLGATE_VENV"
+elif mkdir -p "$CACHE" 2>/dev/null && [ -w "$CACHE" ]; then
+    VENV="$CACHE/e2e-venv-${want:0:16}"
+else
+    VENV="$REPO/.venv"   # no writable cache: keep it in the clone
+fi
+STAMP="$VENV/.tollgate-e2e-requirements.sha256"
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"
+flock 9
 
 # Does the venv hold exactly the pinned versions? (pins are `name==version`)
 venv_matches() {
@@ -77,6 +91,13 @@ else
         || die "pip install -r $REQS failed"
     echo "$want" >"$STAMP"
     venv_matches || { rm -f "$STAMP"; die "installed versions do not match $REQS"; }
+fi
+
+flock -u 9
+if [ "$VENV" != "$REPO/.venv" ]; then
+    # scripts/deploy-check.sh and the README use ./.venv.
+    [ -L "$REPO/.venv" ] || rm -rf "$REPO/.venv"
+    ln -sfn "$VENV" "$REPO/.venv"
 fi
 
 echo "e2e.sh: TOLLGATE_BIN=$TOLLGATE_BIN"
