@@ -7,11 +7,12 @@
 #                 This script does NOT build it; run `cargo build` first.
 #   E2E_PYTHON    the interpreter for the venv (default: python3, needs 3.11+).
 #
-# The venv lives in the user's cache, one per requirements file
-# ($XDG_CACHE_HOME/tollgate/e2e-venv-<sha256 prefix>, or $TOLLGATE_VENV), so
-# a fresh clone reuses it; $REPO/.venv links to it. It is reused when its
-# stamp (the sha256 of tests/e2e/requirements.txt) matches and pip reports
-# the pinned versions. Runs at once take turns on a lock while installing.
+# The venv lives in the user's cache, one per requirements file and Python
+# version ($XDG_CACHE_HOME/tollgate/e2e-venv-py<X.Y>-<sha256 prefix>, or
+# $TOLLGATE_VENV), so a fresh clone reuses it; $REPO/.venv links to it. It
+# is reused when its stamp (the sha256 of tests/e2e/requirements.txt)
+# matches and pip reports the pinned versions. Runs at once take turns on a
+# lock while installing.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,18 +41,31 @@ sha256_of() {
 
 want="$(sha256_of "$REQS")"
 
-CACHE="${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/tollgate"
+# One venv per requirements file and interpreter version, in the user's
+# cache when there is a usable one (an absolute $XDG_CACHE_HOME or $HOME).
+pyver="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+case "${XDG_CACHE_HOME:-}" in
+    /*) CACHE="$XDG_CACHE_HOME/tollgate" ;;
+    *) case "${HOME:-}" in /?*) CACHE="$HOME/.cache/tollgate" ;; *) CACHE="" ;; esac ;;
+esac
 if [ -n "${TOLLGATE_VENV:-}" ]; then
-    VENV="$TOLLGATE_VENV"
-elif mkdir -p "$CACHE" 2>/dev/null && [ -w "$CACHE" ]; then
-    VENV="$CACHE/e2e-venv-${want:0:16}"
+    case "$TOLLGATE_VENV" in /*) VENV="$TOLLGATE_VENV" ;; *) VENV="$REPO/$TOLLGATE_VENV" ;; esac
+elif [ -n "$CACHE" ] && mkdir -p "$CACHE" 2>/dev/null && [ -w "$CACHE" ]; then
+    VENV="$CACHE/e2e-venv-py$pyver-${want:0:16}"
 else
-    VENV="$REPO/.venv"   # no writable cache: keep it in the clone
+    VENV="$REPO/.venv"   # no usable cache: keep it in the clone
 fi
+VENV="${VENV%/}"
 STAMP="$VENV/.tollgate-e2e-requirements.sha256"
 mkdir -p "$(dirname "$VENV")"
-exec 9>"$VENV.lock"
-flock 9
+# Runs at once take turns while one installs (flock is util-linux; without
+# it, no lock).
+LOCKED=""
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$VENV.lock"
+    flock -w 900 9 || die "waited 15 minutes for $VENV.lock"
+    LOCKED=1
+fi
 
 # Does the venv hold exactly the pinned versions? (pins are `name==version`)
 venv_matches() {
@@ -93,11 +107,18 @@ else
     venv_matches || { rm -f "$STAMP"; die "installed versions do not match $REQS"; }
 fi
 
-flock -u 9
-if [ "$VENV" != "$REPO/.venv" ]; then
-    # scripts/deploy-check.sh and the README use ./.venv.
-    [ -L "$REPO/.venv" ] || rm -rf "$REPO/.venv"
-    ln -sfn "$VENV" "$REPO/.venv"
+# scripts/deploy-check.sh and the README use ./.venv: link it to the venv
+# (replacing, atomically, a link or a venv an older version left there).
+if ! [ "$VENV" -ef "$REPO/.venv" ]; then
+    if [ -e "$REPO/.venv" ] && ! [ -L "$REPO/.venv" ]; then
+        rm -rf "$REPO/.venv"
+    fi
+    ln -sfn "$VENV" "$REPO/.venv.tmp.$$"
+    mv -Tf "$REPO/.venv.tmp.$$" "$REPO/.venv"
+fi
+if [ -n "$LOCKED" ]; then
+    flock -u 9
+    exec 9>&-
 fi
 
 echo "e2e.sh: TOLLGATE_BIN=$TOLLGATE_BIN"

@@ -886,4 +886,14 @@ async fn gzip_answers_are_metered_through_the_coding() {
     assert_eq!(ev["data"]["usage_source"], "provider", "{ev}");
     assert_eq!(ev["data"]["output_tokens"], 7);
     assert_eq!(ev["data"]["stream"], true);
+
+    // Cut after 3 of its 8 content events: what came through is counted.
+    let cut = ("x-mock-fail-after", "3");
+    let r = chat(&e.proxy.addr, ACME_KEY, CHAT_STREAM, &[gz, cut]).await;
+    assert!(r.body_error, "the client must see the stream break");
+    let ev = event_for(e.dir.path(), &request_id(&r)).await;
+    let d = &ev["data"];
+    assert_eq!(d["usage_source"], "estimated", "{d}");
+    assert_eq!(d["outcome"], "upstream_error", "{d}");
+    assert_eq!(d["output_tokens"], 3, "{d}");
 }

@@ -64,46 +64,90 @@ pub enum Coding {
 }
 
 impl Coding {
-    pub fn from_header(v: Option<&http::HeaderValue>) -> Coding {
-        let Some(v) = v else {
-            return Coding::Identity;
-        };
-        let v = v.as_bytes().trim_ascii();
-        let is = |name: &[u8]| v.eq_ignore_ascii_case(name);
-        if v.is_empty() || is(b"identity") {
-            Coding::Identity
-        } else if is(b"gzip") || is(b"x-gzip") {
-            Coding::Gzip
-        } else if is(b"deflate") {
-            Coding::Deflate
-        } else {
-            Coding::Unreadable
+    /// The coding of all the `Content-Encoding` field lines together (a
+    /// list, in the order applied; `identity` adds nothing).
+    pub fn from_headers<'a>(lines: impl IntoIterator<Item = &'a http::HeaderValue>) -> Coding {
+        let mut coding = Coding::Identity;
+        for item in lines
+            .into_iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        {
+            let item = item.trim_ascii();
+            let is = |name: &[u8]| item.eq_ignore_ascii_case(name);
+            if item.is_empty() || is(b"identity") {
+                continue;
+            }
+            coding = match coding {
+                Coding::Identity if is(b"gzip") || is(b"x-gzip") => Coding::Gzip,
+                Coding::Identity if is(b"deflate") => Coding::Deflate,
+                // Unknown, or a second coding on top of the first.
+                _ => return Coding::Unreadable,
+            };
         }
+        coding
     }
 }
 
 /// Decompresses a coded body for the meter, a bounded piece at a time.
 enum Decoder {
-    Gzip(flate2::write::GzDecoder<Vec<u8>>),
-    Deflate(flate2::write::ZlibDecoder<Vec<u8>>),
+    /// Every member of a multi-member gzip body, as `gzip` allows.
+    Gzip(flate2::write::MultiGzDecoder<Vec<u8>>),
+    /// `deflate` is zlib-wrapped (RFC 9110 §8.4.1.2), but some servers send
+    /// raw deflate: the first two bytes tell which.
+    Sniffing(Vec<u8>),
+    Zlib(flate2::write::ZlibDecoder<Vec<u8>>),
+    Raw(flate2::write::DeflateDecoder<Vec<u8>>),
 }
 
 impl Decoder {
     /// Coded input per step: deflate expands at most about 1032 to 1, so
     /// one step makes at most about 4 MiB of plain bytes.
     const STEP: usize = 4 << 10;
+    /// Plain bytes read at most: past them (a decompression bomb, or a
+    /// body far larger than any answer) the meter stops reading.
+    const MAX_PLAIN: u64 = 64 << 20;
+
+    fn new(coding: Coding) -> Option<Decoder> {
+        match coding {
+            Coding::Gzip => Some(Decoder::Gzip(
+                flate2::write::MultiGzDecoder::new(Vec::new()),
+            )),
+            Coding::Deflate => Some(Decoder::Sniffing(Vec::new())),
+            Coding::Identity | Coding::Unreadable => None,
+        }
+    }
 
     /// Feeds `input`, handing the plain bytes to `out`; false when the
-    /// body is not valid in its coding (the meter reads no more of it).
-    fn decode(&mut self, input: &[u8], out: &mut impl FnMut(Bytes)) -> bool {
+    /// body is not valid in its coding or past `MAX_PLAIN` (the meter reads
+    /// no more of it).
+    fn decode(&mut self, input: &[u8], plain: &mut u64, out: &mut impl FnMut(Bytes)) -> bool {
         use std::io::Write;
-        for step in input.chunks(Self::STEP) {
-            let written = match self {
-                Decoder::Gzip(d) => d.write_all(step),
-                Decoder::Deflate(d) => d.write_all(step),
+        if let Decoder::Sniffing(head) = self {
+            head.extend_from_slice(input);
+            if head.len() < 2 {
+                return true;
+            }
+            let head = std::mem::take(head);
+            let zlib = head[0] & 0x0f == 8 && u16::from_be_bytes([head[0], head[1]]) % 31 == 0;
+            *self = if zlib {
+                Decoder::Zlib(flate2::write::ZlibDecoder::new(Vec::new()))
+            } else {
+                Decoder::Raw(flate2::write::DeflateDecoder::new(Vec::new()))
             };
-            self.drain(out);
-            if written.is_err() {
+            return self.decode(&head, plain, out);
+        }
+        for step in input.chunks(Self::STEP) {
+            // Flushed after each step: flate2 keeps the last output of a
+            // write inside until the next one, and the meter must see the
+            // end of a stream (its usage, `[DONE]`) when its frame comes.
+            let written = match self {
+                Decoder::Gzip(d) => d.write_all(step).and_then(|()| d.flush()),
+                Decoder::Zlib(d) => d.write_all(step).and_then(|()| d.flush()),
+                Decoder::Raw(d) => d.write_all(step).and_then(|()| d.flush()),
+                Decoder::Sniffing(_) => Ok(()),
+            };
+            *plain += self.drain(out);
+            if written.is_err() || *plain > Self::MAX_PLAIN {
                 return false;
             }
         }
@@ -114,19 +158,25 @@ impl Decoder {
     fn finish(&mut self, out: &mut impl FnMut(Bytes)) {
         let _ = match self {
             Decoder::Gzip(d) => d.try_finish(),
-            Decoder::Deflate(d) => d.try_finish(),
+            Decoder::Zlib(d) => d.try_finish(),
+            Decoder::Raw(d) => d.try_finish(),
+            Decoder::Sniffing(_) => Ok(()),
         };
         self.drain(out);
     }
 
-    fn drain(&mut self, out: &mut impl FnMut(Bytes)) {
+    fn drain(&mut self, out: &mut impl FnMut(Bytes)) -> u64 {
         let plain = match self {
             Decoder::Gzip(d) => std::mem::take(d.get_mut()),
-            Decoder::Deflate(d) => std::mem::take(d.get_mut()),
+            Decoder::Zlib(d) => std::mem::take(d.get_mut()),
+            Decoder::Raw(d) => std::mem::take(d.get_mut()),
+            Decoder::Sniffing(_) => Vec::new(),
         };
-        if !plain.is_empty() {
+        let n = plain.len() as u64;
+        if n > 0 {
             out(Bytes::from(plain));
         }
+        n
     }
 }
 
@@ -158,6 +208,8 @@ pub struct ResponseMeter {
     pending: BytesMut,
     /// A compressed body: what the meter reads it through.
     decoder: Option<Box<Decoder>>,
+    /// Plain bytes the decoder has made.
+    plain_read: u64,
 }
 
 impl ResponseMeter {
@@ -181,6 +233,7 @@ impl ResponseMeter {
             text_overflow: 0,
             pending: BytesMut::new(),
             decoder: None,
+            plain_read: 0,
         }
     }
 
@@ -188,17 +241,13 @@ impl ResponseMeter {
     /// as it came, so it is not stripped (the usage chunk stays in it); one
     /// the meter cannot decompress is not read at all (usage estimated).
     pub fn decoding(mut self, coding: Coding) -> Self {
-        match coding {
-            Coding::Identity => return self,
-            Coding::Gzip => {
-                let d = flate2::write::GzDecoder::new(Vec::new());
-                self.decoder = Some(Box::new(Decoder::Gzip(d)));
-            }
-            Coding::Deflate => {
-                let d = flate2::write::ZlibDecoder::new(Vec::new());
-                self.decoder = Some(Box::new(Decoder::Deflate(d)));
-            }
-            Coding::Unreadable => self.format = Format::Opaque,
+        if coding == Coding::Identity {
+            return self;
+        }
+        if coding == Coding::Unreadable {
+            self.format = Format::Opaque;
+        } else if self.format != Format::Opaque {
+            self.decoder = Decoder::new(coding).map(Box::new);
         }
         self.strip_usage = false;
         self
@@ -218,13 +267,18 @@ impl ResponseMeter {
     pub fn feed(&mut self, frame: Bytes) -> Bytes {
         if let Some(mut d) = self.decoder.take() {
             // Not stripped: the plain bytes are only read.
-            if d.decode(&frame, &mut |plain| {
-                self.feed_plain(plain);
+            let mut plain = self.plain_read;
+            if d.decode(&frame, &mut plain, &mut |p| {
+                self.feed_plain(p);
             }) {
                 self.decoder = Some(d);
             } else {
-                tracing::warn!("a compressed response body does not decompress: usage estimated");
+                tracing::warn!(
+                    plain_bytes = plain,
+                    "a compressed response body does not decompress, or expands past 64 MiB: the rest is not read"
+                );
             }
+            self.plain_read = plain;
             return frame;
         }
         self.feed_plain(frame)

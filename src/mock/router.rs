@@ -213,10 +213,35 @@ fn reply(
 ) -> Response<MockBody> {
     let gzip = controls.is_some_and(|c| c.gzip);
     let (content_type, body) = match reply {
-        Reply::Json(v) if gzip => ("application/json", gzipped(v.to_string().as_bytes())),
+        Reply::Json(v) if gzip => {
+            let pieces = vec![Piece {
+                bytes: v.to_string().into(),
+                content: false,
+            }];
+            let coded: Vec<u8> = gzipped(pieces)
+                .iter()
+                .flat_map(|p| p.bytes.to_vec())
+                .collect();
+            let frames = coded
+                .chunks(16)
+                .map(|c| Piece {
+                    bytes: bytes::Bytes::copy_from_slice(c),
+                    content: false,
+                })
+                .collect();
+            (
+                "application/json",
+                MockBody::stream(frames, Duration::ZERO, None),
+            )
+        }
         Reply::Stream(pieces) if gzip => {
-            let plain: Vec<u8> = pieces.iter().flat_map(|p| p.bytes.to_vec()).collect();
-            ("text/event-stream", gzipped(&plain))
+            let (delay, fail_after) =
+                controls.map_or((Duration::ZERO, None), |c| (c.delay, c.fail_after));
+            let pieces = gzipped(pieces);
+            (
+                "text/event-stream",
+                MockBody::stream(pieces, delay, fail_after),
+            )
         }
         Reply::Json(v) => ("application/json", MockBody::full(v.to_string())),
         Reply::Stream(pieces) => {
@@ -247,19 +272,26 @@ fn reply(
         .unwrap_or_else(|_| Response::new(MockBody::full("")))
 }
 
-/// `plain` gzip-compressed, sent in 16-byte frames (a decoder must carry
-/// its state across them).
-fn gzipped(plain: &[u8]) -> MockBody {
+/// The pieces gzip-compressed as a streaming server does it: flushed after
+/// each, so each still arrives whole in its frame; the gzip trailer is a
+/// last piece of its own (cut with the stream by `x-mock-fail-after`).
+fn gzipped(pieces: Vec<Piece>) -> Vec<Piece> {
     use std::io::Write;
     let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    z.write_all(plain).expect("writes to a Vec");
-    let coded = z.finish().expect("writes to a Vec");
-    let pieces = coded
-        .chunks(16)
-        .map(|c| Piece {
-            bytes: bytes::Bytes::copy_from_slice(c),
-            content: false,
+    let mut out: Vec<Piece> = pieces
+        .into_iter()
+        .map(|p| {
+            z.write_all(&p.bytes).expect("writes to a Vec");
+            z.flush().expect("writes to a Vec");
+            Piece {
+                bytes: std::mem::take(z.get_mut()).into(),
+                content: p.content,
+            }
         })
         .collect();
-    MockBody::stream(pieces, Duration::ZERO, None)
+    out.push(Piece {
+        bytes: z.finish().expect("writes to a Vec").into(),
+        content: false,
+    });
+    out
 }

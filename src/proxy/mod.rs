@@ -237,7 +237,7 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         .map(str::to_string);
     if op.is_metered() {
         let format = Format::from_content_type(parts.headers.get(http::header::CONTENT_TYPE));
-        let coding = Coding::from_header(parts.headers.get(http::header::CONTENT_ENCODING));
+        let coding = Coding::from_headers(parts.headers.get_all(http::header::CONTENT_ENCODING));
         let meter = ResponseMeter::new(upstream.provider, op, format, strip_usage).decoding(coding);
         strip_usage = meter.strips();
         state.meter = Some(meter);

@@ -387,14 +387,23 @@ fn compressed_bodies_are_read_through_their_coding() {
     let mut zl = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
     zl.write_all(json).unwrap();
     let zl = zl.finish().unwrap();
-    let header = |v: &'static str| Coding::from_header(Some(&http::HeaderValue::from_static(v)));
-    assert_eq!(Coding::from_header(None), Coding::Identity);
-    assert_eq!(header("identity"), Coding::Identity);
-    assert_eq!(header("GZip"), Coding::Gzip);
-    assert_eq!(header("x-gzip"), Coding::Gzip);
-    assert_eq!(header("deflate"), Coding::Deflate);
-    assert_eq!(header("br"), Coding::Unreadable);
-    assert_eq!(header("gzip, br"), Coding::Unreadable);
+    let header = |lines: &[&'static str]| {
+        let values: Vec<_> = lines
+            .iter()
+            .map(|v| http::HeaderValue::from_static(v))
+            .collect();
+        Coding::from_headers(&values)
+    };
+    assert_eq!(header(&[]), Coding::Identity);
+    assert_eq!(header(&["identity"]), Coding::Identity);
+    assert_eq!(header(&[" GZip "]), Coding::Gzip);
+    assert_eq!(header(&["x-gzip"]), Coding::Gzip);
+    assert_eq!(header(&["deflate"]), Coding::Deflate);
+    assert_eq!(header(&["identity, gzip"]), Coding::Gzip);
+    assert_eq!(header(&["identity", "gzip"]), Coding::Gzip);
+    assert_eq!(header(&["br"]), Coding::Unreadable);
+    assert_eq!(header(&["gzip, br"]), Coding::Unreadable);
+    assert_eq!(header(&["gzip", "gzip"]), Coding::Unreadable);
     let meter = |coding, body: &[u8], piece: usize| {
         let m = ResponseMeter::new(Provider::OpenAi, Operation::Chat, Format::Json, false);
         let mut m = m.decoding(coding);
@@ -413,6 +422,23 @@ fn compressed_bodies_are_read_through_their_coding() {
             assert_eq!(m.response_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
         }
     }
+    // Raw deflate under `deflate`, and a gzip body of two members.
+    let mut raw = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+    raw.write_all(json).unwrap();
+    let raw = raw.finish().unwrap();
+    let (a, b) = json.split_at(40);
+    let mut two = Vec::new();
+    for part in [a, b] {
+        let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(part).unwrap();
+        two.extend(z.finish().unwrap());
+    }
+    for piece in [1, 5, 1000] {
+        for (coding, body) in [(Coding::Deflate, &raw), (Coding::Gzip, &two)] {
+            let u = meter(coding, body, piece).usage().expect("read through");
+            assert_eq!((u.input_tokens, u.output_tokens), (11, 3));
+        }
+    }
     let mut broken = gz.clone();
     broken[12] ^= 0xff;
     broken.truncate(broken.len() - 9);
@@ -420,4 +446,61 @@ fn compressed_bodies_are_read_through_their_coding() {
     assert!(meter(Coding::Unreadable, &gz, 7).usage().is_none());
     // Not gzip at all (an upstream mislabelling a plain body).
     assert!(meter(Coding::Gzip, json, 7).usage().is_none());
+}
+
+/// The meter sees each frame's plain bytes when the frame comes, not with
+/// the next one: a compressed stream's last frame (usage, `[DONE]`) is
+/// read before it goes out, and a stream cut after it (the client gone,
+/// the upstream reset: no `finish`) keeps its usage.
+#[test]
+fn a_compressed_stream_is_read_frame_by_frame() {
+    use std::io::Write;
+    for f in fixtures().into_iter().filter(|f| f.format == Format::Sse) {
+        // As a streaming server compresses: flushed after every event.
+        let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut frames = Vec::new();
+        for event in f.body.split_inclusive(|&b| b == b'\n') {
+            z.write_all(event).unwrap();
+            z.flush().unwrap();
+            frames.push(std::mem::take(z.get_mut()));
+        }
+        let mut m = ResponseMeter::new(f.provider, f.op, f.format, false).decoding(Coding::Gzip);
+        for frame in frames {
+            m.feed(Bytes::from(frame));
+        }
+        let want: Option<Usage> = serde_json::from_value(f.expected["usage"].clone()).unwrap();
+        assert_eq!(m.usage(), want, "{}: usage before the end", f.name);
+        assert_eq!(
+            m.complete,
+            f.expected["complete"].as_bool().unwrap(),
+            "{}: complete before the end",
+            f.name
+        );
+    }
+}
+
+/// A decompression bomb: the meter stops reading past 64 MiB of plain
+/// bytes, the client still gets every coded byte.
+#[test]
+fn decoding_stops_past_its_budget() {
+    use std::io::Write;
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(&vec![b' '; 1 << 20]).unwrap();
+    let member = z.finish().unwrap();
+    let bomb = member.repeat(80); // 80 MiB of spaces, multi-member
+    let mut m = ResponseMeter::new(Provider::OpenAi, Operation::Chat, Format::Json, false)
+        .decoding(Coding::Gzip);
+    let mut out = 0;
+    for c in bomb.chunks(16 << 10) {
+        out += m.feed(Bytes::copy_from_slice(c)).len();
+    }
+    m.finish();
+    assert_eq!(out, bomb.len());
+    assert!(m.decoder.is_none(), "still decoding");
+    assert!(
+        (64 << 20..(64 << 20) + (5 << 20)).contains(&m.plain_read),
+        "{} plain bytes read",
+        m.plain_read
+    );
+    assert!(m.usage().is_none());
 }
