@@ -95,8 +95,8 @@ enum Decoder {
     /// `deflate` is zlib-wrapped (RFC 9110 §8.4.1.2), but some servers send
     /// raw deflate: the first two bytes tell which.
     Sniffing(Vec<u8>),
-    Zlib(flate2::write::ZlibDecoder<Vec<u8>>),
-    Raw(flate2::write::DeflateDecoder<Vec<u8>>),
+    /// Zlib-wrapped or raw, as sniffed.
+    Deflate(flate2::write::ZlibDecoder<Vec<u8>>),
 }
 
 impl Decoder {
@@ -129,11 +129,10 @@ impl Decoder {
             }
             let head = std::mem::take(head);
             let zlib = head[0] & 0x0f == 8 && u16::from_be_bytes([head[0], head[1]]) % 31 == 0;
-            *self = if zlib {
-                Decoder::Zlib(flate2::write::ZlibDecoder::new(Vec::new()))
-            } else {
-                Decoder::Raw(flate2::write::DeflateDecoder::new(Vec::new()))
-            };
+            *self = Decoder::Deflate(flate2::write::ZlibDecoder::new_with_decompress(
+                Vec::new(),
+                flate2::Decompress::new(zlib),
+            ));
             return self.decode(&head, plain, out);
         }
         for step in input.chunks(Self::STEP) {
@@ -142,8 +141,7 @@ impl Decoder {
             // end of a stream (its usage, `[DONE]`) when its frame comes.
             let written = match self {
                 Decoder::Gzip(d) => d.write_all(step).and_then(|()| d.flush()),
-                Decoder::Zlib(d) => d.write_all(step).and_then(|()| d.flush()),
-                Decoder::Raw(d) => d.write_all(step).and_then(|()| d.flush()),
+                Decoder::Deflate(d) => d.write_all(step).and_then(|()| d.flush()),
                 Decoder::Sniffing(_) => Ok(()),
             };
             *plain += self.drain(out);
@@ -158,8 +156,7 @@ impl Decoder {
     fn finish(&mut self, out: &mut impl FnMut(Bytes)) {
         let _ = match self {
             Decoder::Gzip(d) => d.try_finish(),
-            Decoder::Zlib(d) => d.try_finish(),
-            Decoder::Raw(d) => d.try_finish(),
+            Decoder::Deflate(d) => d.try_finish(),
             Decoder::Sniffing(_) => Ok(()),
         };
         self.drain(out);
@@ -168,8 +165,7 @@ impl Decoder {
     fn drain(&mut self, out: &mut impl FnMut(Bytes)) -> u64 {
         let plain = match self {
             Decoder::Gzip(d) => std::mem::take(d.get_mut()),
-            Decoder::Zlib(d) => std::mem::take(d.get_mut()),
-            Decoder::Raw(d) => std::mem::take(d.get_mut()),
+            Decoder::Deflate(d) => std::mem::take(d.get_mut()),
             Decoder::Sniffing(_) => Vec::new(),
         };
         let n = plain.len() as u64;
