@@ -62,21 +62,8 @@ async fn sigterm_drains_streams_refuses_new_connections_and_exits_zero() {
 
     proxy.proc.signal("-TERM");
     // /readyz turns 503 at once; the proxy port stops accepting.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let r = send(
-            "GET",
-            &format!("http://{}/readyz", proxy.admin),
-            &[],
-            Bytes::new(),
-        )
-        .await;
-        if r.status == 503 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "readyz still {}", r.status);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let readyz = format!("http://{}/readyz", proxy.admin);
+    wait_status(&readyz, 503, Duration::from_secs(2)).await;
     assert!(
         tokio::net::TcpStream::connect(&proxy.addr).await.is_err(),
         "new connections must be refused while draining"

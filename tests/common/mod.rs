@@ -295,6 +295,19 @@ pub async fn chat(proxy: &str, key: &str, body: &str, extra: &[(&str, &str)]) ->
     .await
 }
 
+/// GETs `url` until it answers `status`; fails the test after `within`.
+pub async fn wait_status(url: &str, status: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = send("GET", url, &[], Bytes::new()).await.status;
+        if got == status {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{url} still {got}, not {status}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The admin listener's `/metrics` text.
 pub async fn metrics_text(admin: &str) -> String {
     let r = send("GET", &format!("http://{admin}/metrics"), &[], Bytes::new()).await;
