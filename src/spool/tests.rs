@@ -373,6 +373,42 @@ async fn with_fsync_always_a_failed_sync_fails_the_append() {
     spool.close().await;
 }
 
+/// A failed write whose bytes cannot be cut back stops appends until the
+/// cut succeeds: a line written after the leftover would sit at a file
+/// offset other than its log position (readers would read from the wrong
+/// place) and a restart would read the leftover glued to it.
+#[tokio::test(flavor = "current_thread")]
+async fn appends_wait_for_a_failed_write_to_be_cut_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = vec!["a".to_string()];
+    let spool = open(dir.path(), &sinks);
+    spool.append(line(0), Flush::Batch).await.unwrap();
+    spool.log.fail_writes.store(true, Ordering::Relaxed);
+    spool.log.fail_cuts.store(true, Ordering::Relaxed);
+    assert!(spool.append(line(1), Flush::Batch).await.is_err());
+    spool.log.fail_writes.store(false, Ordering::Relaxed);
+    // The disk takes writes again but the cut still fails: refused, not
+    // written after half of line 1.
+    assert!(spool.append(line(2), Flush::Batch).await.is_err());
+    assert!(spool.refuses_calls());
+    assert_eq!(spool.stats.lost_events.get(), 2);
+    spool.log.fail_cuts.store(false, Ordering::Relaxed);
+    let end = spool.append(line(3), Flush::Batch).await.unwrap();
+    assert_eq!(end, (line(0).len() + line(3).len()) as u64);
+    assert_eq!(written_lines(dir.path()), [line(0), line(3)]);
+    let mut r = spool.reader("a").unwrap();
+    let b = next(&mut r, 64, 1 << 20).await.unwrap();
+    assert_eq!(b.lines, [line(0), line(3)]);
+    spool.close().await;
+    drop((r, spool));
+    // And after a restart.
+    let spool = open(dir.path(), &sinks);
+    let mut r = spool.reader("a").unwrap();
+    let b = next(&mut r, 64, 1 << 20).await.unwrap();
+    assert_eq!(b.lines, [line(0), line(3)]);
+    spool.close().await;
+}
+
 /// A reader takes only what the writer published. Bytes of a write that is
 /// failing are in the file until it cuts them back; delivered, they would
 /// be events counted lost, and the cursor would land inside the lines

@@ -37,6 +37,12 @@ pub struct Log {
     /// Tests: every sync fails, as a full or broken disk makes it.
     #[cfg(test)]
     pub fail_syncs: AtomicBool,
+    /// Tests: every write puts half its bytes in the file, then fails.
+    #[cfg(test)]
+    pub fail_writes: AtomicBool,
+    /// Tests: every cut back (`set_len`) fails.
+    #[cfg(test)]
+    pub fail_cuts: AtomicBool,
 }
 
 struct State {
@@ -44,6 +50,11 @@ struct State {
     seg_start: u64,
     seg_len: u64,
     dirty: bool,
+    /// A failed write or sync left bytes past `seg_len` that cutting back
+    /// failed to remove. Nothing is written until a cut succeeds: appended
+    /// after them, lines would sit at file offsets other than their log
+    /// positions, and a restart would read the leftover glued to the next.
+    cut_pending: bool,
     /// `fsync = "interval"`: segments closed by a roll, and whether the
     /// directory gained an entry, still to sync. The syncer does it, off
     /// the lock: a worker that rolls never waits for the disk.
@@ -74,6 +85,7 @@ impl Log {
                 seg_start,
                 seg_len,
                 dirty: false,
+                cut_pending: false,
                 rolled: Vec::new(),
                 dir_dirty: false,
                 notes: Vec::new(),
@@ -84,6 +96,10 @@ impl Log {
             closed: AtomicBool::new(false),
             #[cfg(test)]
             fail_syncs: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_writes: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_cuts: AtomicBool::new(false),
         })
     }
 
@@ -134,8 +150,15 @@ impl Log {
         events: u64,
         notes: &mut Vec<Note>,
     ) -> Result<u64, SpoolError> {
-        if let Err(e) = (&*s.file).write_all(buf) {
-            let _ = s.file.set_len(s.seg_len);
+        if s.cut_pending {
+            if let Err(e) = self.cut_back(&mut s) {
+                self.mark_failed();
+                tracing::error!(error = %e, events, "spool write refused: a failed write is not cut back yet");
+                return Err(e.into());
+            }
+        }
+        if let Err(e) = self.write_data(&s.file, buf) {
+            let _ = self.cut_back(&mut s);
             self.mark_failed();
             tracing::error!(error = %e, events, "spool write failed");
             return Err(e.into());
@@ -154,7 +177,7 @@ impl Log {
             let synced = self.sync_data(&file);
             s = self.state.lock().unwrap();
             if let Err(e) = synced {
-                let _ = s.file.set_len(s.seg_len);
+                let _ = self.cut_back(&mut s);
                 self.mark_failed();
                 tracing::error!(error = %e, events, "spool sync failed");
                 return Err(e.into());
@@ -220,6 +243,33 @@ impl Log {
             sync_dir(&self.dir);
         }
         first.map_or(Ok(()), Err)
+    }
+
+    fn write_data(&self, mut f: &File, buf: &[u8]) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.fail_writes.load(Ordering::Relaxed) {
+            f.write_all(&buf[..buf.len() / 2])?;
+            return Err(std::io::Error::other("injected write failure"));
+        }
+        f.write_all(buf)
+    }
+
+    /// Cuts the active segment back to the published end; remembered as
+    /// pending when it fails (see `State::cut_pending`).
+    fn cut_back(&self, s: &mut State) -> std::io::Result<()> {
+        #[cfg(test)]
+        let r = if self.fail_cuts.load(Ordering::Relaxed) {
+            Err(std::io::Error::other("injected truncate failure"))
+        } else {
+            s.file.set_len(s.seg_len)
+        };
+        #[cfg(not(test))]
+        let r = s.file.set_len(s.seg_len);
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "spool: cannot cut back a failed write; appends wait for the cut");
+        }
+        s.cut_pending = r.is_err();
+        r
     }
 
     fn sync_data(&self, f: &File) -> std::io::Result<()> {
