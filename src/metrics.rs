@@ -296,7 +296,7 @@ impl Metrics {
         );
         r.register(
             "rejected_unrecorded",
-            "Calls refused with 503 metering_unavailable: counted here, not written to the full spool",
+            "Refused calls counted here, not written to the spool: 503 metering_unavailable, and any refusal while the spool is half full or failing",
             m.rejected_unrecorded.clone(),
         );
         r.register(

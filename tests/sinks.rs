@@ -640,16 +640,9 @@ async fn full_spool_with_reject_fails_closed_then_recovers() {
 /// being refused: a client retrying against the 503 must not fill the disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_spool_stays_bounded_while_calls_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let mock = start_mock();
-    let port = reserve_port();
-    let url = format!("http://{port}/api/v1/events");
-    let cfg = config(dir.path(), &mock.addr, "", &http_sink("meter", &url, ""));
-    set_spool(
-        &cfg,
+    let (_dir, _mock, _port, proxy) = receiver_down(
         "fsync = \"never\"\nmax_bytes = 4096\nsegment_bytes = 4096\nwhen_full = \"reject\"",
     );
-    let proxy = start(&cfg);
     let mut refused = 0;
     for i in 0..300 {
         match call(&proxy.addr, i).await.status {
@@ -659,7 +652,15 @@ async fn full_spool_stays_bounded_while_calls_are_refused() {
         }
     }
     assert!(refused >= 250, "only {refused} of 300 refused");
+    // Refusals that come before the capacity check (401 needs no
+    // credential) write no event either while the spool is full.
+    let unauthenticated = flood_unauthenticated(&proxy.addr, 300).await;
     let m = metrics_text(&proxy.admin).await;
+    assert_eq!(
+        metric(&m, "tollgate_rejected_unrecorded_total"),
+        Some((refused + unauthenticated) as f64),
+        "{m}"
+    );
     let backlog = metric(&m, "tollgate_spool_backlog_bytes").expect("backlog gauge");
     let disk = metric(&m, "tollgate_spool_disk_bytes").expect("disk gauge");
     // One event of slack past the limit (the call admitted last), not one
@@ -670,18 +671,68 @@ async fn full_spool_stays_bounded_while_calls_are_refused() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_spool_with_drop_oldest_keeps_serving_and_counts_the_loss() {
+/// A proxy whose one http sink's receiver is down (not started on `port`
+/// yet), with `spool` in its `[spool]` table.
+fn receiver_down(spool: &str) -> (tempfile::TempDir, Mock, std::net::SocketAddr, Proxy) {
     let dir = tempfile::tempdir().unwrap();
     let mock = start_mock();
     let port = reserve_port();
     let url = format!("http://{port}/api/v1/events");
     let cfg = config(dir.path(), &mock.addr, "", &http_sink("meter", &url, ""));
-    set_spool(
-        &cfg,
+    set_spool(&cfg, spool);
+    let proxy = start(&cfg);
+    (dir, mock, port, proxy)
+}
+
+/// `n` requests without a credential, each answered 401; returns `n`.
+async fn flood_unauthenticated(addr: &str, n: usize) -> usize {
+    let url = format!("http://{addr}/openai/v1/chat/completions");
+    for _ in 0..n {
+        let r = send(
+            "POST",
+            &url,
+            &[],
+            r#"{"model":"gpt-4o-mini","messages":[]}"#,
+        )
+        .await;
+        assert_eq!(r.status, 401, "{}", r.text());
+    }
+    n
+}
+
+/// Refusals get at most half the spool: while the sinks are down, a flood
+/// of 401s (they need no credential) stops being written at half of
+/// `max_bytes`, and the other half still takes billed calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_leave_half_the_spool_to_billed_calls() {
+    let (dir, _mock, _port, proxy) = receiver_down(
+        "fsync = \"never\"\nmax_bytes = 8192\nsegment_bytes = 1024\nwhen_full = \"reject\"",
+    );
+    let flood = flood_unauthenticated(&proxy.addr, 300).await;
+    let m = metrics_text(&proxy.admin).await;
+    let backlog = metric(&m, "tollgate_spool_backlog_bytes").expect("backlog gauge");
+    // Written until half full: one refusal's event of slack past it.
+    assert!(
+        (4096.0..4096.0 + 1024.0).contains(&backlog),
+        "backlog {backlog} after {flood} refusals; metrics:\n{m}"
+    );
+    let unrecorded = metric(&m, "tollgate_rejected_unrecorded_total").unwrap_or(0.0);
+    assert!(unrecorded >= (flood - 10) as f64, "{m}");
+    // Billed calls still have the other half.
+    let served = serve(&proxy.addr, 3).await;
+    wait_events(dir.path(), "the billed calls' events", |ev| {
+        served
+            .iter()
+            .all(|s| ev.iter().any(|e| e["data"]["request_id"] == s.as_str()))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_spool_with_drop_oldest_keeps_serving_and_counts_the_loss() {
+    let (dir, _mock, port, proxy) = receiver_down(
         "fsync = \"never\"\nmax_bytes = 4096\nsegment_bytes = 4096\nwhen_full = \"drop_oldest\"",
     );
-    let proxy = start(&cfg);
     let served = serve(&proxy.addr, 40).await;
     let ready = get(&format!("http://{}/readyz", proxy.admin)).await;
     assert_eq!(ready.status, 200, "{}", ready.text());

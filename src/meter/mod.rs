@@ -257,10 +257,18 @@ impl CallState {
             cost = %data.cost,
             "call metered"
         );
-        // A call refused because metering is unavailable (spool full under
-        // `reject`, or failing) is not written: its event would grow the very
-        // backlog that is full. It is counted in the metrics instead.
-        let written = if matches!(end_kind, Some("metering_unavailable")) {
+        // A refused call (nothing forwarded, nothing spent) is written only
+        // while the spool has room for refusals (see
+        // `Spool::has_room_for_refusals`): refused because metering is
+        // unavailable, its event would grow the very backlog that is full;
+        // and a flood of refusals (a 401 needs no credential) must not take
+        // the room billed calls need. Counted in the metrics instead.
+        let unrecorded = match end_kind {
+            Some("metering_unavailable") => true,
+            Some(_) => !app.spool.has_room_for_refusals(),
+            None => false,
+        };
+        let written = if unrecorded {
             app.metrics.rejected_unrecorded.inc();
             None
         } else {

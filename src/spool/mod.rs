@@ -435,6 +435,16 @@ impl Spool {
                 && self.backlog_bytes() >= self.policy.max_bytes)
     }
 
+    /// Whether the spool takes the event of a refused call (one no
+    /// admission check let in): not failing, and less than half full. The
+    /// other half is kept for billed calls, whatever `when_full` says, so a
+    /// flood of refusals during a sink outage can neither fill the spool
+    /// (`reject`: every call refused) nor push many billed calls' events out
+    /// (`drop_oldest`). Read-only: nothing is dropped to make room.
+    pub fn has_room_for_refusals(&self) -> bool {
+        !self.stats.failing() && self.backlog_bytes() < self.policy.max_bytes / 2
+    }
+
     fn cursor_position(&self, name: &str) -> Option<u64> {
         let cursors = self.cursors.lock().unwrap();
         cursors.iter().find(|(n, _)| n == name).map(|(_, p)| *p)
