@@ -144,10 +144,10 @@ impl App {
         if s.0.data_dir != s.1.data_dir {
             restart.push("server.data_dir");
         }
-        if format!("{:?}", old.spool) != format!("{:?}", new.spool) {
+        if old.spool != new.spool {
             restart.push("[spool]");
         }
-        if format!("{:?}", old.sinks) != format!("{:?}", new.sinks) {
+        if old.sinks != new.sinks {
             restart.push("[[sinks]]");
         }
         if !restart.is_empty() {

@@ -99,12 +99,36 @@ pub fn parse(
     let raw: raw::RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         let span = e.inner().span().or_else(|| locate::span_of(&doc, &key));
-        err(key, span, e.inner().message().to_string())
+        err(key, span, without_strings(e.inner().message()))
     })?;
     validate::validate(raw, env).map_err(|(key, reason)| {
         let span = locate::span_of(&doc, &key);
         err(key, span, reason)
     })
+}
+
+/// A deserializer's message without the string values it quotes
+/// (`invalid type: string "sk-…", expected u64` becomes `invalid type: a
+/// string, expected u64`): a value in the wrong place may be a secret, and a
+/// reload logs the error.
+fn without_strings(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find("string \"") {
+        out.push_str(&rest[..i]);
+        out.push_str("a string");
+        // Past the closing quote (the value is Debug-escaped: `\"` inside).
+        let body = &rest[i + "string \"".len()..];
+        let mut escaped = false;
+        let end = body.char_indices().find_map(|(j, c)| {
+            let close = c == '"' && !escaped;
+            escaped = c == '\\' && !escaped;
+            close.then_some(j + 1)
+        });
+        rest = end.map_or("", |j| &body[j..]);
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A secret string whose `Debug` never prints it.
@@ -161,7 +185,7 @@ pub enum Fsync {
     Never,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SpoolPolicy {
     pub max_bytes: u64,
     pub when_full: WhenFull,
@@ -281,7 +305,8 @@ pub struct BatchPolicy {
     pub max_wait: Duration,
 }
 
-#[derive(Debug, Clone)]
+/// Compared by value on reload (secrets included: `Debug` hides them).
+#[derive(Debug, Clone, PartialEq)]
 pub enum SinkKind {
     File {
         path: PathBuf,
@@ -302,7 +327,7 @@ pub enum SinkKind {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SinkConfig {
     /// Unique name; names the sink's cursor in the spool.
     pub name: String,

@@ -90,6 +90,40 @@ fn bad_value_names_key_and_line() {
     assert_eq!(e.line, 22, "{e}");
 }
 
+/// A secret put where a variable's name or another value belongs is never
+/// shown in the error (`tollgate check` prints it; a reload logs it).
+#[test]
+fn errors_never_echo_a_secret_put_in_the_wrong_place() {
+    let secret = "sk-proj-LIVE\\\"KEY-SECRET";
+    let cases = [
+        GOOD.replace("\"OPENAI_API_KEY\"", &format!("\"{secret}\"")),
+        GOOD.replace("\"ADMIN\"", "\"Bearer admin-SECRET\""),
+        GOOD.replace(
+            "path = \"./events.jsonl\"",
+            "type = \"http\"\nurl = \"http://127.0.0.1:9/e\"\nheaders = { authorization_env = \"tok-SECRET\" }",
+        )
+        .replace("type = \"file\"\n", ""),
+        GOOD.replace(
+            "keys = [\"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"]",
+            "keys = \"tk-plain-SECRET\"",
+        ),
+        GOOD.replace("[[sinks]]", "[spool]\nmax_bytes = \"sk-\\\"x\\\" SECRET\"\n\n[[sinks]]"),
+    ];
+    for src in cases {
+        let e = parse(&src, "t.toml", &env).unwrap_err();
+        let shown = e.to_string();
+        assert!(!shown.contains("SECRET"), "{shown}");
+        assert!(!e.key.is_empty() && e.line > 0, "{shown}");
+    }
+    // A plausible name is still named.
+    let src = GOOD.replace("\"OPENAI_API_KEY\"", "\"NOPE\"");
+    let shown = parse(&src, "t.toml", &env).unwrap_err().to_string();
+    assert!(
+        shown.contains("environment variable NOPE is not set"),
+        "{shown}"
+    );
+}
+
 #[test]
 fn missing_secret_is_an_error() {
     let src = GOOD.replace("\"OPENAI_API_KEY\"", "\"NOPE\"");

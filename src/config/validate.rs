@@ -17,6 +17,25 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Invalid {
     (key.into(), reason.into())
 }
 
+/// The value of the environment variable a `*_env` key names. The error
+/// names the variable only if `var` looks like a variable's name: the usual
+/// mistake is the secret itself pasted in, and it must not reach a terminal
+/// or the log (a reload logs its error).
+fn from_env(key: &str, var: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Invalid> {
+    let is_name = !var.is_empty()
+        && !var.starts_with(|c: char| c.is_ascii_digit())
+        && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !is_name {
+        return Err(invalid(
+            key,
+            "must name an environment variable (letters, digits and '_'), not hold its value; the value given is not shown",
+        ));
+    }
+    env(var)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| invalid(key, format!("environment variable {var} is not set")))
+}
+
 /// `sha256:<hex>` of a tenant key, as `tollgate hash-key` prints it.
 pub fn hash_key(key: &str) -> String {
     format!(
@@ -40,14 +59,7 @@ fn addr(key: &str, s: &str) -> Result<SocketAddr, Invalid> {
 pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Policy, Invalid> {
     let s = &raw.server;
     let admin_token = match &s.admin_token_env {
-        Some(var) => Some(Secret(env(var).filter(|v| !v.is_empty()).ok_or_else(
-            || {
-                invalid(
-                    "server.admin_token_env",
-                    format!("environment variable {var} is not set"),
-                )
-            },
-        )?)),
+        Some(var) => Some(Secret(from_env("server.admin_token_env", var, env)?)),
         None => None,
     };
     if s.max_request_bytes == 0 {
@@ -349,12 +361,7 @@ fn upstream(
     };
     let credential = match &u.api_key_env {
         Some(var) => {
-            let value = env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
-                invalid(
-                    format!("{key}.api_key_env"),
-                    format!("environment variable {var} is not set"),
-                )
-            })?;
+            let value = from_env(&format!("{key}.api_key_env"), var, env)?;
             let header = match (&u.api_key_header, provider) {
                 (Some(h), _) => h.to_ascii_lowercase(),
                 (None, Provider::Anthropic) => "x-api-key".into(),
@@ -584,12 +591,7 @@ fn sink_headers(
     for (k, v) in raw {
         let hkey = format!("{key}.headers.{k}");
         let (name, value) = match k.strip_suffix("_env") {
-            Some(name) => (
-                name,
-                env(v).filter(|x| !x.is_empty()).ok_or_else(|| {
-                    invalid(&hkey, format!("environment variable {v} is not set"))
-                })?,
-            ),
+            Some(name) => (name, from_env(&hkey, v, env)?),
             None => (k.as_str(), v.clone()),
         };
         let name = http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
