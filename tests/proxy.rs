@@ -770,6 +770,83 @@ async fn ambiguous_route_escapes_are_refused() {
     );
 }
 
+/// Only GET, HEAD, POST, PUT, PATCH, DELETE and OPTIONS are forwarded:
+/// TRACE (its answer echoes the request, the injected key included),
+/// CONNECT and extension or lower-case methods (`post`, which a lenient
+/// upstream could take for a chat call the meter saw as `other`) get 405
+/// with `Allow`, in the provider's shape, with their event. A `..` segment,
+/// however escaped, gets 400: it would climb out of the upstream's base
+/// path. Neither reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_methods_and_dot_segments_are_refused() {
+    let e = env();
+    let bearer = format!("Bearer {ACME_KEY}");
+    let auth = [("authorization", bearer.as_str())];
+    let models = format!("http://{}/openai/v1/models", e.proxy.addr);
+    for method in ["TRACE", "post", "PROPFIND"] {
+        let r = send(method, &models, &auth, "").await;
+        assert_eq!(r.status, 405, "{method}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "method_not_allowed");
+        assert_eq!(
+            r.headers["allow"],
+            "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+        );
+    }
+    // CONNECT in origin form (hyper's client will not send one).
+    let mut s = tokio::net::TcpStream::connect(&e.proxy.addr).await.unwrap();
+    let head =
+        format!("CONNECT /openai/v1/models HTTP/1.1\r\nhost: x\r\nauthorization: {bearer}\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut s, head.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 64];
+    let n = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut s, &mut answer),
+    )
+    .await
+    .expect("an answer to CONNECT")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    let r = send(
+        "TRACE",
+        &format!("http://{}/anthropic/v1/messages", e.proxy.addr),
+        &[("x-api-key", GLOBEX_KEY)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    for path in ["/v1/../../x", "/v1/%2e%2e/x", "/v1/..%2fx"] {
+        let url = format!("http://{}/openai{path}", e.proxy.addr);
+        let r = send("GET", &url, &auth, "").await;
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "invalid_request_path");
+    }
+    // The scheme is case-insensitive.
+    let r = send(
+        "GET",
+        &models,
+        &[("authorization", &format!("BEARER {ACME_KEY}"))],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ev = wait_events(e.dir.path(), "nine events", |ev| ev.len() >= 9).await;
+    let refused = ev
+        .iter()
+        .filter(|x| x["data"]["outcome"] == "rejected_request")
+        .count();
+    assert_eq!(refused, 8, "{ev:#?}");
+    let log = mock_log(&e.mock.addr).await;
+    assert_eq!(
+        log.len(),
+        1,
+        "a refused call reached the upstream: {log:#?}"
+    );
+}
+
 async fn chat_at(proxy: &str, path: &str) -> Resp {
     send(
         "POST",

@@ -80,6 +80,39 @@ pub fn ambiguous_path(path: &str) -> bool {
     })
 }
 
+/// Whether a path has a `..` segment, written plainly or with escapes
+/// (`%2e%2e`, `..%2f`, `..\\`, `..;x`): joined to the upstream's base path, it
+/// would climb out of it on an upstream that resolves dot segments.
+pub fn climbs(path: &str) -> bool {
+    let b = path.as_bytes();
+    let mut seg_dots = Some(0u8);
+    let mut i = 0;
+    while i <= b.len() {
+        let (c, step) = match b.get(i) {
+            None => (b'/', 1),
+            Some(b'%') => match escape_at(b, i) {
+                Some(c) => (c, 3),
+                None => (b'%', 1),
+            },
+            Some(&c) => (c, 1),
+        };
+        match c {
+            b'/' | b'\\' => {
+                if seg_dots == Some(2) {
+                    return true;
+                }
+                seg_dots = Some(0);
+            }
+            b'.' => seg_dots = seg_dots.map(|n| n.saturating_add(1)),
+            // `..;x` is `..` with a parameter to some servers.
+            b';' if seg_dots == Some(2) => return true,
+            _ => seg_dots = None,
+        }
+        i += step;
+    }
+    false
+}
+
 /// The byte the `%XX` escape at `b[i]` stands for; `None` if there is none.
 fn escape_at(b: &[u8], i: usize) -> Option<u8> {
     let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
@@ -379,6 +412,37 @@ mod tests {
             "/v1/é",
         ] {
             assert!(!ambiguous_path(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn dot_dot_segments_climb_however_written() {
+        for path in [
+            "/..",
+            "/../x",
+            "/v1/../../x",
+            "/v1/%2e%2e/x",
+            "/v1/%2E%2e",
+            "/v1/.%2e/x",
+            "/v1/..%2fx",
+            "/v1/..%5Cx",
+            "/v1/..\\x",
+            "/v1/..;x/y",
+        ] {
+            assert!(climbs(path), "{path}");
+        }
+        for path in [
+            "/v1/chat/completions",
+            "/v1/./x",
+            "/v1/.../x",
+            "/v1/..x/y",
+            "/v1/x../y",
+            "/v1/a.b/c",
+            "/v1/%2e",
+            "/v1/files/file-..",
+            "/",
+        ] {
+            assert!(!climbs(path), "{path}");
         }
     }
 

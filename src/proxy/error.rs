@@ -9,6 +9,27 @@ use crate::event::Outcome;
 use crate::limits::rate::LimitKind;
 use crate::server::{full, Body};
 
+/// The methods the proxy forwards (and the `Allow` of its 405): TRACE and
+/// CONNECT never (a TRACE answer echoes the request, the injected key
+/// included; CONNECT would tunnel), nor extension or lower-case methods,
+/// which an upstream might take for a POST the meter did not see.
+pub const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+/// Whether the proxy forwards `m` (see [`FORWARDED_METHODS`]).
+pub fn forwarded_method(m: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+    ]
+    .contains(m)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no upstream is configured for this path")]
@@ -25,6 +46,10 @@ pub enum ProxyError {
     UnknownModel(String),
     #[error("request path has an escape that could name another route (write it unescaped)")]
     AmbiguousPath,
+    #[error("request path climbs above the upstream's base path ('..' segment)")]
+    DotSegment,
+    #[error("method not forwarded: only {FORWARDED_METHODS} are")]
+    MethodNotAllowed,
     #[error("background responses are not supported through this proxy: their output is fetched later and could be neither metered nor budgeted")]
     Background,
     #[error("{0}")]
@@ -49,7 +74,9 @@ impl ProxyError {
             | ProxyError::MalformedJson(_)
             | ProxyError::UnknownModel(_)
             | ProxyError::AmbiguousPath
+            | ProxyError::DotSegment
             | ProxyError::Background => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BudgetExceeded(_) => StatusCode::PAYMENT_REQUIRED,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::SpoolUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -67,7 +94,8 @@ impl ProxyError {
             ProxyError::BadBody(_) => "bad_request_body",
             ProxyError::MalformedJson(_) => "invalid_json",
             ProxyError::UnknownModel(_) => "model_not_priced",
-            ProxyError::AmbiguousPath => "invalid_request_path",
+            ProxyError::AmbiguousPath | ProxyError::DotSegment => "invalid_request_path",
+            ProxyError::MethodNotAllowed => "method_not_allowed",
             ProxyError::Background => "unsupported_parameter",
             ProxyError::BudgetExceeded(_) => "budget_exceeded",
             ProxyError::RateLimited(_) => "rate_limit_exceeded",
@@ -93,7 +121,7 @@ impl ProxyError {
             (Provider::Anthropic, 401) => "authentication_error",
             (Provider::Anthropic, 404) => "not_found_error",
             (Provider::Anthropic, 413) => "request_too_large",
-            (Provider::Anthropic, 400) => "invalid_request_error",
+            (Provider::Anthropic, 400 | 405) => "invalid_request_error",
             (Provider::Anthropic, 402) => "billing_error",
             (Provider::Anthropic, 429) => "rate_limit_error",
             (_, 402) => "insufficient_quota",
@@ -103,7 +131,7 @@ impl ProxyError {
             },
             (Provider::Anthropic, _) => "api_error",
             (_, 401) => "invalid_request_error",
-            (_, 400 | 404 | 413) => "invalid_request_error",
+            (_, 400 | 404 | 405 | 413) => "invalid_request_error",
             (_, _) => "server_error",
         }
     }
@@ -118,6 +146,12 @@ impl ProxyError {
         );
         let h = resp.headers_mut();
         match self {
+            ProxyError::MethodNotAllowed => {
+                h.insert(
+                    http::header::ALLOW,
+                    HeaderValue::from_static(FORWARDED_METHODS),
+                );
+            }
             ProxyError::BudgetExceeded(_) => {
                 h.insert("x-should-retry", HeaderValue::from_static("false"));
             }

@@ -83,6 +83,12 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let Some(tenant) = tenant else {
         return reject(call, ProxyError::Unauthenticated, upstream.provider).await;
     };
+    if !error::forwarded_method(req.method()) {
+        return reject(call, ProxyError::MethodNotAllowed, upstream.provider).await;
+    }
+    if meter::request::climbs(rest) {
+        return reject(call, ProxyError::DotSegment, upstream.provider).await;
+    }
     if upstream.provider != Provider::Generic
         && req.method() == http::Method::POST
         && meter::request::ambiguous_path(rest)
@@ -265,8 +271,9 @@ fn authenticate<'p>(policy: &'p Policy, h: &HeaderMap) -> Option<&'p Arc<Tenant>
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| {
-                    v.strip_prefix("Bearer ")
-                        .or_else(|| v.strip_prefix("bearer "))
+                    // The scheme is case-insensitive (RFC 9110 §11.1).
+                    let (scheme, key) = v.split_once(' ')?;
+                    scheme.eq_ignore_ascii_case("bearer").then_some(key)
                 })
                 .or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()))?;
             let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
