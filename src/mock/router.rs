@@ -126,6 +126,17 @@ pub(crate) async fn handle(
         let h = res.headers_mut();
         for name in [http::header::AUTHORIZATION, "x-api-key".parse().unwrap()] {
             if let Some(v) = parts.headers.get(&name) {
+                // Under its own name and others, as a reflecting gateway
+                // might (a cookie, a redirect).
+                let cookie = [b"s=".as_slice(), v.as_bytes()].concat();
+                if let Ok(c) = http::HeaderValue::from_bytes(&cookie) {
+                    h.append(http::header::SET_COOKIE, c);
+                }
+                let echo = format!("x-echo-{name}");
+                h.insert(
+                    http::HeaderName::from_bytes(echo.as_bytes()).unwrap(),
+                    v.clone(),
+                );
                 h.insert(name, v.clone());
             }
         }

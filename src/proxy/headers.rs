@@ -115,8 +115,34 @@ pub fn upstream_request_headers(
 /// Prepares upstream response headers for the client.
 pub fn client_response_headers(h: &mut HeaderMap, upstream: &Upstream) {
     strip_hop_by_hop(h);
-    if let Some((name, _)) = &upstream.credential {
-        // An upstream that echoed its key must not hand it to the client.
+    if let Some((name, value)) = &upstream.credential {
+        // An upstream that echoed its key must not hand it to the client:
+        // not under the header's own name, nor inside any other header
+        // (`set-cookie`, `location`, `www-authenticate`, `x-echo-…`).
+        h.remove(name);
+        strip_containing(h, upstream_key(value));
+    }
+}
+
+/// The key in an injected credential (`Bearer ` dropped).
+fn upstream_key(value: &http::HeaderValue) -> &[u8] {
+    let v = value.as_bytes();
+    v.strip_prefix(b"Bearer ").unwrap_or(v)
+}
+
+/// Removes every header with a value that contains `key` (keys shorter
+/// than 8 bytes are not looked for: too likely to match by chance).
+fn strip_containing(h: &mut HeaderMap, key: &[u8]) {
+    if key.len() < 8 {
+        return;
+    }
+    let leaking: Vec<HeaderName> = h
+        .iter()
+        .filter(|(_, v)| memchr::memmem::find(v.as_bytes(), key).is_some())
+        .map(|(k, _)| k.clone())
+        .collect();
+    for name in leaking {
+        tracing::warn!(header = %name, "upstream response header held the upstream key: removed");
         h.remove(name);
     }
 }
@@ -139,6 +165,31 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-stay"));
+    }
+
+    #[test]
+    fn headers_echoing_the_upstream_key_are_removed() {
+        let key = "sk-UPSTREAM-0123456789";
+        let bearer = http::HeaderValue::from_str(&format!("Bearer {key}")).unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("set-cookie", format!("s={key}; Path=/").parse().unwrap());
+        h.insert("location", format!("https://x/?k={key}").parse().unwrap());
+        h.append("x-echo", "harmless".parse().unwrap());
+        h.append("x-echo", format!("Bearer {key}").parse().unwrap());
+        h.insert("x-request-id", "req_1".parse().unwrap());
+        let upstream = Upstream {
+            name: "openai".into(),
+            prefix: "/openai".into(),
+            url: "http://127.0.0.1:9".parse().unwrap(),
+            provider: crate::config::Provider::OpenAi,
+            credential: Some((header::AUTHORIZATION, bearer)),
+            timeout: std::time::Duration::from_secs(1),
+            connect_timeout: std::time::Duration::from_secs(1),
+            price_per_call: Default::default(),
+        };
+        client_response_headers(&mut h, &upstream);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-request-id"]);
     }
 
     #[test]
