@@ -363,6 +363,14 @@ async fn outcome_events_are_idempotent_on_the_app_key() {
     )
     .await;
     assert_eq!(r.status, 404);
+    // Keys and types are bounded: each key is kept for 7 days.
+    for (field, long) in [("id", "k".repeat(257)), ("type", "t".repeat(257))] {
+        let mut b: serde_json::Value = serde_json::from_str(body).unwrap();
+        b[field] = long.into();
+        let r = send("POST", &url, &[("authorization", &auth)], b.to_string()).await;
+        assert_eq!(r.status, 400, "{field}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], format!("invalid_{field}"));
+    }
     // Still a duplicate after a restart (kill -9).
     tokio::time::sleep(Duration::from_millis(1200)).await;
     proxy.proc.kill9();

@@ -245,6 +245,9 @@ async fn credit(
     ok(v)
 }
 
+/// The longest outcome `type` and idempotency key, in bytes.
+const MAX_OUTCOME_FIELD: usize = 256;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OutcomeReq {
@@ -275,11 +278,23 @@ async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Res
     if !policy.tenants.contains_key(&body.tenant) {
         return error(StatusCode::NOT_FOUND, "tenant_not_found", "no such tenant");
     }
-    if body.name.is_empty() {
+    if body.name.is_empty() || body.name.len() > MAX_OUTCOME_FIELD {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_type",
-            "type must not be empty",
+            "type must be 1 to 256 bytes",
+        );
+    }
+    if body
+        .id
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > MAX_OUTCOME_FIELD)
+    {
+        // Each key is held in memory and in the ledger snapshot for 7 days.
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+            "id must be 1 to 256 bytes",
         );
     }
     let Some(quantity) = quantity(body.quantity.as_ref()) else {
