@@ -93,6 +93,11 @@ impl Inflight {
         }
     }
 
+    /// Calls in flight now.
+    pub fn count(&self) -> usize {
+        self.n.load(Ordering::SeqCst)
+    }
+
     /// Resolves once no call is in flight.
     pub async fn zero(&self) {
         self.watching.store(true, Ordering::SeqCst);
@@ -424,7 +429,14 @@ pub async fn run(
             .await
             .is_err()
         {
-            tracing::error!("calls still unfinished at exit; their events may be lost");
+            // Whatever of theirs is not written when the spool closes below
+            // is counted lost by the spool, if the task gets to try; the
+            // process may end first, so the count is logged here.
+            let calls = drained.inflight.count();
+            tracing::error!(
+                calls,
+                "calls still unfinished at exit; their events may be lost"
+            );
         }
         // In-flight calls have finished (or the grace ran out): their events
         // are in the spool. Sinks get what is left of the grace to deliver.

@@ -170,16 +170,14 @@ async fn counted_input(ask: &Ask<'_>) -> Option<u64> {
     let body = ask.body.clone();
     let model = ask.info.model.clone().unwrap_or_default();
     let per_item = ask.policy.url_item_tokens;
-    Some(
-        tokens::estimate_blocking(move || {
-            let input = crate::meter::request::input_text(&body);
-            tokens::count(&model, &input.text)
-                + 3 * input.messages
-                + 3
-                + input.by_reference * per_item
-        })
-        .await,
-    )
+    // No count: the body's UTF-8 length bounds its tokens (DESIGN §7).
+    let bound = ask.body.len() as u64;
+    let counted = tokens::estimate_blocking(move || {
+        let input = crate::meter::request::input_text(&body);
+        tokens::count(&model, &input.text) + 3 * input.messages + 3 + input.by_reference * per_item
+    })
+    .await;
+    Some(counted.unwrap_or(bound))
 }
 
 /// Worst-case cost of a call with `input` tokens.

@@ -386,6 +386,15 @@ async fn estimate(s: &CallState, partial: Option<Usage>) -> Usage {
         .map(|m| m.generated_text())
         .unwrap_or_default();
     let embeddings = s.op == Operation::Embeddings;
+    // If the count fails: four bytes a token over the body and the text.
+    let by_length = (
+        (s.request_body.len() as u64).div_ceil(4),
+        if embeddings {
+            0
+        } else {
+            (out_text.len() as u64 + overflow).div_ceil(4)
+        },
+    );
     let est = tokens::estimate_blocking(move || {
         let input = request::input_text(&body);
         let input_tokens = tokens::count(&model, &input.text) + 3 * input.messages + 3;
@@ -396,7 +405,8 @@ async fn estimate(s: &CallState, partial: Option<Usage>) -> Usage {
         };
         (input_tokens, output_tokens)
     })
-    .await;
+    .await
+    .unwrap_or(by_length);
     let p = partial.unwrap_or_default();
     Usage {
         input_tokens: if p.input_tokens > 0 {

@@ -33,18 +33,34 @@ pub fn count(model: &str, text: &str) -> u64 {
 }
 
 /// Runs `f` on tokio's blocking pool when inside a runtime, inline otherwise.
-pub async fn estimate_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+/// `None` if it did not finish (it panicked, or the runtime is shutting
+/// down): the caller falls back to a bound from byte lengths rather than
+/// lose the call's event or its budget settlement.
+pub async fn estimate_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
     match tokio::runtime::Handle::try_current() {
-        Ok(_) => tokio::task::spawn_blocking(f)
-            .await
-            .expect("token estimation does not panic"),
-        Err(_) => f(),
+        Ok(_) => match tokio::task::spawn_blocking(f).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(error = %e, "token estimate failed; using byte lengths");
+                None
+            }
+        },
+        Err(_) => Some(f()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_failed_estimate_is_none_not_a_panic() {
+        assert_eq!(estimate_blocking(|| 7).await, Some(7));
+        let failed = estimate_blocking(|| -> u64 { panic!("tokenizer broke") }).await;
+        assert_eq!(failed, None);
+    }
 
     #[test]
     fn counts_mock_words_as_one_token_each() {
