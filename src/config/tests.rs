@@ -115,6 +115,11 @@ fn errors_never_echo_a_secret_put_in_the_wrong_place() {
         assert!(!shown.contains("SECRET"), "{shown}");
         assert!(!e.key.is_empty() && e.line > 0, "{shown}");
     }
+    // Credentials in a URL are refused, and not shown either.
+    let src = GOOD.replace("http://127.0.0.1:9", "http://user:pw-SECRET@127.0.0.1:9");
+    let e = parse(&src, "t.toml", &env).unwrap_err();
+    assert_eq!(e.key, "upstreams[0].url", "{e}");
+    assert!(!e.to_string().contains("SECRET"), "{e}");
     // A plausible name is still named.
     let src = GOOD.replace("\"OPENAI_API_KEY\"", "\"NOPE\"");
     let shown = parse(&src, "t.toml", &env).unwrap_err().to_string();

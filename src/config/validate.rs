@@ -329,19 +329,7 @@ fn upstream(
             "must start with '/' and name a path, e.g. \"/openai\"",
         ));
     }
-    let url: http::Uri = u
-        .url
-        .parse()
-        .map_err(|e| invalid(format!("{key}.url"), format!("invalid URL: {e}")))?;
-    match url.scheme_str() {
-        Some("http") | Some("https") if url.host().is_some() => {}
-        _ => {
-            return Err(invalid(
-                format!("{key}.url"),
-                "must be an absolute http:// or https:// URL",
-            ))
-        }
-    }
+    let url = http_url(&format!("{key}.url"), Some(&u.url), "")?;
     if url.query().is_some() {
         return Err(invalid(
             format!("{key}.url"),
@@ -574,9 +562,17 @@ fn http_url(key: &str, s: Option<&str>, missing: &str) -> Result<http::Uri, Inva
         .parse()
         .map_err(|e| invalid(key, format!("invalid URL: {e}")))?;
     match url.scheme_str() {
-        Some("http") | Some("https") if url.host().is_some() => Ok(url),
-        _ => Err(invalid(key, "must be an absolute http:// or https:// URL")),
+        Some("http") | Some("https") if url.host().is_some() => {}
+        _ => return Err(invalid(key, "must be an absolute http:// or https:// URL")),
     }
+    // Userinfo is never sent as credentials, and libraries log authorities.
+    if url.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(invalid(
+            key,
+            "must not hold credentials (user:password@); put them in a header from the environment",
+        ));
+    }
+    Ok(url)
 }
 
 /// `headers = { authorization_env = "METER_TOKEN", x-source = "tollgate" }`:
