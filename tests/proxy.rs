@@ -847,6 +847,40 @@ async fn unsafe_methods_and_dot_segments_are_refused() {
     );
 }
 
+/// `unmetered_routes = "refuse"`: what the meter does not read (files,
+/// stored completions, batches...) gets 403 rather than going out with the
+/// shared key; metered routes work as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_can_refuse_unmetered_routes() {
+    let e = env_with(
+        "",
+        "[[upstreams]]\nname = \"strict\"\nprefix = \"/strict\"\nurl = \"http://{MOCK}\"\nprovider = \"openai\"\napi_key_env = \"TEST_UPSTREAM_KEY\"\nunmetered_routes = \"refuse\"\n",
+    );
+    let bearer = format!("Bearer {ACME_KEY}");
+    for (method, path) in [
+        ("GET", "/v1/chat/completions"),
+        ("GET", "/v1/files/file-x/content"),
+        ("POST", "/v1/batches"),
+    ] {
+        let url = format!("http://{}/strict{path}", e.proxy.addr);
+        let r = send(method, &url, &[("authorization", &bearer)], "{}").await;
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "route_not_metered");
+    }
+    let r = chat_at(&e.proxy.addr, "/strict/v1/chat/completions").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The default still forwards them.
+    let url = format!("http://{}/openai/v1/models", e.proxy.addr);
+    let r = send("GET", &url, &[("authorization", &bearer)], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let log = mock_log(&e.mock.addr).await;
+    assert_eq!(
+        log.len(),
+        2,
+        "a refused call reached the upstream: {log:#?}"
+    );
+}
+
 async fn chat_at(proxy: &str, path: &str) -> Resp {
     send(
         "POST",

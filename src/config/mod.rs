@@ -226,6 +226,10 @@ pub struct Upstream {
     /// Header to inject and its value (already formatted, e.g. `Bearer sk-…`).
     /// The upstream key's header, made once at load (marked sensitive).
     pub credential: Option<(http::HeaderName, http::HeaderValue)>,
+    /// `unmetered_routes = "refuse"`: calls the meter does not read (operation
+    /// `other`: file, batch, image, stored-completion routes...) get 403
+    /// instead of going out with the shared key.
+    pub refuse_unmetered: bool,
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub price_per_call: Decimal,

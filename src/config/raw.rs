@@ -164,6 +164,8 @@ pub struct RawUpstream {
     pub connect_timeout: String,
     #[serde(default)]
     pub price_per_call: Option<Decimal>,
+    #[serde(default)]
+    pub unmetered_routes: Option<String>,
 }
 
 fn default_upstream_timeout() -> String {

@@ -130,6 +130,34 @@ fn errors_never_echo_a_secret_put_in_the_wrong_place() {
 }
 
 #[test]
+fn unmetered_routes_is_forward_or_refuse_on_llm_upstreams() {
+    let p = parse(GOOD, "t.toml", &env).unwrap();
+    assert!(p.upstreams.iter().all(|u| !u.refuse_unmetered));
+    let src = GOOD.replace(
+        "api_key_env = \"OPENAI_API_KEY\"",
+        "api_key_env = \"OPENAI_API_KEY\"\nunmetered_routes = \"refuse\"",
+    );
+    let p = parse(&src, "t.toml", &env).unwrap();
+    let openai = p.upstreams.iter().find(|u| u.name == "openai").unwrap();
+    assert!(openai.refuse_unmetered);
+    for (from, to, key) in [
+        (
+            "price_per_call = \"0.002\"",
+            "price_per_call = \"0.002\"\nunmetered_routes = \"refuse\"",
+            "upstreams[1].unmetered_routes",
+        ),
+        (
+            "api_key_env = \"OPENAI_API_KEY\"",
+            "api_key_env = \"OPENAI_API_KEY\"\nunmetered_routes = \"block\"",
+            "upstreams[0].unmetered_routes",
+        ),
+    ] {
+        let e = parse(&GOOD.replace(from, to), "t.toml", &env).unwrap_err();
+        assert_eq!(e.key, key, "{e}");
+    }
+}
+
+#[test]
 fn missing_secret_is_an_error() {
     let src = GOOD.replace("\"OPENAI_API_KEY\"", "\"NOPE\"");
     let e = parse(&src, "t.toml", &env).unwrap_err();

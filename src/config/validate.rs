@@ -394,12 +394,29 @@ fn upstream(
             "only generic upstreams are priced per call; LLM upstreams use [models]",
         ));
     }
+    let refuse_unmetered = match (u.unmetered_routes.as_deref(), provider) {
+        (None | Some("forward"), _) => false,
+        (Some("refuse"), Provider::Generic) => {
+            return Err(invalid(
+                format!("{key}.unmetered_routes"),
+                "only for openai and anthropic upstreams (every generic call is metered)",
+            ))
+        }
+        (Some("refuse"), _) => true,
+        (Some(other), _) => {
+            return Err(invalid(
+                format!("{key}.unmetered_routes"),
+                format!("{other:?}: expected \"forward\" or \"refuse\""),
+            ))
+        }
+    };
     Ok(Upstream {
         name: u.name.clone(),
         prefix,
         url,
         provider,
         credential,
+        refuse_unmetered,
         timeout: duration(&format!("{key}.timeout"), &u.timeout)?,
         connect_timeout: duration(&format!("{key}.connect_timeout"), &u.connect_timeout)?,
         price_per_call,

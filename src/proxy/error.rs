@@ -50,6 +50,8 @@ pub enum ProxyError {
     DotSegment,
     #[error("method not forwarded: only {FORWARDED_METHODS} are")]
     MethodNotAllowed,
+    #[error("this route is not metered, and this upstream refuses unmetered routes (unmetered_routes = \"refuse\")")]
+    Unmetered,
     #[error("background responses are not supported through this proxy: their output is fetched later and could be neither metered nor budgeted")]
     Background,
     #[error("{0}")]
@@ -77,6 +79,7 @@ impl ProxyError {
             | ProxyError::DotSegment
             | ProxyError::Background => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Unmetered => StatusCode::FORBIDDEN,
             ProxyError::BudgetExceeded(_) => StatusCode::PAYMENT_REQUIRED,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::SpoolUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -96,6 +99,7 @@ impl ProxyError {
             ProxyError::UnknownModel(_) => "model_not_priced",
             ProxyError::AmbiguousPath | ProxyError::DotSegment => "invalid_request_path",
             ProxyError::MethodNotAllowed => "method_not_allowed",
+            ProxyError::Unmetered => "route_not_metered",
             ProxyError::Background => "unsupported_parameter",
             ProxyError::BudgetExceeded(_) => "budget_exceeded",
             ProxyError::RateLimited(_) => "rate_limit_exceeded",
@@ -122,6 +126,7 @@ impl ProxyError {
             (Provider::Anthropic, 404) => "not_found_error",
             (Provider::Anthropic, 413) => "request_too_large",
             (Provider::Anthropic, 400 | 405) => "invalid_request_error",
+            (Provider::Anthropic, 403) => "permission_error",
             (Provider::Anthropic, 402) => "billing_error",
             (Provider::Anthropic, 429) => "rate_limit_error",
             (_, 402) => "insufficient_quota",
@@ -131,7 +136,7 @@ impl ProxyError {
             },
             (Provider::Anthropic, _) => "api_error",
             (_, 401) => "invalid_request_error",
-            (_, 400 | 404 | 405 | 413) => "invalid_request_error",
+            (_, 400 | 403 | 404 | 405 | 413) => "invalid_request_error",
             (_, _) => "server_error",
         }
     }

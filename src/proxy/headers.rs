@@ -183,6 +183,7 @@ mod tests {
             url: "http://127.0.0.1:9".parse().unwrap(),
             provider: crate::config::Provider::OpenAi,
             credential: Some((header::AUTHORIZATION, bearer)),
+            refuse_unmetered: false,
             timeout: std::time::Duration::from_secs(1),
             connect_timeout: std::time::Duration::from_secs(1),
             price_per_call: Default::default(),

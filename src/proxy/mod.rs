@@ -89,6 +89,9 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     if meter::request::climbs(rest) {
         return reject(call, ProxyError::DotSegment, upstream.provider).await;
     }
+    if upstream.refuse_unmetered && op == Operation::Other {
+        return reject(call, ProxyError::Unmetered, upstream.provider).await;
+    }
     if upstream.provider != Provider::Generic
         && req.method() == http::Method::POST
         && meter::request::ambiguous_path(rest)
