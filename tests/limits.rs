@@ -344,8 +344,10 @@ async fn outcome_events_are_idempotent_on_the_app_key() {
     assert_eq!(send("POST", &url, &[], body).await.status, 401);
     let r = send("POST", &url, &[("authorization", &auth)], body).await;
     assert_eq!(r.status, 201, "{}", r.text());
-    let r = send("POST", &url, &[("authorization", &auth)], body).await;
-    assert_eq!(r.status, 200);
+    // The scheme in any case (RFC 9110).
+    let upper = format!("BEARER {ADMIN_TOKEN}");
+    let r = send("POST", &url, &[("authorization", &upper)], body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["duplicate"], true);
     let r = send(
         "POST",

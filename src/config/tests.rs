@@ -97,6 +97,8 @@ fn errors_never_echo_a_secret_put_in_the_wrong_place() {
     let secret = "sk-proj-LIVE\\\"KEY-SECRET";
     let cases = [
         GOOD.replace("\"OPENAI_API_KEY\"", &format!("\"{secret}\"")),
+        // Keys of letters, digits and '_' only (Groq, GitHub, ...).
+        GOOD.replace("\"OPENAI_API_KEY\"", "\"gsk_8fJqSECRET2xYz\""),
         GOOD.replace("\"ADMIN\"", "\"Bearer admin-SECRET\""),
         GOOD.replace(
             "path = \"./events.jsonl\"",

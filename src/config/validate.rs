@@ -17,23 +17,27 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Invalid {
     (key.into(), reason.into())
 }
 
-/// The value of the environment variable a `*_env` key names. The error
-/// names the variable only if `var` looks like a variable's name: the usual
-/// mistake is the secret itself pasted in, and it must not reach a terminal
-/// or the log (a reload logs its error).
+/// The value of the environment variable a `*_env` key names. The usual
+/// mistake is the secret itself pasted in, and the error must not show it
+/// (`tollgate check` prints it; a reload logs it): the name is shown only
+/// when it looks like a conventional one (upper case, digits, `_`), which a
+/// pasted key almost never does.
 fn from_env(key: &str, var: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Invalid> {
-    let is_name = !var.is_empty()
+    let conventional = !var.is_empty()
         && !var.starts_with(|c: char| c.is_ascii_digit())
-        && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if !is_name {
-        return Err(invalid(
-            key,
-            "must name an environment variable (letters, digits and '_'), not hold its value; the value given is not shown",
-        ));
-    }
-    env(var)
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| invalid(key, format!("environment variable {var} is not set")))
+        && var
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+        let reason = if conventional {
+            format!("environment variable {var} is not set")
+        } else {
+            "the environment variable named here is not set (its name is not shown: \
+             if it is the secret itself, put that in the environment and name the variable here)"
+                .to_string()
+        };
+        invalid(key, reason)
+    })
 }
 
 /// `sha256:<hex>` of a tenant key, as `tollgate hash-key` prints it.

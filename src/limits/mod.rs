@@ -162,7 +162,9 @@ fn stored_context(ask: &Ask<'_>) -> u64 {
 }
 
 /// Input tokens counted with tiktoken (plus message framing and the
-/// by-reference allowance); `None` for routes without a text body.
+/// by-reference allowance); `None` for routes without a text body, or when
+/// the count did not finish (the caller then refuses on the byte bound,
+/// which was already too large: admitting on anything less would break it).
 async fn counted_input(ask: &Ask<'_>) -> Option<u64> {
     if !ask.op.is_metered() {
         return None;
@@ -170,14 +172,11 @@ async fn counted_input(ask: &Ask<'_>) -> Option<u64> {
     let body = ask.body.clone();
     let model = ask.info.model.clone().unwrap_or_default();
     let per_item = ask.policy.url_item_tokens;
-    // No count: the body's UTF-8 length bounds its tokens (DESIGN §7).
-    let bound = ask.body.len() as u64;
-    let counted = tokens::estimate_blocking(move || {
+    tokens::estimate_blocking(move || {
         let input = crate::meter::request::input_text(&body);
         tokens::count(&model, &input.text) + 3 * input.messages + 3 + input.by_reference * per_item
     })
-    .await;
-    Some(counted.unwrap_or(bound))
+    .await
 }
 
 /// Worst-case cost of a call with `input` tokens.

@@ -231,10 +231,7 @@ impl CallState {
         let app = self.app.clone();
         let policy = self.policy.clone();
         let admission = self.admission.take();
-        let end_kind = match end {
-            End::Rejected { kind, .. } => Some(kind),
-            _ => None,
-        };
+        let refused = !end.forwarded();
         let event = self.into_event(end, now, usage, source);
         let data = &event.data;
         // Settle before the event is written: the spend is live at once and
@@ -263,11 +260,7 @@ impl CallState {
         // unavailable, its event would grow the very backlog that is full;
         // and a flood of refusals (a 401 needs no credential) must not take
         // the room billed calls need. Counted in the metrics instead.
-        let unrecorded = match end_kind {
-            Some("metering_unavailable") => true,
-            Some(_) => !app.spool.has_room_for_refusals(),
-            None => false,
-        };
+        let unrecorded = refused && !app.spool.has_room_for_refusals();
         let written = if unrecorded {
             app.metrics.rejected_unrecorded.inc();
             None

@@ -34,8 +34,9 @@ pub fn count(model: &str, text: &str) -> u64 {
 
 /// Runs `f` on tokio's blocking pool when inside a runtime, inline otherwise.
 /// `None` if it did not finish (it panicked, or the runtime is shutting
-/// down): the caller falls back to a bound from byte lengths rather than
-/// lose the call's event or its budget settlement.
+/// down): the caller falls back (a byte-length estimate for an event, a
+/// refusal at admission) rather than lose the call's event or its budget
+/// settlement.
 pub async fn estimate_blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Option<T> {
@@ -43,7 +44,13 @@ pub async fn estimate_blocking<T: Send + 'static>(
         Ok(_) => match tokio::task::spawn_blocking(f).await {
             Ok(v) => Some(v),
             Err(e) => {
-                tracing::error!(error = %e, "token estimate failed; using byte lengths");
+                // Not the error itself: a panic's message could quote text.
+                let how = if e.is_panic() {
+                    "panicked"
+                } else {
+                    "was cancelled"
+                };
+                tracing::error!("token estimate {how}; falling back to a bound from byte lengths");
                 None
             }
         },

@@ -407,7 +407,7 @@ impl Spool {
     /// full spool refuses them (metering fails closed); with `drop_oldest`
     /// the oldest undelivered segments are removed instead, loudly.
     pub fn check_capacity(&self) -> Result<(), SpoolError> {
-        if self.stats.failing() {
+        if self.failing() {
             return Err(SpoolError::Unwritable);
         }
         let used = self.backlog_bytes();
@@ -426,11 +426,19 @@ impl Spool {
         }
     }
 
-    /// Whether new metered calls would be refused now (read-only, for
-    /// `/readyz`): the last write failed, or the spool is full under
-    /// `when_full = "reject"`.
+    /// A write failed less than `FAILED_HOLD_MS` ago, or a failed write's
+    /// bytes are still to be cut off (each look tries the cut again, so
+    /// calls and probes arriving are what ends it: a spool that refuses
+    /// calls gets no writes to retry it with).
+    fn failing(&self) -> bool {
+        self.stats.failing() || !self.log.cut_done()
+    }
+
+    /// Whether new metered calls would be refused now (for `/readyz`;
+    /// nothing changes but a retried cut, see [`Spool::failing`]): the last
+    /// write failed, or the spool is full under `when_full = "reject"`.
     pub fn refuses_calls(&self) -> bool {
-        self.stats.failing()
+        self.failing()
             || (self.policy.when_full == WhenFull::Reject
                 && self.backlog_bytes() >= self.policy.max_bytes)
     }
@@ -442,7 +450,7 @@ impl Spool {
     /// (`reject`: every call refused) nor push many billed calls' events out
     /// (`drop_oldest`). Read-only: nothing is dropped to make room.
     pub fn has_room_for_refusals(&self) -> bool {
-        !self.stats.failing() && self.backlog_bytes() < self.policy.max_bytes / 2
+        !self.failing() && self.backlog_bytes() < self.policy.max_bytes / 2
     }
 
     fn cursor_position(&self, name: &str) -> Option<u64> {

@@ -390,9 +390,17 @@ async fn appends_wait_for_a_failed_write_to_be_cut_back() {
     // The disk takes writes again but the cut still fails: refused, not
     // written after half of line 1.
     assert!(spool.append(line(2), Flush::Batch).await.is_err());
-    assert!(spool.refuses_calls());
     assert_eq!(spool.stats.lost_events.get(), 2);
+    // Calls stay refused past the hold after a failed write while the cut
+    // is pending (admitted, their events would be lost), and the probe
+    // and admission retry the cut themselves: a spool refusing calls gets
+    // no writes to retry it with.
+    spool.stats.failed_at_ms.store(0, Ordering::Relaxed);
+    assert!(spool.refuses_calls());
+    assert!(spool.check_capacity().is_err());
     spool.log.fail_cuts.store(false, Ordering::Relaxed);
+    assert!(!spool.refuses_calls());
+    assert!(spool.check_capacity().is_ok());
     let end = spool.append(line(3), Flush::Batch).await.unwrap();
     assert_eq!(end, (line(0).len() + line(3).len()) as u64);
     assert_eq!(written_lines(dir.path()), [line(0), line(3)]);

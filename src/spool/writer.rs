@@ -34,6 +34,8 @@ pub struct Log {
     end_tx: watch::Sender<u64>,
     stats: Arc<SpoolStats>,
     pub closed: AtomicBool,
+    /// `State::cut_pending`, readable without the lock.
+    cut_pending: AtomicBool,
     /// Tests: every sync fails, as a full or broken disk makes it.
     #[cfg(test)]
     pub fail_syncs: AtomicBool,
@@ -94,6 +96,7 @@ impl Log {
             end_tx,
             stats,
             closed: AtomicBool::new(false),
+            cut_pending: AtomicBool::new(false),
             #[cfg(test)]
             fail_syncs: AtomicBool::new(false),
             #[cfg(test)]
@@ -269,7 +272,18 @@ impl Log {
             tracing::error!(error = %e, "spool: cannot cut back a failed write; appends wait for the cut");
         }
         s.cut_pending = r.is_err();
+        self.cut_pending.store(s.cut_pending, Ordering::Relaxed);
         r
+    }
+
+    /// Whether no failed write's bytes are left to cut off; if some are,
+    /// tries the cut again first.
+    pub fn cut_done(&self) -> bool {
+        if !self.cut_pending.load(Ordering::Relaxed) {
+            return true;
+        }
+        let mut s = self.state.lock().unwrap();
+        !s.cut_pending || self.cut_back(&mut s).is_ok()
     }
 
     fn sync_data(&self, f: &File) -> std::io::Result<()> {
