@@ -414,6 +414,11 @@ fn upstream(
             ))
         }
     };
+    let key_finder = credential.as_ref().and_then(|(_, v)| {
+        let v = v.as_bytes();
+        let key = v.strip_prefix(b"Bearer ").unwrap_or(v);
+        (key.len() >= 8).then(|| memchr::memmem::Finder::new(key).into_owned())
+    });
     Ok(Upstream {
         name: u.name.clone(),
         prefix,
@@ -421,6 +426,7 @@ fn upstream(
         provider,
         credential,
         refuse_unmetered,
+        key_finder,
         timeout: duration(&format!("{key}.timeout"), &u.timeout)?,
         connect_timeout: duration(&format!("{key}.connect_timeout"), &u.connect_timeout)?,
         price_per_call,

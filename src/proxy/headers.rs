@@ -115,30 +115,22 @@ pub fn upstream_request_headers(
 /// Prepares upstream response headers for the client.
 pub fn client_response_headers(h: &mut HeaderMap, upstream: &Upstream) {
     strip_hop_by_hop(h);
-    if let Some((name, value)) = &upstream.credential {
+    if let Some((name, _)) = &upstream.credential {
         // An upstream that echoed its key must not hand it to the client:
         // not under the header's own name, nor inside any other header
         // (`set-cookie`, `location`, `www-authenticate`, `x-echo-…`).
         h.remove(name);
-        strip_containing(h, upstream_key(value));
+    }
+    if let Some(key) = &upstream.key_finder {
+        strip_containing(h, key);
     }
 }
 
-/// The key in an injected credential (`Bearer ` dropped).
-fn upstream_key(value: &http::HeaderValue) -> &[u8] {
-    let v = value.as_bytes();
-    v.strip_prefix(b"Bearer ").unwrap_or(v)
-}
-
-/// Removes every header with a value that contains `key` (keys shorter
-/// than 8 bytes are not looked for: too likely to match by chance).
-fn strip_containing(h: &mut HeaderMap, key: &[u8]) {
-    if key.len() < 8 {
-        return;
-    }
+/// Removes every header with a value that contains the key.
+fn strip_containing(h: &mut HeaderMap, key: &memchr::memmem::Finder<'_>) {
     let leaking: Vec<HeaderName> = h
         .iter()
-        .filter(|(_, v)| memchr::memmem::find(v.as_bytes(), key).is_some())
+        .filter(|(_, v)| key.find(v.as_bytes()).is_some())
         .map(|(k, _)| k.clone())
         .collect();
     for name in leaking {
@@ -184,6 +176,7 @@ mod tests {
             provider: crate::config::Provider::OpenAi,
             credential: Some((header::AUTHORIZATION, bearer)),
             refuse_unmetered: false,
+            key_finder: Some(memchr::memmem::Finder::new(key).into_owned()),
             timeout: std::time::Duration::from_secs(1),
             connect_timeout: std::time::Duration::from_secs(1),
             price_per_call: Default::default(),
