@@ -99,10 +99,7 @@ fn authorize(policy: &Policy, req: &Request<Incoming>) -> Option<Response<Body>>
     let given = req
         .headers()
         .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t);
+        .and_then(crate::proxy::headers::bearer);
     let matches = given.is_some_and(|g| {
         // Length leaks nothing useful; the bytes are compared in full.
         g.len() == token.0.len()

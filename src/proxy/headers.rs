@@ -112,6 +112,13 @@ pub fn upstream_request_headers(
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value; the scheme in
+/// any case (RFC 9110 §11.1).
+pub fn bearer(v: &http::HeaderValue) -> Option<&str> {
+    let (scheme, token) = v.to_str().ok()?.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
 /// Prepares upstream response headers for the client.
 pub fn client_response_headers(h: &mut HeaderMap, upstream: &Upstream) {
     strip_hop_by_hop(h);

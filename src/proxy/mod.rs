@@ -272,12 +272,7 @@ fn authenticate<'p>(policy: &'p Policy, h: &HeaderMap) -> Option<&'p Arc<Tenant>
         Tenancy::Key => {
             let key = h
                 .get(http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| {
-                    // The scheme is case-insensitive (RFC 9110 §11.1).
-                    let (scheme, key) = v.split_once(' ')?;
-                    scheme.eq_ignore_ascii_case("bearer").then_some(key)
-                })
+                .and_then(headers::bearer)
                 .or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()))?;
             let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
             policy.keys.get(&digest)?
