@@ -260,14 +260,7 @@ impl Log {
     /// Cuts the active segment back to the published end; remembered as
     /// pending when it fails (see `State::cut_pending`).
     fn cut_back(&self, s: &mut State) -> std::io::Result<()> {
-        #[cfg(test)]
-        let r = if self.fail_cuts.load(Ordering::Relaxed) {
-            Err(std::io::Error::other("injected truncate failure"))
-        } else {
-            s.file.set_len(s.seg_len)
-        };
-        #[cfg(not(test))]
-        let r = s.file.set_len(s.seg_len);
+        let r = self.set_len(&s.file, s.seg_len);
         if let Err(e) = &r {
             tracing::error!(error = %e, "spool: cannot cut back a failed write; appends wait for the cut");
         }
@@ -284,6 +277,14 @@ impl Log {
         }
         let mut s = self.state.lock().unwrap();
         !s.cut_pending || self.cut_back(&mut s).is_ok()
+    }
+
+    fn set_len(&self, f: &File, len: u64) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.fail_cuts.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("injected truncate failure"));
+        }
+        f.set_len(len)
     }
 
     fn sync_data(&self, f: &File) -> std::io::Result<()> {
