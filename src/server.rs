@@ -72,6 +72,7 @@ async fn serve_connections<H, F>(
     let builder = builder();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut conns = tokio::task::JoinSet::new();
+    let tick = tokio::spawn(keep_next_wake_near());
     loop {
         // Reap finished connection tasks so the set stays small.
         while conns.try_join_next().is_some() {}
@@ -110,6 +111,22 @@ async fn serve_connections<H, F>(
     }
     conns.abort_all();
     while conns.join_next().await.is_some() {}
+    tick.abort();
+}
+
+/// Keeps a timer at most a second away on this runtime, so the timer
+/// driver's next wake-up is always earlier than a new connection's
+/// header-read deadline (hyper's 30 s). Otherwise, whenever the nearest
+/// timer is a call's upstream timeout (minutes away), every request head
+/// hyper starts to read registers an earlier deadline, and tokio wakes its
+/// own driver for it: an `eventfd` `write` on the worker, measured at 0.22
+/// a call under load.
+async fn keep_next_wake_near() {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
 }
 
 /// Serves `handler` on `listener` until `stop.shutdown` turns true: new
