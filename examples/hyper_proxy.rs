@@ -125,7 +125,7 @@ fn main() -> anyhow::Result<()> {
                 grace: Duration::from_secs(1),
             };
             let handler = move |req| forward(req, &origin.0, &origin.1);
-            tollgate::server::serve(listener, handler, stop, workers).await;
+            tollgate::server::serve(listener, handler, stop, workers, 10_000).await;
             Ok(())
         })
 }

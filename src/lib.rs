@@ -146,6 +146,9 @@ impl App {
         if s.0.shutdown_grace != s.1.shutdown_grace {
             restart.push("server.shutdown_grace");
         }
+        if s.0.max_connections != s.1.max_connections {
+            restart.push("server.max_connections");
+        }
         if s.0.data_dir != s.1.data_dir {
             restart.push("server.data_dir");
         }
@@ -163,6 +166,7 @@ impl App {
             new.server.listen = old.server.listen;
             new.server.admin_listen = old.server.admin_listen;
             new.server.shutdown_grace = old.server.shutdown_grace;
+            new.server.max_connections = old.server.max_connections;
             new.server.data_dir = old.server.data_dir.clone();
             new.spool = old.spool.clone();
             new.sinks = old.sinks.clone();
@@ -308,6 +312,9 @@ impl Running {
     }
 }
 
+/// Open admin connections at most (health checks, scrapes, admin calls).
+const ADMIN_MAX_CONNECTIONS: usize = 256;
+
 /// Binds the listeners and starts the proxy, admin server and sinks.
 pub async fn start(policy: Policy) -> Result<Running, RunError> {
     let listen = |addr: SocketAddr| async move {
@@ -351,6 +358,7 @@ pub async fn run(
     spool.follow(limits::state::CURSOR, limits::state::STALE_AFTER);
     let data_dir = policy.server.data_dir.clone();
     let grace = policy.server.shutdown_grace;
+    let max_connections = policy.server.max_connections;
     let sinks = policy.sinks.clone();
     let metrics = Arc::new(Metrics::with_events_lost(spool.stats.lost_events.clone()));
     let app = Arc::new(App {
@@ -404,6 +412,7 @@ pub async fn run(
             grace,
         },
         workers,
+        max_connections,
     ));
     let a = app.clone();
     let admin = tokio::spawn(server::serve(
@@ -415,6 +424,7 @@ pub async fn run(
             grace: Duration::from_secs(1),
         },
         0,
+        ADMIN_MAX_CONNECTIONS,
     ));
     let mut stop = shutdown_rx;
     let drained = app.clone();

@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -58,11 +58,15 @@ fn builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// An accepted connection and its place under the connection limit, given
+/// back when the connection ends.
+type Accepted = (std::net::TcpStream, OwnedSemaphorePermit);
+
 /// Serves connections handed to it until `incoming` closes (or `shutdown`),
 /// then drains them as `Stop` says. Connections that are cut drop their
 /// calls, which still write their events (on the main runtime).
 async fn serve_connections<H, F>(
-    mut incoming: mpsc::Receiver<std::net::TcpStream>,
+    mut incoming: mpsc::Receiver<Accepted>,
     handler: Arc<H>,
     mut stop: Stop,
 ) where
@@ -76,10 +80,10 @@ async fn serve_connections<H, F>(
     loop {
         // Reap finished connection tasks so the set stays small.
         while conns.try_join_next().is_some() {}
-        let stream = tokio::select! {
-            s = incoming.recv() => match s.map(tokio::net::TcpStream::from_std) {
-                Some(Ok(s)) => s,
-                Some(Err(e)) => {
+        let (stream, permit) = tokio::select! {
+            s = incoming.recv() => match s.map(|(s, p)| (tokio::net::TcpStream::from_std(s), p)) {
+                Some((Ok(s), p)) => (s, p),
+                Some((Err(e), _)) => {
                     tracing::warn!(error = %e, "cannot register a connection");
                     continue;
                 }
@@ -98,6 +102,7 @@ async fn serve_connections<H, F>(
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(permit);
         });
     }
     tokio::select! {
@@ -132,9 +137,16 @@ async fn keep_next_wake_near() {
 /// Serves `handler` on `listener` until `stop.shutdown` turns true: new
 /// connections are refused from then on, open ones drain (see [`Stop`]).
 /// With `workers > 0` connections run on that many single-threaded worker
-/// runtimes; with 0, on the caller's runtime.
-pub async fn serve<H, F>(listener: TcpListener, handler: H, stop: Stop, workers: usize)
-where
+/// runtimes; with 0, on the caller's runtime. At most `max_connections` are
+/// open at once: past that, nothing is accepted until one closes (new
+/// connections wait in the kernel's listen backlog).
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    stop: Stop,
+    workers: usize,
+    max_connections: usize,
+) where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -142,7 +154,7 @@ where
     let mut lanes = Vec::new();
     let mut done = Vec::new();
     if workers == 0 {
-        let (tx, rx) = mpsc::channel(256);
+        let (tx, rx) = mpsc::channel::<Accepted>(256);
         lanes.push(tx);
         done.push(tokio::spawn(serve_connections(
             rx,
@@ -151,7 +163,7 @@ where
         )));
     } else {
         for i in 0..workers {
-            let (tx, rx) = mpsc::channel::<std::net::TcpStream>(256);
+            let (tx, rx) = mpsc::channel::<Accepted>(256);
             lanes.push(tx);
             let (h, s) = (handler.clone(), stop.clone());
             let (finished_tx, finished_rx) = tokio::sync::oneshot::channel::<()>();
@@ -176,7 +188,27 @@ where
     }
     let mut shutdown = stop.shutdown.clone();
     let mut next = 0usize;
+    let open = Arc::new(Semaphore::new(max_connections));
+    let mut at_limit = false;
     loop {
+        let permit = match open.clone().try_acquire_owned() {
+            Ok(p) => {
+                at_limit = false;
+                p
+            }
+            Err(_) => {
+                if !std::mem::replace(&mut at_limit, true) {
+                    tracing::warn!(
+                        max_connections,
+                        "connection limit reached; new connections wait until one closes"
+                    );
+                }
+                tokio::select! {
+                    p = open.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                    _ = stopped(&mut shutdown) => break,
+                }
+            }
+        };
         let (stream, _peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -196,7 +228,7 @@ where
         };
         // Round robin; a worker's queue is bounded, so a busy one slows accept.
         next = (next + 1) % lanes.len();
-        if lanes[next].send(stream).await.is_err() {
+        if lanes[next].send((stream, permit)).await.is_err() {
             tracing::error!("a worker is gone; connection dropped");
         }
     }

@@ -1001,3 +1001,90 @@ async fn gzip_answers_are_metered_through_the_coding() {
     assert_eq!(d["outcome"], "upstream_error", "{d}");
     assert_eq!(d["output_tokens"], 3, "{d}");
 }
+
+/// Writes `head` (and nothing after it) on a new connection.
+async fn raw_connection(addr: &str, head: &str) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, head.as_bytes())
+        .await
+        .unwrap();
+    s
+}
+
+/// Reads until the peer closes or `within` passes; what arrived.
+async fn read_until_closed(s: &mut tokio::net::TcpStream, within: Duration) -> String {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(within, tokio::io::AsyncReadExt::read_to_end(s, &mut got)).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The first 12 bytes of the answer (`HTTP/1.1 200`), or `None` if none
+/// came within `within`.
+async fn status_of(s: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+    let mut head = [0u8; 12];
+    let read = tokio::io::AsyncReadExt::read_exact(s, &mut head);
+    let r = tokio::time::timeout(within, read).await.ok()?;
+    r.unwrap();
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+fn chat_head(len: usize) -> String {
+    format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ACME_KEY}\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+    )
+}
+
+/// A body that stops arriving (a client that sends a head and a trickle)
+/// holds its connection only for `server.request_body_timeout`: then 408
+/// in the provider's shape, the connection closed, the call's event
+/// written, nothing forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_arriving_gets_408_in_time() {
+    let e = env_with(r#"request_body_timeout = "300ms""#, "");
+    let mut s = raw_connection(&e.proxy.addr, &(chat_head(CHAT.len()) + &CHAT[..10])).await;
+    let answer = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    let body: serde_json::Value =
+        serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "request_timeout");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    // A body that arrives whole, late but within the limit, is served.
+    let mut s = raw_connection(&e.proxy.addr, &chat_head(CHAT.len())).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::io::AsyncWriteExt::write_all(&mut s, CHAT.as_bytes())
+        .await
+        .unwrap();
+    let status = status_of(&mut s, Duration::from_secs(10)).await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 200"));
+    let ev = refused_unforwarded(&e, 1, 1).await;
+    assert!(
+        ev.iter().any(|x| x["data"]["http_status"] == 408
+            && x["data"]["error"] == "request_timeout"
+            && x["subject"] == "acme"),
+        "{ev:#?}"
+    );
+}
+
+/// Past `server.max_connections` open connections nothing more is
+/// accepted: a new connection waits (in the listen backlog) until one
+/// closes, then is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_wait_until_one_closes() {
+    let e = env_with("max_connections = 2", "");
+    let request = chat_head(CHAT.len()) + CHAT;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        // Served, and kept open (keep-alive).
+        let mut s = raw_connection(&e.proxy.addr, &request).await;
+        let status = status_of(&mut s, Duration::from_secs(10)).await;
+        assert_eq!(status.as_deref(), Some("HTTP/1.1 200"));
+        open.push(s);
+    }
+    let mut third = raw_connection(&e.proxy.addr, &request).await;
+    let early = status_of(&mut third, Duration::from_millis(500)).await;
+    assert_eq!(early, None, "served past the limit");
+    drop(open.pop());
+    let status = status_of(&mut third, Duration::from_secs(10)).await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 200"));
+}

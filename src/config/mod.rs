@@ -170,6 +170,11 @@ pub struct Server {
     pub source: String,
     pub admin_token: Option<Secret>,
     pub shutdown_grace: Duration,
+    /// A request body must arrive within this, from the end of its head.
+    pub request_body_timeout: Duration,
+    /// Open proxy connections at most; past it, new ones wait in the
+    /// listen backlog.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -44,6 +44,10 @@ pub struct RawServer {
     pub admin_token_env: Option<String>,
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: String,
+    #[serde(default = "default_request_body_timeout")]
+    pub request_body_timeout: String,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for RawServer {
@@ -56,6 +60,8 @@ impl Default for RawServer {
             source: default_source(),
             admin_token_env: None,
             shutdown_grace: default_shutdown_grace(),
+            request_body_timeout: default_request_body_timeout(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -77,6 +83,12 @@ fn default_source() -> String {
 }
 fn default_shutdown_grace() -> String {
     "30s".into()
+}
+fn default_request_body_timeout() -> String {
+    "60s".into()
+}
+fn default_max_connections() -> usize {
+    10_000
 }
 
 #[derive(Debug, Deserialize)]

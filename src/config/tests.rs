@@ -272,3 +272,25 @@ fn errors_without_a_key_or_line_say_so_plainly() {
         "{e}"
     );
 }
+
+#[test]
+fn connection_limit_and_body_timeout_must_be_positive() {
+    for (line, key) in [
+        ("max_connections = 0", "server.max_connections"),
+        (
+            "request_body_timeout = \"0s\"",
+            "server.request_body_timeout",
+        ),
+        (
+            "request_body_timeout = \"soon\"",
+            "server.request_body_timeout",
+        ),
+    ] {
+        let src = GOOD.replace("[server]\n", &format!("[server]\n{line}\n"));
+        let e = parse(&src, "t.toml", &env).unwrap_err();
+        assert_eq!(e.key, key, "{e}");
+    }
+    let p = parse(GOOD, "t.toml", &env).unwrap();
+    assert_eq!(p.server.max_connections, 10_000);
+    assert_eq!(p.server.request_body_timeout, Duration::from_secs(60));
+}

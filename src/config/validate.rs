@@ -72,6 +72,9 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
             "must be greater than 0",
         ));
     }
+    if s.max_connections == 0 {
+        return Err(invalid("server.max_connections", "must be greater than 0"));
+    }
     if s.source.is_empty() {
         return Err(invalid("server.source", "must not be empty"));
     }
@@ -95,6 +98,19 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
         source: s.source.clone(),
         admin_token,
         shutdown_grace: duration("server.shutdown_grace", &s.shutdown_grace)?,
+        request_body_timeout: match duration(
+            "server.request_body_timeout",
+            &s.request_body_timeout,
+        )? {
+            d if d.is_zero() => {
+                return Err(invalid(
+                    "server.request_body_timeout",
+                    "must be greater than 0",
+                ))
+            }
+            d => d,
+        },
+        max_connections: s.max_connections,
     };
 
     let sp = &raw.spool;

@@ -30,6 +30,8 @@ pub enum ProxyError {
     TooLarge { limit: u64 },
     #[error("request body could not be read: {0}")]
     BadBody(String),
+    #[error("request body did not arrive within {}s (server.request_body_timeout)", .0.as_secs_f64())]
+    BodyTimeout(std::time::Duration),
     #[error("{0}")]
     MalformedJson(String),
     #[error("model {0:?} has no price and unpriced models are rejected")]
@@ -62,6 +64,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Unauthenticated => StatusCode::UNAUTHORIZED,
             ProxyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BadBody(_)
             | ProxyError::MalformedJson(_)
             | ProxyError::UnknownModel(_)
@@ -85,6 +88,7 @@ impl ProxyError {
             ProxyError::Unauthenticated => "invalid_api_key",
             ProxyError::TooLarge { .. } => "request_too_large",
             ProxyError::BadBody(_) => "bad_request_body",
+            ProxyError::BodyTimeout(_) => "request_timeout",
             ProxyError::MalformedJson(_) => "invalid_json",
             ProxyError::UnknownModel(_) => "model_not_priced",
             ProxyError::AmbiguousPath | ProxyError::DotSegment => "invalid_request_path",
@@ -115,7 +119,7 @@ impl ProxyError {
             (Provider::Anthropic, 401) => "authentication_error",
             (Provider::Anthropic, 404) => "not_found_error",
             (Provider::Anthropic, 413) => "request_too_large",
-            (Provider::Anthropic, 400 | 405) => "invalid_request_error",
+            (Provider::Anthropic, 400 | 405 | 408) => "invalid_request_error",
             (Provider::Anthropic, 403) => "permission_error",
             (Provider::Anthropic, 402) => "billing_error",
             (Provider::Anthropic, 429) => "rate_limit_error",
@@ -126,7 +130,7 @@ impl ProxyError {
             },
             (Provider::Anthropic, _) => "api_error",
             (_, 401) => "invalid_request_error",
-            (_, 400 | 403 | 404 | 405 | 413) => "invalid_request_error",
+            (_, 400 | 403 | 404 | 405 | 408 | 413) => "invalid_request_error",
             (_, _) => "server_error",
         }
     }
@@ -149,6 +153,11 @@ impl ProxyError {
             }
             ProxyError::BudgetExceeded(_) => {
                 h.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            // The rest of the body was never read: the connection cannot
+            // carry another request.
+            ProxyError::BodyTimeout(_) => {
+                h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             }
             ProxyError::RateLimited(r) => {
                 let secs = retry_secs(r);

@@ -2,7 +2,7 @@
 //!
 //! 1. **route**: the upstream from the path prefix (config only; never an open proxy)
 //! 2. **authenticate**: the tenant from its key or the trusted header
-//! 3. **read**: the body, capped at `server.max_request_bytes`
+//! 3. **read**: the body, capped at `server.max_request_bytes` and `server.request_body_timeout`
 //! 4. **inspect**: model, stream, output cap (metered routes; 400 on bad JSON)
 //! 5. **admit**: spool capacity, then limits (rate, budget reservation)
 //! 6. **forward**: hygienic headers, the upstream key, optional usage injection
@@ -16,6 +16,8 @@ pub mod pool;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
@@ -102,9 +104,16 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
 
     // read
     let (parts, body) = req.into_parts();
-    let body = match read_body(body, &parts.headers, policy.server.max_request_bytes).await {
-        Ok(b) => b,
-        Err(e) => return reject(call, e, upstream.provider).await,
+    let limit = policy.server.request_body_timeout;
+    let body = match within(
+        limit,
+        read_body(body, &parts.headers, policy.server.max_request_bytes),
+    )
+    .await
+    {
+        Some(Ok(b)) => b,
+        Some(Err(e)) => return reject(call, e, upstream.provider).await,
+        None => return reject(call, ProxyError::BodyTimeout(limit), upstream.provider).await,
     };
 
     // inspect
@@ -294,6 +303,25 @@ async fn read_body(body: Incoming, h: &HeaderMap, limit: u64) -> Result<Bytes, P
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::TooLarge { limit }),
         Err(e) => Err(ProxyError::BadBody(e.to_string())),
     }
+}
+
+/// `fut`'s output, or `None` once `limit` has passed. The timer is made
+/// only when the first poll does not finish: a body that came with its
+/// head (the usual case) costs no timer.
+async fn within<F: Future>(limit: Duration, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if timer.is_none() {
+            timer.set(Some(tokio::time::sleep(limit)));
+        }
+        let timer = timer.as_mut().as_pin_mut().expect("set above");
+        timer.poll(cx).map(|()| None)
+    })
+    .await
 }
 
 /// The request target upstream, in origin form: the upstream URL's path,
