@@ -354,8 +354,8 @@ async fn http_sink_json_format_and_gzip() {
 async fn receiver_down_through_kill9_and_restart_gets_every_event_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let mock = start_mock();
-    let port = reserve_port();
-    let url = format!("http://{port}/api/v1/events");
+    let port = down_port();
+    let url = format!("http://{}/api/v1/events", port.addr);
     let cfg = config(dir.path(), &mock.addr, "", &http_sink("meter", &url, ""));
     let mut proxy = start(&cfg);
     serve(&proxy.addr, 20).await;
@@ -533,8 +533,8 @@ async fn a_failing_sink_holds_back_no_other() {
 async fn full_spool_with_reject_fails_closed_then_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let mock = start_mock();
-    let port = reserve_port();
-    let url = format!("http://{port}/api/v1/events");
+    let port = down_port();
+    let url = format!("http://{}/api/v1/events", port.addr);
     let cfg = config(
         dir.path(),
         &mock.addr,
@@ -673,11 +673,11 @@ async fn full_spool_stays_bounded_while_calls_are_refused() {
 
 /// A proxy whose one http sink's receiver is down (not started on `port`
 /// yet), with `spool` in its `[spool]` table.
-fn receiver_down(spool: &str) -> (tempfile::TempDir, Mock, std::net::SocketAddr, Proxy) {
+fn receiver_down(spool: &str) -> (tempfile::TempDir, Mock, DownPort, Proxy) {
     let dir = tempfile::tempdir().unwrap();
     let mock = start_mock();
-    let port = reserve_port();
-    let url = format!("http://{port}/api/v1/events");
+    let port = down_port();
+    let url = format!("http://{}/api/v1/events", port.addr);
     let cfg = config(dir.path(), &mock.addr, "", &http_sink("meter", &url, ""));
     set_spool(&cfg, spool);
     let proxy = start(&cfg);

@@ -3,8 +3,9 @@
 //! - [`HttpReceiver`]: an OpenMeter-style ingest that records every POST
 //!   (headers, the decoded JSON array, gunzipped when `content-encoding:
 //!   gzip`) and fails on demand ([`HttpReceiver::fail_next`],
-//!   [`HttpReceiver::always`]). "Not listening at all" is a port from
-//!   [`reserve_port`] that a receiver is started on later ([`HttpReceiver::start_on`]).
+//!   [`HttpReceiver::always`]). "Not listening at all" is a [`down_port`],
+//!   bound but refusing connections, that a receiver takes over later
+//!   ([`HttpReceiver::start_on`]).
 //! - [`OtlpReceiver`]: an OTLP collector on the official protobuf messages
 //!   (opentelemetry-proto), speaking gRPC over h2c and HTTP/protobuf, that
 //!   records the decoded export requests.
@@ -40,11 +41,22 @@ use tokio::task::{JoinHandle, JoinSet};
 
 type Body = BoxBody<Bytes, Infallible>;
 
-/// A 127.0.0.1 port nobody listens on (bound to port 0, then released), for a
-/// receiver that is down now and started later on the same port.
-pub fn reserve_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().unwrap()
+/// A 127.0.0.1 port that refuses connections (bound, not listening) for a
+/// receiver that is down now and started on it later with
+/// [`HttpReceiver::start_on`]. Held from the start, so no other process can
+/// take the port in between.
+pub struct DownPort {
+    socket: tokio::net::TcpSocket,
+    pub addr: SocketAddr,
+}
+
+pub fn down_port() -> DownPort {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind("127.0.0.1:0".parse().unwrap())
+        .expect("bind 127.0.0.1:0");
+    let addr = socket.local_addr().unwrap();
+    DownPort { socket, addr }
 }
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
@@ -141,15 +153,16 @@ impl Drop for HttpReceiver {
 
 impl HttpReceiver {
     pub async fn start() -> HttpReceiver {
-        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+        Self::start_on(down_port()).await
     }
 
-    /// Starts on a fixed address (one from [`reserve_port`]).
-    pub async fn start_on(addr: SocketAddr) -> HttpReceiver {
-        let listener = TcpListener::bind(addr)
-            .await
-            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-        let addr = listener.local_addr().unwrap();
+    /// Starts listening on a port that refused connections until now.
+    pub async fn start_on(port: DownPort) -> HttpReceiver {
+        let addr = port.addr;
+        let listener = port
+            .socket
+            .listen(1024)
+            .unwrap_or_else(|e| panic!("listen on {addr}: {e}"));
         let state = Arc::new(Mutex::new(HttpState::default()));
         let st = state.clone();
         let task = serve(listener, move |req| Self::handle(st.clone(), req));
