@@ -20,7 +20,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, HeaderName, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
@@ -59,6 +59,11 @@ pub fn handle(
 }
 
 /// The request phases, in order; every exit path finishes the call.
+// Names made once: a lookup by `&str` parses and checks the name first.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
 async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let policy = app.policy.load_full();
     // route
@@ -249,8 +254,8 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     state.status = parts.status.as_u16();
     state.request_id = parts
         .headers
-        .get("x-request-id")
-        .or_else(|| parts.headers.get("request-id"))
+        .get(&X_REQUEST_ID)
+        .or_else(|| parts.headers.get(&REQUEST_ID))
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     if op.is_metered() {
@@ -282,7 +287,7 @@ fn authenticate<'p>(policy: &'p Policy, h: &HeaderMap) -> Option<&'p Arc<Tenant>
             let key = h
                 .get(http::header::AUTHORIZATION)
                 .and_then(headers::bearer)
-                .or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()))?;
+                .or_else(|| h.get(&X_API_KEY).and_then(|v| v.to_str().ok()))?;
             let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
             policy.keys.get(&digest)?
         }
