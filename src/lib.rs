@@ -312,8 +312,9 @@ impl Running {
     }
 }
 
-/// Open admin connections at most (health checks, scrapes, admin calls).
-const ADMIN_MAX_CONNECTIONS: usize = 256;
+/// The admin listener takes every connection: a limit there would let idle
+/// connections hang the health probes.
+const ADMIN_MAX_CONNECTIONS: usize = usize::MAX;
 
 /// Binds the listeners and starts the proxy, admin server and sinks.
 pub async fn start(policy: Policy) -> Result<Running, RunError> {

@@ -54,7 +54,10 @@ fn builder() -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(1024)
+        // A peer gone without a word is found by the pings going unanswered.
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
     builder
 }
 
@@ -188,16 +191,16 @@ pub async fn serve<H, F>(
     }
     let mut shutdown = stop.shutdown.clone();
     let mut next = 0usize;
-    let open = Arc::new(Semaphore::new(max_connections));
-    let mut at_limit = false;
+    let open = Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS)));
+    let mut warned: Option<std::time::Instant> = None;
     loop {
         let permit = match open.clone().try_acquire_owned() {
-            Ok(p) => {
-                at_limit = false;
-                p
-            }
+            Ok(p) => p,
             Err(_) => {
-                if !std::mem::replace(&mut at_limit, true) {
+                // At most once a minute: at the limit, every closed
+                // connection lets one more in and the loop waits again.
+                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    warned = Some(std::time::Instant::now());
                     tracing::warn!(
                         max_connections,
                         "connection limit reached; new connections wait until one closes"
@@ -221,6 +224,12 @@ pub async fn serve<H, F>(
             _ = stopped(&mut shutdown) => break,
         };
         let _ = stream.set_nodelay(true);
+        // A peer that vanished without closing (a dead node, a dropped NAT
+        // entry) is found in about 2.5 minutes, and its place given back.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(10));
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         // It travels as a std stream and registers with the runtime that
         // serves it.
         let Ok(stream) = stream.into_std() else {

@@ -1040,7 +1040,7 @@ fn chat_head(len: usize) -> String {
 /// written, nothing forwarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_stops_arriving_gets_408_in_time() {
-    let e = env_with(r#"request_body_timeout = "300ms""#, "");
+    let e = env_with(r#"request_body_timeout = "2s""#, "");
     let mut s = raw_connection(&e.proxy.addr, &(chat_head(CHAT.len()) + &CHAT[..10])).await;
     let answer = read_until_closed(&mut s, Duration::from_secs(10)).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");

@@ -277,6 +277,7 @@ fn errors_without_a_key_or_line_say_so_plainly() {
 fn connection_limit_and_body_timeout_must_be_positive() {
     for (line, key) in [
         ("max_connections = 0", "server.max_connections"),
+        ("max_connections = 1000001", "server.max_connections"),
         (
             "request_body_timeout = \"0s\"",
             "server.request_body_timeout",

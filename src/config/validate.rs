@@ -52,6 +52,9 @@ fn duration(key: &str, s: &str) -> Result<Duration, Invalid> {
     humantime::parse_duration(s).map_err(|e| invalid(key, format!("invalid duration {s:?}: {e}")))
 }
 
+/// The largest `server.max_connections`.
+const MAX_CONNECTIONS: usize = 1_000_000;
+
 /// The smallest spool (and segment): a few events.
 const MIN_SPOOL_BYTES: u64 = 4096;
 
@@ -72,8 +75,11 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
             "must be greater than 0",
         ));
     }
-    if s.max_connections == 0 {
-        return Err(invalid("server.max_connections", "must be greater than 0"));
+    if !(1..=MAX_CONNECTIONS).contains(&s.max_connections) {
+        return Err(invalid(
+            "server.max_connections",
+            format!("must be between 1 and {MAX_CONNECTIONS}"),
+        ));
     }
     if s.source.is_empty() {
         return Err(invalid("server.source", "must not be empty"));
