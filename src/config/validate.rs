@@ -52,6 +52,13 @@ fn duration(key: &str, s: &str) -> Result<Duration, Invalid> {
     humantime::parse_duration(s).map_err(|e| invalid(key, format!("invalid duration {s:?}: {e}")))
 }
 
+fn positive_duration(key: &str, s: &str) -> Result<Duration, Invalid> {
+    match duration(key, s)? {
+        d if d.is_zero() => Err(invalid(key, "must be greater than 0")),
+        d => Ok(d),
+    }
+}
+
 /// The largest `server.max_connections`.
 const MAX_CONNECTIONS: usize = 1_000_000;
 
@@ -104,18 +111,10 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
         source: s.source.clone(),
         admin_token,
         shutdown_grace: duration("server.shutdown_grace", &s.shutdown_grace)?,
-        request_body_timeout: match duration(
+        request_body_timeout: positive_duration(
             "server.request_body_timeout",
             &s.request_body_timeout,
-        )? {
-            d if d.is_zero() => {
-                return Err(invalid(
-                    "server.request_body_timeout",
-                    "must be greater than 0",
-                ))
-            }
-            d => d,
-        },
+        )?,
         max_connections: s.max_connections,
     };
 

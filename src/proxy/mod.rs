@@ -58,12 +58,12 @@ pub fn handle(
     Box::pin(phases(app, req).instrument(span))
 }
 
-/// The request phases, in order; every exit path finishes the call.
 // Names made once: a lookup by `&str` parses and checks the name first.
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
+/// The request phases, in order; every exit path finishes the call.
 async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let policy = app.policy.load_full();
     // route
