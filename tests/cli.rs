@@ -171,3 +171,26 @@ fn demo_runs_and_prints_a_usage_table() {
     let n = std::fs::read_to_string(events).unwrap().lines().count();
     assert!(n >= 5, "{n}");
 }
+
+/// The binary's jemalloc carries the options `.cargo/config.toml` compiles
+/// in (a thread-cache collection every 1 MiB allocated, not every 64 KiB:
+/// see docs/PERFORMANCE.md). jemalloc prints its options at exit when asked.
+#[cfg(feature = "jemalloc")]
+#[test]
+fn jemalloc_is_built_with_the_projects_options() {
+    let out = Command::new(bin())
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", "stats_print:true")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("opt.tcache_gc_incr_bytes: 1048576"),
+        "jemalloc options: {}",
+        text.lines()
+            .filter(|l| l.contains("opt.tcache_gc") || l.contains("malloc_conf"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
