@@ -125,7 +125,11 @@ fn main() -> anyhow::Result<()> {
                 grace: Duration::from_secs(1),
             };
             let handler = move |req| forward(req, &origin.0, &origin.1);
-            tollgate::server::serve(listener, handler, stop, workers, 10_000).await;
+            let limits = tollgate::server::ConnLimits {
+                max: 10_000,
+                header_read_timeout: Duration::from_secs(30),
+            };
+            tollgate::server::serve(listener, handler, stop, workers, limits).await;
             Ok(())
         })
 }

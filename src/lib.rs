@@ -149,6 +149,9 @@ impl App {
         if s.0.max_connections != s.1.max_connections {
             restart.push("server.max_connections");
         }
+        if s.0.header_read_timeout != s.1.header_read_timeout {
+            restart.push("server.header_read_timeout");
+        }
         if s.0.data_dir != s.1.data_dir {
             restart.push("server.data_dir");
         }
@@ -167,6 +170,7 @@ impl App {
             new.server.admin_listen = old.server.admin_listen;
             new.server.shutdown_grace = old.server.shutdown_grace;
             new.server.max_connections = old.server.max_connections;
+            new.server.header_read_timeout = old.server.header_read_timeout;
             new.server.data_dir = old.server.data_dir.clone();
             new.spool = old.spool.clone();
             new.sinks = old.sinks.clone();
@@ -312,10 +316,6 @@ impl Running {
     }
 }
 
-/// The admin listener takes every connection: a limit there would let idle
-/// connections hang the health probes.
-const ADMIN_MAX_CONNECTIONS: usize = usize::MAX;
-
 /// Binds the listeners and starts the proxy, admin server and sinks.
 pub async fn start(policy: Policy) -> Result<Running, RunError> {
     let listen = |addr: SocketAddr| async move {
@@ -359,7 +359,10 @@ pub async fn run(
     spool.follow(limits::state::CURSOR, limits::state::STALE_AFTER);
     let data_dir = policy.server.data_dir.clone();
     let grace = policy.server.shutdown_grace;
-    let max_connections = policy.server.max_connections;
+    let conn_limits = server::ConnLimits {
+        max: policy.server.max_connections,
+        header_read_timeout: policy.server.header_read_timeout,
+    };
     let sinks = policy.sinks.clone();
     let metrics = Arc::new(Metrics::with_events_lost(spool.stats.lost_events.clone()));
     let app = Arc::new(App {
@@ -413,7 +416,7 @@ pub async fn run(
             grace,
         },
         workers,
-        max_connections,
+        conn_limits,
     ));
     let a = app.clone();
     let admin = tokio::spawn(server::serve(
@@ -425,7 +428,12 @@ pub async fn run(
             grace: Duration::from_secs(1),
         },
         0,
-        ADMIN_MAX_CONNECTIONS,
+        // The admin listener takes every connection: a limit there would
+        // let idle connections hang the health probes.
+        server::ConnLimits {
+            max: usize::MAX,
+            ..conn_limits
+        },
     ));
     let mut stop = shutdown_rx;
     let drained = app.clone();

@@ -48,9 +48,23 @@ pub struct Stop {
     pub grace: Duration,
 }
 
-fn builder() -> auto::Builder<TokioExecutor> {
+/// Bounds on the connections a listener serves.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnLimits {
+    /// Open at once at most: past it, nothing is accepted until one closes
+    /// (new connections wait in the kernel's listen backlog).
+    pub max: usize,
+    /// A new connection's first byte, and each HTTP/1 request head, must
+    /// arrive within this; otherwise the connection is closed.
+    pub header_read_timeout: Duration,
+}
+
+fn builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(hyper_util::rt::TokioTimer::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -72,11 +86,12 @@ async fn serve_connections<H, F>(
     mut incoming: mpsc::Receiver<Accepted>,
     handler: Arc<H>,
     mut stop: Stop,
+    header_read_timeout: Duration,
 ) where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let builder = builder();
+    let builder = Arc::new(builder(header_read_timeout));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut conns = tokio::task::JoinSet::new();
     let tick = tokio::spawn(keep_next_wake_near());
@@ -99,10 +114,25 @@ async fn serve_connections<H, F>(
             let fut = h(req);
             async move { Ok::<_, Infallible>(fut.await) }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let mut draining = stop.shutdown.clone();
         conns.spawn(async move {
-            if let Err(e) = conn.await {
+            // hyper-util reads the first bytes to tell HTTP/1 from HTTP/2
+            // without a deadline: a connection that never sends one would
+            // keep its place under the limit for good.
+            tokio::select! {
+                r = tokio::time::timeout(header_read_timeout, stream.readable()) => {
+                    if !matches!(r, Ok(Ok(()))) {
+                        tracing::debug!("connection sent nothing within header_read_timeout; closed");
+                        return;
+                    }
+                }
+                // Shutdown: nothing started on it yet, so nothing to drain.
+                _ = stopped(&mut draining) => return,
+            }
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(permit);
@@ -140,15 +170,14 @@ async fn keep_next_wake_near() {
 /// Serves `handler` on `listener` until `stop.shutdown` turns true: new
 /// connections are refused from then on, open ones drain (see [`Stop`]).
 /// With `workers > 0` connections run on that many single-threaded worker
-/// runtimes; with 0, on the caller's runtime. At most `max_connections` are
-/// open at once: past that, nothing is accepted until one closes (new
-/// connections wait in the kernel's listen backlog).
+/// runtimes; with 0, on the caller's runtime. `limits` bounds how many
+/// connections are open and how long one may stay silent.
 pub async fn serve<H, F>(
     listener: TcpListener,
     handler: H,
     stop: Stop,
     workers: usize,
-    max_connections: usize,
+    limits: ConnLimits,
 ) where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
@@ -163,6 +192,7 @@ pub async fn serve<H, F>(
             rx,
             handler.clone(),
             stop.clone(),
+            limits.header_read_timeout,
         )));
     } else {
         for i in 0..workers {
@@ -177,7 +207,7 @@ pub async fn serve<H, F>(
                         .enable_all()
                         .build()
                         .expect("a worker runtime");
-                    rt.block_on(serve_connections(rx, h, s));
+                    rt.block_on(serve_connections(rx, h, s, limits.header_read_timeout));
                     let _ = finished_tx.send(());
                 });
             if let Err(e) = spawned {
@@ -191,6 +221,7 @@ pub async fn serve<H, F>(
     }
     let mut shutdown = stop.shutdown.clone();
     let mut next = 0usize;
+    let max_connections = limits.max;
     let open = Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS)));
     let mut warned: Option<std::time::Instant> = None;
     loop {

@@ -366,6 +366,16 @@ async fn a_pending_restart_stays_visible_across_reloads() {
     assert_eq!(pending(), 1.0);
     app.reload(source(&text)).unwrap();
     assert_eq!(pending(), 0.0);
+    // A server setting the listeners were started with, likewise.
+    let slow = text.replace("[server]\n", "[server]\nheader_read_timeout = \"5s\"\n");
+    app.reload(source(&slow)).unwrap();
+    assert_eq!(
+        app.policy.load().server.header_read_timeout,
+        Duration::from_secs(30)
+    );
+    assert_eq!(pending(), 1.0);
+    app.reload(source(&text)).unwrap();
+    assert_eq!(pending(), 0.0);
     // A sink's secret header is compared too (its `Debug` hides the value,
     // so comparing printed configs missed the change).
     let sink = "[[sinks]]\nname = \"meter\"\ntype = \"http\"\nurl = \"http://127.0.0.1:9/e\"\nheaders = { authorization = \"Bearer one\" }\n";

@@ -1066,6 +1066,37 @@ async fn a_body_that_stops_arriving_gets_408_in_time() {
     );
 }
 
+/// Whether the peer closed `s` within `within` (whatever arrived first is
+/// read and dropped).
+async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut sink = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(s, &mut sink);
+    matches!(tokio::time::timeout(within, read).await, Ok(Ok(_)))
+}
+
+/// `server.header_read_timeout` closes a connection that never sends a
+/// byte (its place under `max_connections` is given back) and an HTTP/1
+/// connection left idle between requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_after_header_read_timeout() {
+    let e = env_with("max_connections = 1\nheader_read_timeout = \"1s\"", "");
+    let mut silent = tokio::net::TcpStream::connect(&e.proxy.addr).await.unwrap();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(10)).await,
+        "a connection that sent nothing is still open"
+    );
+    // Its place is free again: the next connection is served.
+    let request = chat_head(CHAT.len()) + CHAT;
+    let mut served = raw_connection(&e.proxy.addr, &request).await;
+    let status = status_of(&mut served, Duration::from_secs(10)).await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 200"));
+    // Then left idle, waiting for a next request head that never comes.
+    assert!(
+        closed_within(&mut served, Duration::from_secs(10)).await,
+        "an idle keep-alive connection is still open"
+    );
+}
+
 /// Past `server.max_connections` open connections nothing more is
 /// accepted: a new connection waits (in the listen backlog) until one
 /// closes, then is served.

@@ -48,6 +48,8 @@ pub struct RawServer {
     pub request_body_timeout: String,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: String,
 }
 
 impl Default for RawServer {
@@ -62,6 +64,7 @@ impl Default for RawServer {
             shutdown_grace: default_shutdown_grace(),
             request_body_timeout: default_request_body_timeout(),
             max_connections: default_max_connections(),
+            header_read_timeout: default_header_read_timeout(),
         }
     }
 }
@@ -89,6 +92,9 @@ fn default_request_body_timeout() -> String {
 }
 fn default_max_connections() -> usize {
     10_000
+}
+fn default_header_read_timeout() -> String {
+    "30s".into()
 }
 
 #[derive(Debug, Deserialize)]

@@ -274,7 +274,7 @@ fn errors_without_a_key_or_line_say_so_plainly() {
 }
 
 #[test]
-fn connection_limit_and_body_timeout_must_be_positive() {
+fn connection_limit_and_timeouts_must_be_positive() {
     for (line, key) in [
         ("max_connections = 0", "server.max_connections"),
         ("max_connections = 1000001", "server.max_connections"),
@@ -286,6 +286,7 @@ fn connection_limit_and_body_timeout_must_be_positive() {
             "request_body_timeout = \"soon\"",
             "server.request_body_timeout",
         ),
+        ("header_read_timeout = \"0s\"", "server.header_read_timeout"),
     ] {
         let src = GOOD.replace("[server]\n", &format!("[server]\n{line}\n"));
         let e = parse(&src, "t.toml", &env).unwrap_err();
@@ -294,4 +295,5 @@ fn connection_limit_and_body_timeout_must_be_positive() {
     let p = parse(GOOD, "t.toml", &env).unwrap();
     assert_eq!(p.server.max_connections, 10_000);
     assert_eq!(p.server.request_body_timeout, Duration::from_secs(60));
+    assert_eq!(p.server.header_read_timeout, Duration::from_secs(30));
 }

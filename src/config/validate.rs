@@ -116,6 +116,10 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
             &s.request_body_timeout,
         )?,
         max_connections: s.max_connections,
+        header_read_timeout: positive_duration(
+            "server.header_read_timeout",
+            &s.header_read_timeout,
+        )?,
     };
 
     let sp = &raw.spool;
