@@ -11,7 +11,10 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,6 +23,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -91,7 +95,7 @@ async fn serve_connections<H, F>(
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let builder = Arc::new(builder(header_read_timeout));
+    let builder = builder(header_read_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut conns = tokio::task::JoinSet::new();
     let tick = tokio::spawn(keep_next_wake_near());
@@ -114,25 +118,11 @@ async fn serve_connections<H, F>(
             let fut = h(req);
             async move { Ok::<_, Infallible>(fut.await) }
         });
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let mut draining = stop.shutdown.clone();
+        let io = TokioIo::new(FirstBytes::new(stream, header_read_timeout));
+        let conn = builder.serve_connection_with_upgrades(io, service);
+        let conn = graceful.watch(conn.into_owned());
         conns.spawn(async move {
-            // hyper-util reads the first bytes to tell HTTP/1 from HTTP/2
-            // without a deadline: a connection that never sends one would
-            // keep its place under the limit for good.
-            tokio::select! {
-                r = tokio::time::timeout(header_read_timeout, stream.readable()) => {
-                    if !matches!(r, Ok(Ok(()))) {
-                        tracing::debug!("connection sent nothing within header_read_timeout; closed");
-                        return;
-                    }
-                }
-                // Shutdown: nothing started on it yet, so nothing to drain.
-                _ = stopped(&mut draining) => return,
-            }
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+            if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(permit);
@@ -152,13 +142,109 @@ async fn serve_connections<H, F>(
     tick.abort();
 }
 
+/// The HTTP/2 client preface, by which hyper-util tells HTTP/2 from HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A new connection's socket. hyper-util reads until 24 bytes have come or
+/// one differs from the HTTP/2 preface, to pick the protocol, and has no
+/// deadline for it: a client that sends nothing, or the preface's first
+/// bytes and then nothing, would keep its place under `max_connections`
+/// for good. Until the protocol is known, a read still waiting at
+/// `header_read_timeout` fails with `TimedOut` (the connection closes);
+/// after that reads pass straight through, and over HTTP/1.1 hyper's own
+/// header-read timer takes over.
+struct FirstBytes {
+    io: tokio::net::TcpStream,
+    /// While the protocol is unknown: the deadline, and how many bytes of
+    /// the preface have matched.
+    detecting: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
+}
+
+impl FirstBytes {
+    fn new(io: tokio::net::TcpStream, within: Duration) -> FirstBytes {
+        FirstBytes {
+            io,
+            detecting: Some((Box::pin(tokio::time::sleep(within)), 0)),
+        }
+    }
+}
+
+impl AsyncRead for FirstBytes {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        let Some((deadline, matched)) = &mut this.detecting else {
+            return read;
+        };
+        match &read {
+            Poll::Ready(Ok(())) => {
+                let new = &buf.filled()[before..];
+                let n = new.len().min(H2_PREFACE.len() - *matched);
+                let still = !new.is_empty()
+                    && new[..n] == H2_PREFACE[*matched..*matched + n]
+                    && *matched + n < H2_PREFACE.len();
+                if still {
+                    *matched += n;
+                } else {
+                    // EOF, HTTP/1 or the whole preface: hyper-util decides.
+                    this.detecting = None;
+                }
+            }
+            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request within server.header_read_timeout",
+                )));
+            }
+            _ => {}
+        }
+        read
+    }
+}
+
+impl AsyncWrite for FirstBytes {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 /// Keeps a timer at most a second away on this runtime, so the timer
-/// driver's next wake-up is always earlier than a new connection's
-/// header-read deadline (hyper's 30 s). Otherwise, whenever the nearest
-/// timer is a call's upstream timeout (minutes away), every request head
-/// hyper starts to read registers an earlier deadline, and tokio wakes its
-/// own driver for it: an `eventfd` `write` on the worker, measured at 0.22
-/// a call under load.
+/// driver's next wake-up is always earlier than a request head's read
+/// deadline (`server.header_read_timeout`, 30 s by default; one under a
+/// second defeats this, at a cost in wake-ups only). Otherwise, whenever
+/// the nearest timer is a call's upstream timeout (minutes away), every
+/// request head hyper starts to read registers an earlier deadline, and
+/// tokio wakes its own driver for it: an `eventfd` `write` on the worker,
+/// measured at 0.22 a call under load.
 async fn keep_next_wake_near() {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1075,8 +1075,9 @@ async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool 
 }
 
 /// `server.header_read_timeout` closes a connection that never sends a
-/// byte (its place under `max_connections` is given back) and an HTTP/1
-/// connection left idle between requests.
+/// byte, or only the start of the HTTP/2 preface (its place under
+/// `max_connections` is given back each time), and an HTTP/1 connection
+/// left idle between requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_closed_after_header_read_timeout() {
     let e = env_with("max_connections = 1\nheader_read_timeout = \"1s\"", "");
@@ -1084,6 +1085,11 @@ async fn silent_connections_are_closed_after_header_read_timeout() {
     assert!(
         closed_within(&mut silent, Duration::from_secs(10)).await,
         "a connection that sent nothing is still open"
+    );
+    let mut partial = raw_connection(&e.proxy.addr, "PRI * HTTP/2").await;
+    assert!(
+        closed_within(&mut partial, Duration::from_secs(10)).await,
+        "a connection that sent part of the HTTP/2 preface is still open"
     );
     // Its place is free again: the next connection is served.
     let request = chat_head(CHAT.len()) + CHAT;

@@ -287,6 +287,7 @@ fn connection_limit_and_timeouts_must_be_positive() {
             "server.request_body_timeout",
         ),
         ("header_read_timeout = \"0s\"", "server.header_read_timeout"),
+        ("header_read_timeout = \"2h\"", "server.header_read_timeout"),
     ] {
         let src = GOOD.replace("[server]\n", &format!("[server]\n{line}\n"));
         let e = parse(&src, "t.toml", &env).unwrap_err();

@@ -62,6 +62,10 @@ fn positive_duration(key: &str, s: &str) -> Result<Duration, Invalid> {
 /// The largest `server.max_connections`.
 const MAX_CONNECTIONS: usize = 1_000_000;
 
+/// The longest `server.header_read_timeout` (hyper adds it to the clock
+/// unchecked: a huge value would panic every HTTP/1 connection).
+const MAX_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// The smallest spool (and segment): a few events.
 const MIN_SPOOL_BYTES: u64 = 4096;
 
@@ -116,10 +120,15 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
             &s.request_body_timeout,
         )?,
         max_connections: s.max_connections,
-        header_read_timeout: positive_duration(
+        header_read_timeout: match positive_duration(
             "server.header_read_timeout",
             &s.header_read_timeout,
-        )?,
+        )? {
+            d if d > MAX_HEADER_READ_TIMEOUT => {
+                return Err(invalid("server.header_read_timeout", "must be at most 1h"))
+            }
+            d => d,
+        },
     };
 
     let sp = &raw.spool;
