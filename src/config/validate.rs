@@ -59,6 +59,16 @@ fn positive_duration(key: &str, s: &str) -> Result<Duration, Invalid> {
     }
 }
 
+fn at_most(key: &str, d: Duration, max: Duration) -> Result<Duration, Invalid> {
+    if d > max {
+        return Err(invalid(
+            key,
+            format!("must be at most {}", humantime::format_duration(max)),
+        ));
+    }
+    Ok(d)
+}
+
 /// The largest `server.max_connections`.
 const MAX_CONNECTIONS: usize = 1_000_000;
 
@@ -120,15 +130,11 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
             &s.request_body_timeout,
         )?,
         max_connections: s.max_connections,
-        header_read_timeout: match positive_duration(
+        header_read_timeout: positive_duration(
             "server.header_read_timeout",
             &s.header_read_timeout,
-        )? {
-            d if d > MAX_HEADER_READ_TIMEOUT => {
-                return Err(invalid("server.header_read_timeout", "must be at most 1h"))
-            }
-            d => d,
-        },
+        )
+        .and_then(|d| at_most("server.header_read_timeout", d, MAX_HEADER_READ_TIMEOUT))?,
     };
 
     let sp = &raw.spool;
