@@ -58,8 +58,9 @@ pub struct ConnLimits {
     /// Open at once at most: past it, nothing is accepted until one closes
     /// (new connections wait in the kernel's listen backlog).
     pub max: usize,
-    /// A new connection's first byte, and each HTTP/1 request head, must
-    /// arrive within this; otherwise the connection is closed.
+    /// A new connection must show its protocol (its first bytes, see `FirstBytes`), and
+    /// each HTTP/1 request head must arrive, within this; otherwise the
+    /// connection is closed.
     pub header_read_timeout: Duration,
 }
 

@@ -175,8 +175,8 @@ pub struct Server {
     /// Open proxy connections at most; past it, new ones wait in the
     /// listen backlog.
     pub max_connections: usize,
-    /// A connection's first byte, and each HTTP/1 request head, must
-    /// arrive within this; otherwise the connection is closed.
+    /// A connection's first bytes (its protocol), and each HTTP/1 request
+    /// head, must arrive within this; otherwise the connection is closed.
     pub header_read_timeout: Duration,
 }
 
