@@ -159,6 +159,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 async fn run(policy: tollgate::config::Policy, config: PathBuf, loaded: [u8; 32]) -> Result<()> {
     let grace = policy.server.shutdown_grace;
+    #[cfg(unix)]
+    tollgate::server::raise_open_files(policy.server.max_connections);
     let mut running = tollgate::start(policy).await?;
     tracing::info!(proxy = %running.proxy_addr, admin = %running.admin_addr, "listening");
     let watcher = tokio::spawn(tollgate::watch_config(

@@ -64,6 +64,48 @@ pub struct ConnLimits {
     pub header_read_timeout: Duration,
 }
 
+/// Open files a proxy at `max_connections` may need: each client connection
+/// and the upstream connection its call holds, plus a reserve for the spool,
+/// sinks, listeners and the runtime. (An HTTP/2 client multiplexes more calls,
+/// and so more upstream connections, over one connection.)
+pub fn files_needed(max_connections: usize) -> u64 {
+    (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(64)
+}
+
+/// Raises the soft open-file limit to the hard one, as Go's runtime does at
+/// start: a shell's soft limit of 1024 would fail accepts and upstream
+/// connects (`EMFILE`) far below `max_connections`. Warns when the limit is
+/// still short of [`files_needed`].
+#[cfg(unix)]
+pub fn raise_open_files(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let was = getrlimit(Resource::Nofile);
+    let mut limit = was.current;
+    if was.current != was.maximum {
+        let raised = Rlimit {
+            current: was.maximum,
+            maximum: was.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => limit = was.maximum,
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        }
+    }
+    let needed = files_needed(max_connections);
+    if let Some(limit) = limit.filter(|l| *l < needed) {
+        tracing::warn!(
+            limit,
+            needed,
+            max_connections,
+            "the open-file limit is below what server.max_connections may need: past it, \
+             connections and upstream calls fail; raise it (ulimit -n, systemd's LimitNOFILE, \
+             the container runtime's nofile) or lower server.max_connections"
+        );
+    }
+}
+
 fn builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

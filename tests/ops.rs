@@ -393,3 +393,86 @@ async fn a_pending_restart_stays_visible_across_reloads() {
     );
     running.shutdown().await;
 }
+
+/// Soft and hard open-file limits of a running process.
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut f = line["Max open files".len()..].split_whitespace();
+    (f.next().unwrap().to_string(), f.next().unwrap().to_string())
+}
+
+/// Starts `tollgate run` under a shell's `ulimit` (`-Sn 100`: soft only).
+fn run_under_ulimit(ulimit: &str, cfg: &std::path::Path) -> Proxy {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args([
+        "-c",
+        &format!("ulimit {ulimit} && exec \"$0\" \"$@\""),
+        bin(),
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+    ])
+    .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY);
+    let proc = Proc::start(cmd);
+    let v = proc.wait_for("listening");
+    Proxy {
+        addr: v["proxy"].as_str().unwrap().to_string(),
+        admin: v["admin"].as_str().unwrap().to_string(),
+        proc,
+    }
+}
+
+/// A shell's soft limit (often 1024) would fail accepts and upstream
+/// connects long before `max_connections`: `run` raises it to the hard
+/// limit, and says so at WARN when even the hard limit is short of two
+/// files a connection plus a reserve (here 2 x 100 + 64 = 264).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_raises_the_open_file_limit_and_warns_when_it_is_short() {
+    let short = |p: &Proxy| {
+        p.proc
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| {
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("the open-file limit is below"))
+            })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mock = start_mock();
+    let cfg = config(dir.path(), &mock.addr, "max_connections = 100", "");
+
+    let (_, hard) = open_file_limits(std::process::id());
+    let raised = run_under_ulimit("-Sn 100", &cfg);
+    assert_eq!(
+        open_file_limits(raised.proc.child.id()),
+        (hard.clone(), hard.clone()),
+        "the soft limit is raised to the hard one"
+    );
+    if hard.parse::<u64>().is_ok_and(|h| h >= 264) || hard == "unlimited" {
+        assert!(short(&raised).is_none(), "{}", raised.proc.log_text());
+    }
+    drop(raised);
+
+    // Soft and hard at 200: nothing to raise, and short of 264.
+    let capped = run_under_ulimit("-n 200", &cfg);
+    assert_eq!(
+        open_file_limits(capped.proc.child.id()),
+        ("200".to_string(), "200".to_string())
+    );
+    let warning =
+        short(&capped).unwrap_or_else(|| panic!("no warning: {}", capped.proc.log_text()));
+    assert_eq!(warning["level"], "WARN");
+    assert_eq!(warning["limit"], 200);
+    assert_eq!(warning["needed"], 264);
+    // It still serves.
+    let r = chat(&capped.addr, ACME_KEY, CHAT, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}

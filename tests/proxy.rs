@@ -434,6 +434,8 @@ async fn credentials_never_cross_and_hop_headers_are_dropped() {
             ("x-keep-me", "1"),
             ("openai-organization", "org-the-operators-other"),
             ("openai-project", "proj-the-operators-other"),
+            ("x-goog-api-key", "a-tenants-google-key"),
+            ("ocp-apim-subscription-key", "a-tenants-azure-key"),
             ("x-mock-leak-headers", "1"),
         ],
     )
@@ -470,7 +472,9 @@ async fn credentials_never_cross_and_hop_headers_are_dropped() {
     assert!(
         !names.iter().any(|n| *n == "x-hop-secret"
             || n.starts_with("x-tollgate")
-            || n.starts_with("openai-")),
+            || n.starts_with("openai-")
+            || *n == "x-goog-api-key"
+            || *n == "ocp-apim-subscription-key"),
         "{names:?}"
     );
     // The mock echoed the upstream key and added hop-by-hop headers

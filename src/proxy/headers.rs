@@ -20,16 +20,19 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-/// Client credentials, headers the upstream sets itself, and OpenAI's
-/// organization and project selectors (with the operator's key, a tenant
-/// would pick which of the operator's organizations or projects pays).
-static NOT_FORWARDED: [HeaderName; 8] = [
+/// Client credentials (the API-key headers of OpenAI and Anthropic, Azure,
+/// Azure API Management and Google), headers the upstream sets itself, and
+/// OpenAI's organization and project selectors (with the operator's key, a
+/// tenant would pick which of the operator's organizations or projects pays).
+static NOT_FORWARDED: [HeaderName; 10] = [
     header::HOST,
     header::CONTENT_LENGTH,
     header::AUTHORIZATION,
     header::COOKIE,
     HeaderName::from_static("x-api-key"),
     HeaderName::from_static("api-key"),
+    HeaderName::from_static("ocp-apim-subscription-key"),
+    HeaderName::from_static("x-goog-api-key"),
     HeaderName::from_static("openai-organization"),
     HeaderName::from_static("openai-project"),
 ];
@@ -229,6 +232,8 @@ mod tests {
             "cookie",
             "x-api-key",
             "api-key",
+            "ocp-apim-subscription-key",
+            "x-goog-api-key",
             "x-tollgate-debug",
             "x-tenant",
             "content-type",

@@ -38,14 +38,20 @@ impl Drop for Proc {
 impl Proc {
     pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(bin());
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("RUST_LOG", "info");
+        cmd.args(args);
         for (k, v) in envs {
             cmd.env(k, v);
         }
+        Proc::start(cmd)
+    }
+
+    /// Starts `cmd` (the binary, or a shell that `exec`s it) with its output
+    /// collected.
+    pub fn start(mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("RUST_LOG", "info");
         let mut child = cmd.spawn().expect("start tollgate");
         let (tx, rx) = mpsc::channel();
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
