@@ -494,6 +494,51 @@ async fn credentials_never_cross_and_hop_headers_are_dropped() {
     }
 }
 
+/// An upstream that echoes its credential in the body (a debugging
+/// endpoint, an error quoting it) does not hand the key to the tenant: each
+/// occurrence is masked byte for byte, in a JSON body (its length still
+/// right) and in a stream that splits the key across two frames; the call is
+/// metered as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_echoed_in_the_body_is_masked() {
+    let e = env();
+    let stars = "*".repeat(UPSTREAM_KEY.len());
+    let r = chat(&e.proxy.addr, ACME_KEY, CHAT, &[("x-mock-leak-body", "1")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!r.text().contains(UPSTREAM_KEY), "{}", r.text());
+    assert_eq!(r.json()["echo"], format!("Bearer {stars}"));
+    assert_eq!(r.headers["content-length"], r.text().len().to_string());
+
+    // Usage asked for: frames pass the meter unchanged (stripping it would
+    // rewrite the stream event by event, joining the halves first).
+    let r = chat(
+        &e.proxy.addr,
+        ACME_KEY,
+        r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+        &[("x-mock-leak-body", "1"), ("x-mock-delay-ms", "20")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    assert!(!text.contains(UPSTREAM_KEY), "{text}");
+    assert!(
+        text.starts_with(&format!(": echo Bearer {stars}\n\n")),
+        "{text}"
+    );
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let ev = event_for(e.dir.path(), &request_id(&r)).await;
+    assert_eq!(ev["data"]["usage_source"], "provider", "{ev}");
+    assert_eq!(ev["data"]["output_tokens"], 8, "{ev}");
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = e.proxy.proc.log_text();
+    assert!(!log.contains(UPSTREAM_KEY));
+    assert!(
+        log.contains("upstream response body held the upstream key: masked"),
+        "{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_clients_are_served() {
     let e = env();

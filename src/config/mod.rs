@@ -238,9 +238,9 @@ pub struct Upstream {
     /// `other`: file, batch, image, stored-completion routes...) get 403
     /// instead of going out with the shared key.
     pub refuse_unmetered: bool,
-    /// Finds the upstream key in a response header (see
-    /// `proxy::headers::client_response_headers`); `None` without a key, or
-    /// for one under 8 bytes (too likely to match by chance).
+    /// Finds the upstream key in response headers, trailers and bodies (see
+    /// `proxy::headers::client_response_headers`, `proxy::mask`); `None`
+    /// without a key, or for one under 8 bytes (too likely to match by chance).
     pub key_finder: Option<memchr::memmem::Finder<'static>>,
     pub timeout: Duration,
     pub connect_timeout: Duration,

@@ -24,6 +24,10 @@ pub(crate) struct Controls {
     /// Misbehave in the response head: echo the credentials the request
     /// carried, and add hop-by-hop headers (for the proxy's hygiene tests).
     pub(crate) leak_headers: bool,
+    /// Misbehave in the body: echo the request's credential in it (a JSON
+    /// field `echo`, or an SSE comment before the first event, split over
+    /// two frames in the middle of the key).
+    pub(crate) leak_body: bool,
     /// Answer gzip-compressed whatever `accept-encoding` says (as an
     /// upstream ignoring `identity` would), in many small frames.
     pub(crate) gzip: bool,
@@ -49,6 +53,9 @@ impl Controls {
                 .is_some_and(|v| matches!(v.as_bytes(), b"1" | b"true")),
             leak_headers: h
                 .get("x-mock-leak-headers")
+                .is_some_and(|v| matches!(v.as_bytes(), b"1" | b"true")),
+            leak_body: h
+                .get("x-mock-leak-body")
                 .is_some_and(|v| matches!(v.as_bytes(), b"1" | b"true")),
             gzip: h
                 .get("x-mock-gzip")

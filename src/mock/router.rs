@@ -88,7 +88,7 @@ pub(crate) async fn handle(
     let request_id = format!("req_{n}");
     let body = Limited::new(body, MAX_BODY_BYTES).collect().await;
     let body = body.map(|b| b.to_bytes());
-    let (status, handled) = match (&body, route) {
+    let (status, mut handled) = match (&body, route) {
         (Err(_), _) => fail(
             anthropic,
             StatusCode::BAD_REQUEST,
@@ -120,6 +120,15 @@ pub(crate) async fn handle(
     if !controls.first_byte_delay.is_zero() {
         tokio::time::sleep(controls.first_byte_delay).await;
     }
+    if controls.leak_body {
+        let credential = parts
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .or_else(|| parts.headers.get("x-api-key"));
+        if let Some(v) = credential {
+            leak_into(&mut handled.reply, &String::from_utf8_lossy(v.as_bytes()));
+        }
+    }
     let id = Some((id_header, request_id));
     let mut res = reply(status, id, handled.reply, Some(&controls));
     if controls.leak_headers {
@@ -145,6 +154,32 @@ pub(crate) async fn handle(
         h.insert("keep-alive", "timeout=5".parse().unwrap());
     }
     Ok(res)
+}
+
+/// Puts `credential` into the reply (`x-mock-leak-body`): a JSON field, or an
+/// SSE comment first, cut in two frames in the middle (the second half waits
+/// for `x-mock-delay-ms` as a content piece does, so the halves arrive apart).
+fn leak_into(reply: &mut Reply, credential: &str) {
+    match reply {
+        Reply::Json(v) => {
+            if let Some(o) = v.as_object_mut() {
+                o.insert("echo".into(), Value::String(credential.into()));
+            }
+        }
+        Reply::Stream(pieces) => {
+            let comment = format!(": echo {credential}\n\n");
+            let (a, b) = comment.split_at(comment.len() - credential.len() / 2 - 2);
+            for (i, part) in [a, b].into_iter().enumerate() {
+                pieces.insert(
+                    i,
+                    Piece {
+                        bytes: bytes::Bytes::copy_from_slice(part.as_bytes()),
+                        content: i == 1,
+                    },
+                );
+            }
+        }
+    }
 }
 
 /// Auth, forced status, JSON parsing, then the route's handler.

@@ -137,7 +137,7 @@ pub fn client_response_headers(h: &mut HeaderMap, upstream: &Upstream) {
 }
 
 /// Removes every header with a value that contains the key.
-fn strip_containing(h: &mut HeaderMap, key: &memchr::memmem::Finder<'_>) {
+pub(super) fn strip_containing(h: &mut HeaderMap, key: &memchr::memmem::Finder<'_>) {
     let leaking: Vec<HeaderName> = h
         .iter()
         .filter(|(_, v)| key.find(v.as_bytes()).is_some())

@@ -12,6 +12,7 @@
 pub mod client;
 pub mod error;
 pub mod headers;
+pub mod mask;
 pub mod pool;
 
 use std::future::Future;
@@ -276,7 +277,11 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     }
     let mut body = MeteredBody::new(incoming, call, content_length, deadline, conn);
     body.prefetch().await;
-    Response::from_parts(parts, body.boxed_unsync())
+    let body = match mask::MaskKey::new(body, upstream) {
+        Ok(masked) => masked.boxed_unsync(),
+        Err(body) => body.boxed_unsync(),
+    };
+    Response::from_parts(parts, body)
 }
 
 /// The tenant of a request, or `None` (401).

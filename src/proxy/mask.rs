@@ -1,0 +1,267 @@
+//! `MaskKey`: the upstream key masked in response bodies. An upstream that
+//! echoes its request (a debugging endpoint, an error quoting the
+//! credential) would otherwise hand the operator's key to the tenant.
+//!
+//! Each occurrence is overwritten with `*`, byte for byte, so the body keeps
+//! its length (and its `content-length`). A key split across frames is
+//! caught by holding back the end of a frame that could begin it (at most the
+//! key's length less one byte) until the next frame or the end. Only a frame
+//! that ends in a prefix of the key is held, so an SSE event ending its frame
+//! never waits: keys hold no newline. Trailers holding the key are removed.
+//! A compressed body is passed as it is (the meter asks metered routes for
+//! `identity`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame};
+
+use crate::config::Upstream;
+
+pub struct MaskKey<B> {
+    inner: B,
+    /// Its `key_finder` is set (see [`MaskKey::new`]).
+    upstream: Arc<Upstream>,
+    /// The end of the last frame, held: it may begin the key.
+    tail: Bytes,
+    /// Trailers to send after `tail`.
+    trailers: Option<Frame<Bytes>>,
+    ended: bool,
+    warned: bool,
+}
+
+impl<B> MaskKey<B> {
+    /// `None` (nothing to mask) when the upstream has no key to look for.
+    pub fn new(inner: B, upstream: Arc<Upstream>) -> Result<MaskKey<B>, B> {
+        if upstream.key_finder.is_none() {
+            return Err(inner);
+        }
+        Ok(MaskKey {
+            inner,
+            upstream,
+            tail: Bytes::new(),
+            trailers: None,
+            ended: false,
+            warned: false,
+        })
+    }
+
+    /// Masks the key in `tail` + `data`; returns what can go out now.
+    fn mask(&mut self, data: Bytes) -> Bytes {
+        let finder = self.upstream.key_finder.as_ref().expect("checked in new");
+        let key = finder.needle();
+        let mut buf = if self.tail.is_empty() {
+            data
+        } else {
+            let mut joined = BytesMut::with_capacity(self.tail.len() + data.len());
+            joined.extend_from_slice(&self.tail);
+            joined.extend_from_slice(&data);
+            joined.freeze()
+        };
+        if finder.find(&buf).is_some() {
+            let mut masked = BytesMut::from(&buf[..]);
+            let mut at = 0;
+            while let Some(i) = finder.find(&masked[at..]) {
+                masked[at + i..at + i + key.len()].fill(b'*');
+                at += i + key.len();
+            }
+            if !self.warned {
+                self.warned = true;
+                tracing::warn!(upstream = %self.upstream.name, "upstream response body held the upstream key: masked");
+            }
+            buf = masked.freeze();
+        }
+        let held = prefix_at_end(&buf, key);
+        self.tail = buf.split_off(buf.len() - held);
+        buf
+    }
+}
+
+/// The length of the longest end of `buf` that is a proper prefix of `key`.
+fn prefix_at_end(buf: &[u8], key: &[u8]) -> usize {
+    let Some(&first) = key.first() else {
+        return 0;
+    };
+    let end = &buf[buf.len().saturating_sub(key.len() - 1)..];
+    memchr::memchr_iter(first, end)
+        .find(|&i| key.starts_with(&end[i..]))
+        .map_or(0, |i| end.len() - i)
+}
+
+impl<B> Body for MaskKey<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(t) = this.trailers.take() {
+                return Poll::Ready(Some(Ok(t)));
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                // A broken body: what is held could only be a piece of the key.
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => {
+                    this.ended = true;
+                    if this.tail.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut this.tail)))));
+                }
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    let out = this.mask(data);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                }
+                Err(frame) => {
+                    let frame = match frame.into_trailers() {
+                        Ok(mut t) => {
+                            let finder = this.upstream.key_finder.as_ref().expect("checked in new");
+                            super::headers::strip_containing(&mut t, finder);
+                            Frame::trailers(t)
+                        }
+                        // Neither data nor trailers: an extension frame, passed on.
+                        Err(other) => other,
+                    };
+                    if this.tail.is_empty() {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    this.trailers = Some(frame);
+                    return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut this.tail)))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.tail.is_empty()
+            && self.trailers.is_none()
+            && (self.ended || self.inner.is_end_stream())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    const KEY: &str = "sk-UPSTREAM-0123456789";
+
+    fn upstream(key: Option<&str>) -> Arc<Upstream> {
+        Arc::new(Upstream {
+            name: "tools".into(),
+            prefix: "/tools".into(),
+            url: "http://127.0.0.1:9".parse().unwrap(),
+            provider: crate::config::Provider::Generic,
+            credential: None,
+            refuse_unmetered: false,
+            key_finder: key.map(|k| memchr::memmem::Finder::new(k).into_owned()),
+            timeout: std::time::Duration::from_secs(1),
+            connect_timeout: std::time::Duration::from_secs(1),
+            price_per_call: Default::default(),
+        })
+    }
+
+    /// A body of these frames, then these trailers.
+    fn body(
+        frames: Vec<Vec<u8>>,
+        trailers: Option<http::HeaderMap>,
+    ) -> impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin {
+        let mut all: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = frames
+            .into_iter()
+            .map(|f| Ok(Frame::data(Bytes::from(f))))
+            .collect();
+        all.extend(trailers.map(|t| Ok(Frame::trailers(t))));
+        http_body_util::StreamBody::new(futures_util::stream::iter(all))
+    }
+
+    /// The frames the client gets, then the trailers.
+    async fn masked(
+        frames: Vec<Vec<u8>>,
+        trailers: Option<http::HeaderMap>,
+    ) -> (Vec<Bytes>, Option<http::HeaderMap>) {
+        let mut b =
+            MaskKey::new(body(frames, trailers), upstream(Some(KEY))).unwrap_or_else(|_| panic!());
+        let mut out = Vec::new();
+        let mut trailers = None;
+        while let Some(f) = b.frame().await {
+            match f.unwrap().into_data() {
+                Ok(d) => out.push(d),
+                Err(t) => trailers = t.into_trailers().ok(),
+            }
+        }
+        assert!(b.is_end_stream());
+        (out, trailers)
+    }
+
+    #[tokio::test]
+    async fn the_key_is_masked_wherever_the_frames_split_it() {
+        let text = format!(r#"{{"echo":"Bearer {KEY}","again":"{KEY}","x":"sk-"}}"#);
+        let want = text.replace(KEY, &"*".repeat(KEY.len()));
+        for cut in 0..=text.len() {
+            for second in cut..=text.len() {
+                let frames = vec![
+                    text.as_bytes()[..cut].to_vec(),
+                    text.as_bytes()[cut..second].to_vec(),
+                    text.as_bytes()[second..].to_vec(),
+                ];
+                let (out, _) = masked(frames, None).await;
+                let got: Vec<u8> = out.concat();
+                assert_eq!(
+                    String::from_utf8(got).unwrap(),
+                    want,
+                    "cut at {cut}, {second}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_that_cannot_begin_the_key_pass_at_once_and_unchanged() {
+        let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\" s\"}}]}\n\n".to_vec();
+        let (out, _) = masked(vec![sse.clone(), sse.clone()], None).await;
+        assert_eq!(out, [Bytes::from(sse.clone()), Bytes::from(sse)]);
+        // A frame ending in what may begin the key holds exactly that back.
+        let (out, _) = masked(vec![b"abc sk-UP".to_vec(), b"PER".to_vec()], None).await;
+        assert_eq!(out, [Bytes::from("abc "), Bytes::from("sk-UPPER")]);
+        assert_eq!(
+            prefix_at_end(b"xx sk-UPSTREAM-012345678", KEY.as_bytes()),
+            21
+        );
+        assert_eq!(prefix_at_end(b"s", KEY.as_bytes()), 1);
+        assert_eq!(prefix_at_end(b"", KEY.as_bytes()), 0);
+        assert_eq!(prefix_at_end(b"sk-x", KEY.as_bytes()), 0);
+    }
+
+    #[tokio::test]
+    async fn a_held_end_goes_out_before_the_trailers_and_leaking_trailers_go() {
+        let mut t = http::HeaderMap::new();
+        t.insert("x-echo", format!("Bearer {KEY}").parse().unwrap());
+        t.insert("x-checksum", "abc".parse().unwrap());
+        let (out, trailers) = masked(vec![b"ok sk-UP".to_vec()], Some(t)).await;
+        assert_eq!(out, [Bytes::from("ok "), Bytes::from("sk-UP")]);
+        let trailers = trailers.unwrap();
+        assert_eq!(trailers.len(), 1);
+        assert_eq!(trailers["x-checksum"], "abc");
+    }
+
+    #[test]
+    fn an_upstream_without_a_key_gets_no_wrapper() {
+        assert!(MaskKey::new(body(vec![], None), upstream(None)).is_err());
+    }
+}
