@@ -128,6 +128,7 @@ fn main() -> anyhow::Result<()> {
             let limits = tollgate::server::ConnLimits {
                 max: 10_000,
                 header_read_timeout: Duration::from_secs(30),
+                write_timeout: Duration::from_secs(60),
             };
             tollgate::server::serve(listener, handler, stop, workers, limits).await;
             Ok(())

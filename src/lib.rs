@@ -152,6 +152,9 @@ impl App {
         if s.0.header_read_timeout != s.1.header_read_timeout {
             restart.push("server.header_read_timeout");
         }
+        if s.0.write_timeout != s.1.write_timeout {
+            restart.push("server.write_timeout");
+        }
         if s.0.data_dir != s.1.data_dir {
             restart.push("server.data_dir");
         }
@@ -171,6 +174,7 @@ impl App {
             new.server.shutdown_grace = old.server.shutdown_grace;
             new.server.max_connections = old.server.max_connections;
             new.server.header_read_timeout = old.server.header_read_timeout;
+            new.server.write_timeout = old.server.write_timeout;
             new.server.data_dir = old.server.data_dir.clone();
             new.spool = old.spool.clone();
             new.sinks = old.sinks.clone();
@@ -362,6 +366,7 @@ pub async fn run(
     let conn_limits = server::ConnLimits {
         max: policy.server.max_connections,
         header_read_timeout: policy.server.header_read_timeout,
+        write_timeout: policy.server.write_timeout,
     };
     let sinks = policy.sinks.clone();
     let metrics = Arc::new(Metrics::with_events_lost(spool.stats.lost_events.clone()));

@@ -291,7 +291,7 @@ impl Metrics {
         );
         r.register(
             "config_restart_pending",
-            "1 while the file changes settings that apply only on restart (listeners, data_dir, shutdown_grace, max_connections, header_read_timeout, [spool], [[sinks]])",
+            "1 while the file changes settings that apply only on restart (listeners, data_dir, shutdown_grace, max_connections, header_read_timeout, write_timeout, [spool], [[sinks]])",
             m.config_restart_pending.clone(),
         );
         r.register(

@@ -58,10 +58,13 @@ pub struct ConnLimits {
     /// Open at once at most: past it, nothing is accepted until one closes
     /// (new connections wait in the kernel's listen backlog).
     pub max: usize,
-    /// A new connection must show its protocol (its first bytes, see `FirstBytes`), and
-    /// each HTTP/1 request head must arrive, within this; otherwise the
-    /// connection is closed.
+    /// A new connection must show its protocol (its first bytes, see
+    /// [`Socket`]), and each HTTP/1 request head must arrive, within this;
+    /// otherwise the connection is closed.
     pub header_read_timeout: Duration,
+    /// A write to the client blocked this long (it reads nothing, its
+    /// buffers are full) closes the connection.
+    pub write_timeout: Duration,
 }
 
 /// Open files a proxy at `max_connections` may need: each client connection
@@ -133,12 +136,12 @@ async fn serve_connections<H, F>(
     mut incoming: mpsc::Receiver<Accepted>,
     handler: Arc<H>,
     mut stop: Stop,
-    header_read_timeout: Duration,
+    limits: ConnLimits,
 ) where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let builder = builder(header_read_timeout);
+    let builder = builder(limits.header_read_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut conns = tokio::task::JoinSet::new();
     let tick = tokio::spawn(keep_next_wake_near());
@@ -161,7 +164,7 @@ async fn serve_connections<H, F>(
             let fut = h(req);
             async move { Ok::<_, Infallible>(fut.await) }
         });
-        let io = TokioIo::new(FirstBytes::new(stream, header_read_timeout));
+        let io = TokioIo::new(Socket::new(stream, limits));
         let conn = builder.serve_connection_with_upgrades(io, service);
         let conn = graceful.watch(conn.into_owned());
         conns.spawn(async move {
@@ -188,31 +191,67 @@ async fn serve_connections<H, F>(
 /// The HTTP/2 client preface, by which hyper-util tells HTTP/2 from HTTP/1.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// A new connection's socket. hyper-util reads until 24 bytes have come or
-/// one differs from the HTTP/2 preface, to pick the protocol, and has no
-/// deadline for it: a client that sends nothing, or the preface's first
-/// bytes and then nothing, would keep its place under `max_connections`
-/// for good. Until the protocol is known, a read still waiting at
-/// `header_read_timeout` fails with `TimedOut` (the connection closes);
-/// after that reads pass straight through, and over HTTP/1.1 hyper's own
-/// header-read timer takes over.
-struct FirstBytes {
+/// A proxy connection's socket, with the two deadlines hyper does not keep,
+/// without which a client could hold its place under `max_connections` for
+/// good:
+/// - The first bytes. hyper-util reads until 24 bytes have come or one
+///   differs from the HTTP/2 preface, to pick the protocol, and has no
+///   deadline for it (a client that sends nothing, or the preface's first
+///   bytes and then nothing). Until the protocol is known, a read still
+///   waiting at `header_read_timeout` fails with `TimedOut` (the
+///   connection closes); after that reads pass straight through, and over
+///   HTTP/1.1 hyper's own header-read timer takes over.
+/// - Stalled writes. A client that stops reading a response fills its
+///   buffers and ours, and hyper waits to write for good (it polls the body,
+///   and so the call's own deadline, only when it can write). A write
+///   still blocked after `write_timeout` fails with `TimedOut`. The timer
+///   is made only when a write blocks.
+struct Socket {
     io: tokio::net::TcpStream,
     /// While the protocol is unknown: the deadline, and how many bytes of
     /// the preface have matched.
     detecting: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
+    write_timeout: Duration,
+    /// Since a write blocked (cleared by the next that does not).
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl FirstBytes {
-    fn new(io: tokio::net::TcpStream, within: Duration) -> FirstBytes {
-        FirstBytes {
+impl Socket {
+    fn new(io: tokio::net::TcpStream, limits: ConnLimits) -> Socket {
+        Socket {
             io,
-            detecting: Some((Box::pin(tokio::time::sleep(within)), 0)),
+            detecting: Some((Box::pin(tokio::time::sleep(limits.header_read_timeout)), 0)),
+            write_timeout: limits.write_timeout,
+            stalled: None,
         }
+    }
+
+    /// A write's result, or `TimedOut` once writes have been blocked for
+    /// `write_timeout`.
+    fn unless_stalled<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let timeout = self.write_timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if stalled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing within server.write_timeout",
+            )));
+        }
+        Poll::Pending
     }
 }
 
-impl AsyncRead for FirstBytes {
+impl AsyncRead for Socket {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -250,13 +289,15 @@ impl AsyncRead for FirstBytes {
     }
 }
 
-impl AsyncWrite for FirstBytes {
+impl AsyncWrite for Socket {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.unless_stalled(cx, r)
     }
 
     fn poll_write_vectored(
@@ -264,7 +305,9 @@ impl AsyncWrite for FirstBytes {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.unless_stalled(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -321,7 +364,7 @@ pub async fn serve<H, F>(
             rx,
             handler.clone(),
             stop.clone(),
-            limits.header_read_timeout,
+            limits,
         )));
     } else {
         for i in 0..workers {
@@ -336,7 +379,7 @@ pub async fn serve<H, F>(
                         .enable_all()
                         .build()
                         .expect("a worker runtime");
-                    rt.block_on(serve_connections(rx, h, s, limits.header_read_timeout));
+                    rt.block_on(serve_connections(rx, h, s, limits));
                     let _ = finished_tx.send(());
                 });
             if let Err(e) = spawned {

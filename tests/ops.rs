@@ -367,15 +367,16 @@ async fn a_pending_restart_stays_visible_across_reloads() {
     app.reload(source(&text)).unwrap();
     assert_eq!(pending(), 0.0);
     // A server setting the listeners were started with, likewise.
-    let slow = text.replace("[server]\n", "[server]\nheader_read_timeout = \"5s\"\n");
-    app.reload(source(&slow)).unwrap();
-    assert_eq!(
-        app.policy.load().server.header_read_timeout,
-        Duration::from_secs(30)
-    );
-    assert_eq!(pending(), 1.0);
-    app.reload(source(&text)).unwrap();
-    assert_eq!(pending(), 0.0);
+    for line in ["header_read_timeout = \"5s\"", "write_timeout = \"5s\""] {
+        let slow = text.replace("[server]\n", &format!("[server]\n{line}\n"));
+        app.reload(source(&slow)).unwrap();
+        let server = &app.policy.load().server;
+        assert_eq!(server.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(server.write_timeout, Duration::from_secs(60));
+        assert_eq!(pending(), 1.0, "{line}");
+        app.reload(source(&text)).unwrap();
+        assert_eq!(pending(), 0.0);
+    }
     // A sink's secret header is compared too (its `Debug` hides the value,
     // so comparing printed configs missed the change).
     let sink = "[[sinks]]\nname = \"meter\"\ntype = \"http\"\nurl = \"http://127.0.0.1:9/e\"\nheaders = { authorization = \"Bearer one\" }\n";

@@ -1152,6 +1152,56 @@ async fn silent_connections_are_closed_after_header_read_timeout() {
     );
 }
 
+/// `server.write_timeout` cuts a client that stopped reading its response
+/// (its buffers and the proxy's full, hyper waiting to write for good): its
+/// place under `max_connections` is given back, and the call's event says
+/// the client went away, with what it was sent counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_after_write_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = env_with("max_connections = 1\nwrite_timeout = \"1s\"", "");
+    // A small receive window, and a stream far larger than every buffer on
+    // the way (about 20 MB).
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = socket.connect(e.proxy.addr.parse().unwrap()).await.unwrap();
+    let head = chat_head(CHAT_STREAM.len())
+        .replace("\r\n\r\n", "\r\nx-mock-output-tokens: 100000\r\n\r\n");
+    stuck
+        .write_all((head + CHAT_STREAM).as_bytes())
+        .await
+        .unwrap();
+    // Read the head (for the request id), then nothing more.
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(10), stuck.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before the head");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let got = String::from_utf8_lossy(&got).to_lowercase();
+    let rid = got
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    // The only place is taken until the stuck connection is cut.
+    let request = chat_head(CHAT.len()) + CHAT;
+    let mut next = raw_connection(&e.proxy.addr, &request).await;
+    let status = status_of(&mut next, Duration::from_secs(20)).await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 200"));
+    let ev = event_for(e.dir.path(), &rid).await;
+    let d = &ev["data"];
+    assert_eq!(d["outcome"], "client_aborted", "{ev}");
+    let out = d["output_tokens"].as_u64().unwrap();
+    assert!((1..100_000).contains(&out), "{out}");
+    drop(stuck);
+}
+
 /// Past `server.max_connections` open connections nothing more is
 /// accepted: a new connection waits (in the listen backlog) until one
 /// closes, then is served.

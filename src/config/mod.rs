@@ -178,6 +178,9 @@ pub struct Server {
     /// A connection's first bytes (its protocol), and each HTTP/1 request
     /// head, must arrive within this; otherwise the connection is closed.
     pub header_read_timeout: Duration,
+    /// A write to a client that stays blocked this long (the client reads
+    /// nothing) closes the connection.
+    pub write_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -50,6 +50,8 @@ pub struct RawServer {
     pub max_connections: usize,
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout: String,
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout: String,
 }
 
 impl Default for RawServer {
@@ -65,6 +67,7 @@ impl Default for RawServer {
             request_body_timeout: default_request_body_timeout(),
             max_connections: default_max_connections(),
             header_read_timeout: default_header_read_timeout(),
+            write_timeout: default_write_timeout(),
         }
     }
 }
@@ -95,6 +98,9 @@ fn default_max_connections() -> usize {
 }
 fn default_header_read_timeout() -> String {
     "30s".into()
+}
+fn default_write_timeout() -> String {
+    "60s".into()
 }
 
 #[derive(Debug, Deserialize)]

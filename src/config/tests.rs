@@ -288,6 +288,8 @@ fn connection_limit_and_timeouts_must_be_positive() {
         ),
         ("header_read_timeout = \"0s\"", "server.header_read_timeout"),
         ("header_read_timeout = \"2h\"", "server.header_read_timeout"),
+        ("write_timeout = \"0s\"", "server.write_timeout"),
+        ("write_timeout = \"2h\"", "server.write_timeout"),
     ] {
         let src = GOOD.replace("[server]\n", &format!("[server]\n{line}\n"));
         let e = parse(&src, "t.toml", &env).unwrap_err();
@@ -297,4 +299,5 @@ fn connection_limit_and_timeouts_must_be_positive() {
     assert_eq!(p.server.max_connections, 10_000);
     assert_eq!(p.server.request_body_timeout, Duration::from_secs(60));
     assert_eq!(p.server.header_read_timeout, Duration::from_secs(30));
+    assert_eq!(p.server.write_timeout, Duration::from_secs(60));
 }

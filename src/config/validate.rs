@@ -73,8 +73,9 @@ fn at_most(key: &str, d: Duration, max: Duration) -> Result<Duration, Invalid> {
 const MAX_CONNECTIONS: usize = 1_000_000;
 
 /// The longest `server.header_read_timeout` (hyper adds it to the clock
-/// unchecked: a huge value would panic every HTTP/1 connection).
-const MAX_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(3600);
+/// unchecked: a huge value would panic every HTTP/1 connection) and
+/// `server.write_timeout`.
+const MAX_CONN_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The smallest spool (and segment): a few events.
 const MIN_SPOOL_BYTES: u64 = 4096;
@@ -134,7 +135,9 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
             "server.header_read_timeout",
             &s.header_read_timeout,
         )
-        .and_then(|d| at_most("server.header_read_timeout", d, MAX_HEADER_READ_TIMEOUT))?,
+        .and_then(|d| at_most("server.header_read_timeout", d, MAX_CONN_TIMEOUT))?,
+        write_timeout: positive_duration("server.write_timeout", &s.write_timeout)
+            .and_then(|d| at_most("server.write_timeout", d, MAX_CONN_TIMEOUT))?,
     };
 
     let sp = &raw.spool;
