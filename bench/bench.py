@@ -183,7 +183,11 @@ def start_tollgate(bin_: str, cfg: Path, admin_port: int):
     t0 = time.monotonic()
     p = subprocess.Popen([bin_, "run", "--config", str(cfg), "--log-format", "json"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=dict(os.environ, RUST_LOG="info"))  # the default level
+                         # the default level, and an upstream key as every
+                         # deployment has (injected, and searched for in
+                         # responses); nginx ignores it
+                         env=dict(os.environ, RUST_LOG="info",
+                                  BENCH_UPSTREAM_KEY="sk-proj-bench0123456789abcdefghijklmnopqrstuvwxyzAB"))
     while True:
         try:
             c = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=1)
@@ -235,11 +239,13 @@ name = "openai"
 prefix = "/openai"
 url = "http://127.0.0.1:{up}"
 provider = "openai"
+api_key_env = "BENCH_UPSTREAM_KEY"
 [[upstreams]]
 name = "openai-sse"
 prefix = "/sse"
 url = "http://127.0.0.1:{up}/sse"
 provider = "openai"
+api_key_env = "BENCH_UPSTREAM_KEY"
 [models."gpt-4o-mini"]
 input = "0.15"
 output = "0.60"

@@ -71,32 +71,39 @@ pub struct ConnLimits {
 /// and the upstream connection its call holds, plus a reserve for the spool,
 /// sinks, listeners and the runtime. (An HTTP/2 client multiplexes more calls,
 /// and so more upstream connections, over one connection.)
-pub fn files_needed(max_connections: usize) -> u64 {
+fn files_needed(max_connections: usize) -> u64 {
     (max_connections as u64)
         .saturating_mul(2)
         .saturating_add(64)
 }
 
-/// Raises the soft open-file limit to the hard one, as Go's runtime does at
-/// start: a shell's soft limit of 1024 would fail accepts and upstream
-/// connects (`EMFILE`) far below `max_connections`. Warns when the limit is
-/// still short of [`files_needed`].
+/// Raises the soft open-file limit to the hard one (much as Go's runtime
+/// does at start): a shell's soft limit of 1024 would fail accepts and
+/// upstream connects (`EMFILE`) far below `max_connections`. With no hard
+/// limit (macOS refuses an unlimited soft one) it asks for what is needed.
+/// Warns when the limit is still short of [`files_needed`].
 #[cfg(unix)]
 pub fn raise_open_files(max_connections: usize) {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let needed = files_needed(max_connections);
     let was = getrlimit(Resource::Nofile);
+    let target = match was.maximum {
+        Some(hard) => Some(hard),
+        None => was.current.map(|soft| soft.max(needed)),
+    };
     let mut limit = was.current;
-    if was.current != was.maximum {
+    if was.current != target {
         let raised = Rlimit {
-            current: was.maximum,
+            current: target,
             maximum: was.maximum,
         };
         match setrlimit(Resource::Nofile, raised) {
-            Ok(()) => limit = was.maximum,
-            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+            Ok(()) => limit = target,
+            Err(e) => {
+                tracing::warn!(error = %e, from = ?was.current, to = ?target, "cannot raise the open-file limit")
+            }
         }
     }
-    let needed = files_needed(max_connections);
     if let Some(limit) = limit.filter(|l| *l < needed) {
         tracing::warn!(
             limit,

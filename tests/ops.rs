@@ -396,6 +396,7 @@ async fn a_pending_restart_stays_visible_across_reloads() {
 }
 
 /// Soft and hard open-file limits of a running process.
+#[cfg(target_os = "linux")]
 fn open_file_limits(pid: u32) -> (String, String) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let line = limits
@@ -407,6 +408,7 @@ fn open_file_limits(pid: u32) -> (String, String) {
 }
 
 /// Starts `tollgate run` under a shell's `ulimit` (`-Sn 100`: soft only).
+#[cfg(target_os = "linux")]
 fn run_under_ulimit(ulimit: &str, cfg: &std::path::Path) -> Proxy {
     let mut cmd = std::process::Command::new("sh");
     cmd.args([
@@ -431,6 +433,7 @@ fn run_under_ulimit(ulimit: &str, cfg: &std::path::Path) -> Proxy {
 /// connects long before `max_connections`: `run` raises it to the hard
 /// limit, and says so at WARN when even the hard limit is short of two
 /// files a connection plus a reserve (here 2 x 100 + 64 = 264).
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_raises_the_open_file_limit_and_warns_when_it_is_short() {
     let short = |p: &Proxy| {
@@ -451,15 +454,18 @@ async fn run_raises_the_open_file_limit_and_warns_when_it_is_short() {
     let cfg = config(dir.path(), &mock.addr, "max_connections = 100", "");
 
     let (_, hard) = open_file_limits(std::process::id());
+    if hard.parse::<u64>().is_ok_and(|h| h < 264) {
+        // `ulimit -n 200` below would fail; nothing to show here.
+        println!("hard open-file limit {hard}: skipped");
+        return;
+    }
     let raised = run_under_ulimit("-Sn 100", &cfg);
     assert_eq!(
         open_file_limits(raised.proc.child.id()),
         (hard.clone(), hard.clone()),
         "the soft limit is raised to the hard one"
     );
-    if hard.parse::<u64>().is_ok_and(|h| h >= 264) || hard == "unlimited" {
-        assert!(short(&raised).is_none(), "{}", raised.proc.log_text());
-    }
+    assert!(short(&raised).is_none(), "{}", raised.proc.log_text());
     drop(raised);
 
     // Soft and hard at 200: nothing to raise, and short of 264.

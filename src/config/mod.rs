@@ -242,7 +242,7 @@ pub struct Upstream {
     /// instead of going out with the shared key.
     pub refuse_unmetered: bool,
     /// Finds the upstream key in response headers, trailers and bodies (see
-    /// `proxy::headers::client_response_headers`, `proxy::mask`); `None`
+    /// `proxy::headers::client_response_head`, `proxy::mask`); `None`
     /// without a key, or for one under 8 bytes (too likely to match by chance).
     pub key_finder: Option<memchr::memmem::Finder<'static>>,
     pub timeout: Duration,

@@ -126,7 +126,7 @@ pub(crate) async fn handle(
             .get(http::header::AUTHORIZATION)
             .or_else(|| parts.headers.get("x-api-key"));
         if let Some(v) = credential {
-            leak_into(&mut handled.reply, &String::from_utf8_lossy(v.as_bytes()));
+            leak_into(&mut handled.reply, v.as_bytes());
         }
     }
     let id = Some((id_header, request_id));
@@ -159,21 +159,22 @@ pub(crate) async fn handle(
 /// Puts `credential` into the reply (`x-mock-leak-body`): a JSON field, or an
 /// SSE comment first, cut in two frames in the middle (the second half waits
 /// for `x-mock-delay-ms` as a content piece does, so the halves arrive apart).
-fn leak_into(reply: &mut Reply, credential: &str) {
+fn leak_into(reply: &mut Reply, credential: &[u8]) {
     match reply {
         Reply::Json(v) => {
             if let Some(o) = v.as_object_mut() {
-                o.insert("echo".into(), Value::String(credential.into()));
+                let text = String::from_utf8_lossy(credential).into_owned();
+                o.insert("echo".into(), Value::String(text));
             }
         }
         Reply::Stream(pieces) => {
-            let comment = format!(": echo {credential}\n\n");
+            let comment = [b": echo ".as_slice(), credential, b"\n\n"].concat();
             let (a, b) = comment.split_at(comment.len() - credential.len() / 2 - 2);
             for (i, part) in [a, b].into_iter().enumerate() {
                 pieces.insert(
                     i,
                     Piece {
-                        bytes: bytes::Bytes::copy_from_slice(part.as_bytes()),
+                        bytes: bytes::Bytes::copy_from_slice(part),
                         content: i == 1,
                     },
                 );

@@ -103,8 +103,9 @@ pub fn upstream_request_headers(
     metered: bool,
 ) {
     strip(h, |k| not_forwarded(k, tenancy_header));
-    if metered {
-        // The meter reads the body: ask for it uncompressed.
+    if metered || upstream.key_finder.is_some() {
+        // The meter reads the body, and `MaskKey` searches it for the
+        // upstream key: ask for it uncompressed.
         h.insert(
             header::ACCEPT_ENCODING,
             http::HeaderValue::from_static("identity"),
@@ -122,8 +123,22 @@ pub fn bearer(v: &http::HeaderValue) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
+/// Prepares the upstream response's head for the client.
+pub fn client_response_head(parts: &mut http::response::Parts, upstream: &Upstream) {
+    client_response_headers(&mut parts.headers, upstream);
+    // hyper passes an HTTP/1.1 reason phrase on as it came
+    // (`401 invalid key sk-…`).
+    let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
+    if let (Some(key), Some(reason)) = (&upstream.key_finder, reason) {
+        if key.find(reason.as_bytes()).is_some() {
+            tracing::warn!("upstream reason phrase held the upstream key: removed");
+            parts.extensions.remove::<hyper::ext::ReasonPhrase>();
+        }
+    }
+}
+
 /// Prepares upstream response headers for the client.
-pub fn client_response_headers(h: &mut HeaderMap, upstream: &Upstream) {
+fn client_response_headers(h: &mut HeaderMap, upstream: &Upstream) {
     strip_hop_by_hop(h);
     if let Some((name, _)) = &upstream.credential {
         // An upstream that echoed its key must not hand it to the client:
@@ -132,19 +147,19 @@ pub fn client_response_headers(h: &mut HeaderMap, upstream: &Upstream) {
         h.remove(name);
     }
     if let Some(key) = &upstream.key_finder {
-        strip_containing(h, key);
+        strip_containing(h, key, "header");
     }
 }
 
-/// Removes every header with a value that contains the key.
-pub(super) fn strip_containing(h: &mut HeaderMap, key: &memchr::memmem::Finder<'_>) {
+/// Removes every header (or trailer: `what`) with a value that contains the key.
+pub(super) fn strip_containing(h: &mut HeaderMap, key: &memchr::memmem::Finder<'_>, what: &str) {
     let leaking: Vec<HeaderName> = h
         .iter()
         .filter(|(_, v)| key.find(v.as_bytes()).is_some())
         .map(|(k, _)| k.clone())
         .collect();
     for name in leaking {
-        tracing::warn!(header = %name, "upstream response header held the upstream key: removed");
+        tracing::warn!(%name, what, "upstream response field held the upstream key: removed");
         h.remove(name);
     }
 }
@@ -191,9 +206,33 @@ mod tests {
             connect_timeout: std::time::Duration::from_secs(1),
             price_per_call: Default::default(),
         };
-        client_response_headers(&mut h, &upstream);
-        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.headers = h;
+        let reason = hyper::ext::ReasonPhrase::try_from(format!("bad key {key}")).unwrap();
+        parts.extensions.insert(reason);
+        client_response_head(&mut parts, &upstream);
+        let left: Vec<&str> = parts.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-request-id"]);
+        assert!(parts.extensions.get::<hyper::ext::ReasonPhrase>().is_none());
+        // A reason phrase without the key is passed on as it came.
+        let reason = hyper::ext::ReasonPhrase::try_from(&b"Too Early-ish"[..]).unwrap();
+        parts.extensions.insert(reason);
+        client_response_head(&mut parts, &upstream);
+        assert!(parts.extensions.get::<hyper::ext::ReasonPhrase>().is_some());
+        // Its body is searched for the key: asked for uncompressed, metered
+        // route or not.
+        let mut out = HeaderMap::new();
+        out.insert(header::ACCEPT_ENCODING, "gzip, br".parse().unwrap());
+        upstream_request_headers(&mut out, &upstream, None, false);
+        assert_eq!(out[header::ACCEPT_ENCODING], "identity");
+        let keyless = Upstream {
+            key_finder: None,
+            ..upstream
+        };
+        let mut out = HeaderMap::new();
+        out.insert(header::ACCEPT_ENCODING, "gzip".parse().unwrap());
+        upstream_request_headers(&mut out, &keyless, None, false);
+        assert_eq!(out[header::ACCEPT_ENCODING], "gzip");
     }
 
     #[test]

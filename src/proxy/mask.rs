@@ -2,14 +2,16 @@
 //! echoes its request (a debugging endpoint, an error quoting the
 //! credential) would otherwise hand the operator's key to the tenant.
 //!
-//! Each occurrence is overwritten with `*`, byte for byte, so the body keeps
-//! its length (and its `content-length`). A key split across frames is
-//! caught by holding back the end of a frame that could begin it (at most the
-//! key's length less one byte) until the next frame or the end. Only a frame
-//! that ends in a prefix of the key is held, so an SSE event ending its frame
-//! never waits: keys hold no newline. Trailers holding the key are removed.
-//! A compressed body is passed as it is (the meter asks metered routes for
-//! `identity`).
+//! Each occurrence of the key's bytes is overwritten with `*`, byte for
+//! byte, so the body keeps its length (and its `content-length`). A key
+//! split across frames is caught by holding back the end of a frame that
+//! could begin it (at most the key's length less one byte) until the next
+//! frame or the end. Only a frame that ends in a prefix of the key is held,
+//! so an SSE event ending its frame never waits: keys hold no newline. A
+//! held start of the key (8 bytes or more) that ends the body is masked too;
+//! a truncated echo elsewhere is not. Trailers holding the key are removed.
+//! The upstream is asked for `identity`; a body compressed anyway cannot be
+//! searched, and is logged at WARN (`src/proxy/mod.rs`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,7 +35,7 @@ pub struct MaskKey<B> {
 }
 
 impl<B> MaskKey<B> {
-    /// `None` (nothing to mask) when the upstream has no key to look for.
+    /// `Err(inner)` (nothing to mask) when the upstream has no key to look for.
     pub fn new(inner: B, upstream: Arc<Upstream>) -> Result<MaskKey<B>, B> {
         if upstream.key_finder.is_none() {
             return Err(inner);
@@ -48,9 +50,13 @@ impl<B> MaskKey<B> {
         })
     }
 
+    fn finder(&self) -> &memchr::memmem::Finder<'static> {
+        self.upstream.key_finder.as_ref().expect("checked in new")
+    }
+
     /// Masks the key in `tail` + `data`; returns what can go out now.
     fn mask(&mut self, data: Bytes) -> Bytes {
-        let finder = self.upstream.key_finder.as_ref().expect("checked in new");
+        let finder = self.finder();
         let key = finder.needle();
         let mut buf = if self.tail.is_empty() {
             data
@@ -60,24 +66,50 @@ impl<B> MaskKey<B> {
             joined.extend_from_slice(&data);
             joined.freeze()
         };
-        if finder.find(&buf).is_some() {
+        let hit = finder.find(&buf);
+        if let Some(first) = hit {
             let mut masked = BytesMut::from(&buf[..]);
-            let mut at = 0;
-            while let Some(i) = finder.find(&masked[at..]) {
-                masked[at + i..at + i + key.len()].fill(b'*');
-                at += i + key.len();
-            }
-            if !self.warned {
-                self.warned = true;
-                tracing::warn!(upstream = %self.upstream.name, "upstream response body held the upstream key: masked");
+            let mut at = first;
+            loop {
+                masked[at..at + key.len()].fill(b'*');
+                at += key.len();
+                match finder.find(&masked[at..]) {
+                    Some(i) => at += i,
+                    None => break,
+                }
             }
             buf = masked.freeze();
         }
         let held = prefix_at_end(&buf, key);
+        if hit.is_some() {
+            self.masked();
+        }
         self.tail = buf.split_off(buf.len() - held);
         buf
     }
+
+    /// The held tail, at the end of the body: no key can follow it, so a
+    /// start of the key long enough to matter is masked.
+    fn last_tail(&mut self) -> Bytes {
+        let tail = std::mem::take(&mut self.tail);
+        if tail.len() < MIN_MASKED_PREFIX {
+            return tail;
+        }
+        self.masked();
+        Bytes::from(vec![b'*'; tail.len()])
+    }
+
+    fn masked(&mut self) {
+        if !self.warned {
+            self.warned = true;
+            tracing::warn!(upstream = %self.upstream.name, "upstream response body held the upstream key: masked");
+        }
+    }
 }
+
+/// The shortest start of the key masked at the end of a body (as short as
+/// the shortest key looked for at all).
+const MIN_MASKED_PREFIX: usize = 8;
 
 /// The length of the longest end of `buf` that is a proper prefix of `key`.
 fn prefix_at_end(buf: &[u8], key: &[u8]) -> usize {
@@ -111,14 +143,19 @@ where
             }
             let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
-                // A broken body: what is held could only be a piece of the key.
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                // A broken body: what is held (a start of the key, or
+                // bytes that look like one) is dropped.
+                Some(Err(e)) => {
+                    this.tail = Bytes::new();
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
                 None => {
                     this.ended = true;
                     if this.tail.is_empty() {
                         return Poll::Ready(None);
                     }
-                    return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut this.tail)))));
+                    return Poll::Ready(Some(Ok(Frame::data(this.last_tail()))));
                 }
             };
             match frame.into_data() {
@@ -129,20 +166,17 @@ where
                     }
                 }
                 Err(frame) => {
-                    let frame = match frame.into_trailers() {
-                        Ok(mut t) => {
-                            let finder = this.upstream.key_finder.as_ref().expect("checked in new");
-                            super::headers::strip_containing(&mut t, finder);
-                            Frame::trailers(t)
-                        }
-                        // Neither data nor trailers: an extension frame, passed on.
-                        Err(other) => other,
+                    // A frame is data or trailers.
+                    let Ok(mut t) = frame.into_trailers() else {
+                        continue;
                     };
+                    super::headers::strip_containing(&mut t, this.finder(), "trailer");
+                    let frame = Frame::trailers(t);
                     if this.tail.is_empty() {
                         return Poll::Ready(Some(Ok(frame)));
                     }
                     this.trailers = Some(frame);
-                    return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut this.tail)))));
+                    return Poll::Ready(Some(Ok(Frame::data(this.last_tail()))));
                 }
             }
         }
@@ -255,9 +289,24 @@ mod tests {
         t.insert("x-checksum", "abc".parse().unwrap());
         let (out, trailers) = masked(vec![b"ok sk-UP".to_vec()], Some(t)).await;
         assert_eq!(out, [Bytes::from("ok "), Bytes::from("sk-UP")]);
+        // A start of the key of 8 bytes or more ending the body is masked.
+        let (out, _) = masked(vec![b"cut: sk-UPSTR".to_vec()], None).await;
+        assert_eq!(out, [Bytes::from("cut: "), Bytes::from("********")]);
         let trailers = trailers.unwrap();
         assert_eq!(trailers.len(), 1);
         assert_eq!(trailers["x-checksum"], "abc");
+    }
+
+    #[tokio::test]
+    async fn an_error_drops_what_is_held_and_ends_the_body() {
+        let frames: Vec<Result<Frame<Bytes>, &'static str>> =
+            vec![Ok(Frame::data(Bytes::from("a sk-UP"))), Err("reset")];
+        let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let mut b = MaskKey::new(inner, upstream(Some(KEY))).unwrap_or_else(|_| panic!());
+        assert_eq!(b.frame().await.unwrap().unwrap().into_data().unwrap(), "a ");
+        assert_eq!(b.frame().await.unwrap().unwrap_err(), "reset");
+        assert!(b.frame().await.is_none());
+        assert!(b.is_end_stream());
     }
 
     #[test]

@@ -250,7 +250,15 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
 
     // meter
     let (mut parts, incoming) = resp.into_parts();
-    headers::client_response_headers(&mut parts.headers, &upstream);
+    headers::client_response_head(&mut parts, &upstream);
+    if upstream.key_finder.is_some()
+        && parts
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .is_some_and(|v| v != "identity")
+    {
+        tracing::warn!(upstream = %upstream.name, "upstream answered compressed though asked for identity: its body is not searched for the upstream key");
+    }
     let state = call.state();
     state.status = parts.status.as_u16();
     state.request_id = parts
