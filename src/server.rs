@@ -59,7 +59,7 @@ pub struct ConnLimits {
     /// (new connections wait in the kernel's listen backlog).
     pub max: usize,
     /// A new connection must show its protocol (its first bytes, see
-    /// [`Socket`]), and each HTTP/1 request head must arrive, within this;
+    /// `Socket`), and each HTTP/1 request head must arrive, within this;
     /// otherwise the connection is closed.
     pub header_read_timeout: Duration,
     /// A write to the client blocked this long (it reads nothing, its
@@ -81,7 +81,7 @@ fn files_needed(max_connections: usize) -> u64 {
 /// does at start): a shell's soft limit of 1024 would fail accepts and
 /// upstream connects (`EMFILE`) far below `max_connections`. With no hard
 /// limit (macOS refuses an unlimited soft one) it asks for what is needed.
-/// Warns when the limit is still short of [`files_needed`].
+/// Warns when the limit is still short of `files_needed`.
 #[cfg(unix)]
 pub fn raise_open_files(max_connections: usize) {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};

@@ -227,6 +227,10 @@ impl Provider {
     }
 }
 
+/// The shortest upstream key (and start of one) searched for in responses:
+/// shorter ones are too likely to match by chance.
+pub const MIN_SEARCHED_KEY: usize = 8;
+
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
@@ -243,11 +247,32 @@ pub struct Upstream {
     pub refuse_unmetered: bool,
     /// Finds the upstream key in response headers, trailers and bodies (see
     /// `proxy::headers::client_response_head`, `proxy::mask`); `None`
-    /// without a key, or for one under 8 bytes (too likely to match by chance).
+    /// without a key, or for one under [`MIN_SEARCHED_KEY`] bytes.
     pub key_finder: Option<memchr::memmem::Finder<'static>>,
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub price_per_call: Decimal,
+}
+
+#[cfg(test)]
+impl Upstream {
+    /// An OpenAI upstream whose injected key is `key` (`Bearer`), searched
+    /// for in responses.
+    pub fn with_key(key: &str) -> Upstream {
+        let bearer = http::HeaderValue::from_str(&format!("Bearer {key}")).unwrap();
+        Upstream {
+            name: "openai".into(),
+            prefix: "/openai".into(),
+            url: "http://127.0.0.1:9".parse().unwrap(),
+            provider: Provider::OpenAi,
+            credential: Some((http::header::AUTHORIZATION, bearer)),
+            refuse_unmetered: false,
+            key_finder: Some(memchr::memmem::Finder::new(key).into_owned()),
+            timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            price_per_call: Decimal::ZERO,
+        }
+    }
 }
 
 /// USD per million tokens.

@@ -460,7 +460,8 @@ fn upstream(
     let key_finder = credential.as_ref().and_then(|(_, v)| {
         let v = v.as_bytes();
         let key = v.strip_prefix(b"Bearer ").unwrap_or(v);
-        (key.len() >= 8).then(|| memchr::memmem::Finder::new(key).into_owned())
+        (key.len() >= super::MIN_SEARCHED_KEY)
+            .then(|| memchr::memmem::Finder::new(key).into_owned())
     });
     Ok(Upstream {
         name: u.name.clone(),

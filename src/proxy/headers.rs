@@ -187,25 +187,13 @@ mod tests {
     #[test]
     fn headers_echoing_the_upstream_key_are_removed() {
         let key = "sk-UPSTREAM-0123456789";
-        let bearer = http::HeaderValue::from_str(&format!("Bearer {key}")).unwrap();
         let mut h = HeaderMap::new();
         h.insert("set-cookie", format!("s={key}; Path=/").parse().unwrap());
         h.insert("location", format!("https://x/?k={key}").parse().unwrap());
         h.append("x-echo", "harmless".parse().unwrap());
         h.append("x-echo", format!("Bearer {key}").parse().unwrap());
         h.insert("x-request-id", "req_1".parse().unwrap());
-        let upstream = Upstream {
-            name: "openai".into(),
-            prefix: "/openai".into(),
-            url: "http://127.0.0.1:9".parse().unwrap(),
-            provider: crate::config::Provider::OpenAi,
-            credential: Some((header::AUTHORIZATION, bearer)),
-            refuse_unmetered: false,
-            key_finder: Some(memchr::memmem::Finder::new(key).into_owned()),
-            timeout: std::time::Duration::from_secs(1),
-            connect_timeout: std::time::Duration::from_secs(1),
-            price_per_call: Default::default(),
-        };
+        let upstream = Upstream::with_key(key);
         let (mut parts, ()) = http::Response::new(()).into_parts();
         parts.headers = h;
         let reason = hyper::ext::ReasonPhrase::try_from(format!("bad key {key}")).unwrap();

@@ -11,7 +11,7 @@
 //! held start of the key (8 bytes or more) that ends the body is masked too;
 //! a truncated echo elsewhere is not. Trailers holding the key are removed.
 //! The upstream is asked for `identity`; a body compressed anyway cannot be
-//! searched, and is logged at WARN (`src/proxy/mod.rs`).
+//! searched, and is passed on unwrapped with a WARN ([`MaskKey::new`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use std::task::{ready, Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame};
 
-use crate::config::Upstream;
+use crate::config::{Upstream, MIN_SEARCHED_KEY};
 
 pub struct MaskKey<B> {
     inner: B,
@@ -35,9 +35,21 @@ pub struct MaskKey<B> {
 }
 
 impl<B> MaskKey<B> {
-    /// `Err(inner)` (nothing to mask) when the upstream has no key to look for.
-    pub fn new(inner: B, upstream: Arc<Upstream>) -> Result<MaskKey<B>, B> {
+    /// `Err(inner)`, nothing to mask, when the upstream has no key to look
+    /// for, or when the body is compressed (`headers`: the response's), as
+    /// an upstream asked for `identity` may answer anyway: the key cannot be
+    /// found in it, which is logged at WARN.
+    pub fn new(
+        inner: B,
+        upstream: Arc<Upstream>,
+        headers: &http::HeaderMap,
+    ) -> Result<MaskKey<B>, B> {
         if upstream.key_finder.is_none() {
+            return Err(inner);
+        }
+        let coding = headers.get(http::header::CONTENT_ENCODING);
+        if coding.is_some_and(|v| v != "identity") {
+            tracing::warn!(upstream = %upstream.name, "upstream answered compressed though asked for identity: its body is not searched for the upstream key");
             return Err(inner);
         }
         Ok(MaskKey {
@@ -92,7 +104,7 @@ impl<B> MaskKey<B> {
     /// start of the key long enough to matter is masked.
     fn last_tail(&mut self) -> Bytes {
         let tail = std::mem::take(&mut self.tail);
-        if tail.len() < MIN_MASKED_PREFIX {
+        if tail.len() < MIN_SEARCHED_KEY {
             return tail;
         }
         self.masked();
@@ -106,10 +118,6 @@ impl<B> MaskKey<B> {
         }
     }
 }
-
-/// The shortest start of the key masked at the end of a body (as short as
-/// the shortest key looked for at all).
-const MIN_MASKED_PREFIX: usize = 8;
 
 /// The length of the longest end of `buf` that is a proper prefix of `key`.
 fn prefix_at_end(buf: &[u8], key: &[u8]) -> usize {
@@ -196,19 +204,18 @@ mod tests {
 
     const KEY: &str = "sk-UPSTREAM-0123456789";
 
-    fn upstream(key: Option<&str>) -> Arc<Upstream> {
+    /// An upstream with `KEY`, searched for or (`searched: false`) not.
+    fn upstream(searched: bool) -> Arc<Upstream> {
+        let with = Upstream::with_key(KEY);
         Arc::new(Upstream {
-            name: "tools".into(),
-            prefix: "/tools".into(),
-            url: "http://127.0.0.1:9".parse().unwrap(),
-            provider: crate::config::Provider::Generic,
-            credential: None,
-            refuse_unmetered: false,
-            key_finder: key.map(|k| memchr::memmem::Finder::new(k).into_owned()),
-            timeout: std::time::Duration::from_secs(1),
-            connect_timeout: std::time::Duration::from_secs(1),
-            price_per_call: Default::default(),
+            key_finder: with.key_finder.filter(|_| searched),
+            ..with
         })
+    }
+
+    /// Response headers of an uncompressed body.
+    fn plain() -> http::HeaderMap {
+        http::HeaderMap::new()
     }
 
     /// A body of these frames, then these trailers.
@@ -229,8 +236,8 @@ mod tests {
         frames: Vec<Vec<u8>>,
         trailers: Option<http::HeaderMap>,
     ) -> (Vec<Bytes>, Option<http::HeaderMap>) {
-        let mut b =
-            MaskKey::new(body(frames, trailers), upstream(Some(KEY))).unwrap_or_else(|_| panic!());
+        let mut b = MaskKey::new(body(frames, trailers), upstream(true), &plain())
+            .unwrap_or_else(|_| panic!());
         let mut out = Vec::new();
         let mut trailers = None;
         while let Some(f) = b.frame().await {
@@ -302,7 +309,7 @@ mod tests {
         let frames: Vec<Result<Frame<Bytes>, &'static str>> =
             vec![Ok(Frame::data(Bytes::from("a sk-UP"))), Err("reset")];
         let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-        let mut b = MaskKey::new(inner, upstream(Some(KEY))).unwrap_or_else(|_| panic!());
+        let mut b = MaskKey::new(inner, upstream(true), &plain()).unwrap_or_else(|_| panic!());
         assert_eq!(b.frame().await.unwrap().unwrap().into_data().unwrap(), "a ");
         assert_eq!(b.frame().await.unwrap().unwrap_err(), "reset");
         assert!(b.frame().await.is_none());
@@ -311,6 +318,17 @@ mod tests {
 
     #[test]
     fn an_upstream_without_a_key_gets_no_wrapper() {
-        assert!(MaskKey::new(body(vec![], None), upstream(None)).is_err());
+        assert!(MaskKey::new(body(vec![], None), upstream(false), &plain()).is_err());
+    }
+
+    /// A body compressed though `identity` was asked for cannot be searched.
+    #[test]
+    fn a_compressed_body_gets_no_wrapper() {
+        let mut gzip = http::HeaderMap::new();
+        gzip.insert(http::header::CONTENT_ENCODING, "gzip".parse().unwrap());
+        assert!(MaskKey::new(body(vec![], None), upstream(true), &gzip).is_err());
+        let mut identity = http::HeaderMap::new();
+        identity.insert(http::header::CONTENT_ENCODING, "identity".parse().unwrap());
+        assert!(MaskKey::new(body(vec![], None), upstream(true), &identity).is_ok());
     }
 }

@@ -251,14 +251,6 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     // meter
     let (mut parts, incoming) = resp.into_parts();
     headers::client_response_head(&mut parts, &upstream);
-    if upstream.key_finder.is_some()
-        && parts
-            .headers
-            .get(http::header::CONTENT_ENCODING)
-            .is_some_and(|v| v != "identity")
-    {
-        tracing::warn!(upstream = %upstream.name, "upstream answered compressed though asked for identity: its body is not searched for the upstream key");
-    }
     let state = call.state();
     state.status = parts.status.as_u16();
     state.request_id = parts
@@ -285,7 +277,7 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     }
     let mut body = MeteredBody::new(incoming, call, content_length, deadline, conn);
     body.prefetch().await;
-    let body = match mask::MaskKey::new(body, upstream) {
+    let body = match mask::MaskKey::new(body, upstream, &parts.headers) {
         Ok(masked) => masked.boxed_unsync(),
         Err(body) => body.boxed_unsync(),
     };
