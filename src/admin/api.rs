@@ -17,6 +17,7 @@ use time::OffsetDateTime;
 use crate::config::{Policy, Tenant};
 use crate::event::{format_time, CreditData, Event, OutcomeData, SCHEMA_VERSION};
 use crate::limits::budget::BudgetStore;
+use crate::limits::ledger::{Remembered, MAX_OUTCOME_KEYS};
 use crate::server::{full, Body};
 use crate::App;
 
@@ -305,12 +306,18 @@ async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Res
     };
     let now = OffsetDateTime::now_utc();
     if let Some(key) = &body.id {
-        let fresh = app
+        match app
             .limits
             .budgets
-            .with(|l| l.remember_key(&body.tenant, key, now));
-        if !fresh {
-            return ok(json!({"duplicate": true, "id": key}));
+            .with(|l| l.remember_key(&body.tenant, key, now))
+        {
+            Remembered::Duplicate => return ok(json!({"duplicate": true, "id": key})),
+            Remembered::Fresh { forgot: 0 } => {}
+            Remembered::Fresh { forgot } => tracing::warn!(
+                forgot,
+                max = MAX_OUTCOME_KEYS,
+                "outcome idempotency keys: more than the most remembered; the oldest forgotten (a retry with one of them counts again)"
+            ),
         }
     }
     let data = OutcomeData {
@@ -334,9 +341,7 @@ async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Res
     });
     if let Err(e) = record(app, event.to_line(), note).await {
         if let Some(key) = &body.id {
-            app.limits
-                .budgets
-                .with(|l| l.outcome_keys.remove(&format!("{}\u{0}{key}", body.tenant)));
+            app.limits.budgets.with(|l| l.forget_key(&body.tenant, key));
         }
         tracing::error!(error = %e, "outcome not recorded: spool append failed");
         return error(

@@ -9,7 +9,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use rust_decimal::Decimal;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::{Digest, Sha256};
 use time::{Date, OffsetDateTime};
 
 use crate::config::Window;
@@ -18,6 +19,9 @@ use crate::config::Window;
 pub const KEEP_DAYS: i64 = 40;
 /// How long an outcome event's idempotency key is remembered.
 pub const KEEP_KEYS_DAYS: i64 = 7;
+/// The most outcome idempotency keys remembered; past it the oldest eighth
+/// is forgotten. About 40 bytes each in memory and 50 in the snapshot.
+pub const MAX_OUTCOME_KEYS: usize = 100_000;
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Day {
@@ -36,9 +40,95 @@ pub struct TenantLedger {
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Ledger {
     pub tenants: crate::FastMap<String, TenantLedger>,
-    /// Outcome idempotency keys, `tenant\u{0}key` -> unix seconds first seen.
     #[serde(default)]
-    pub outcome_keys: HashMap<String, i64>,
+    outcome_keys: OutcomeKeys,
+}
+
+/// Outcome idempotency keys, each held as a 128-bit digest of
+/// `tenant\0key` with the unix second it was first seen: a fixed size
+/// whatever the key's length, and no key text kept. At most
+/// [`MAX_OUTCOME_KEYS`]. In the snapshot, 32 hex digits each; snapshots
+/// from before the digests (`tenant\0key` itself) are read as well.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct OutcomeKeys(HashMap<u128, i64>);
+
+/// What remembering an outcome key did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Remembered {
+    /// Already known: the outcome is a duplicate.
+    Duplicate,
+    /// New; `forgot` older keys were forgotten to keep the count capped.
+    Fresh { forgot: usize },
+}
+
+impl OutcomeKeys {
+    fn digest(tenant_and_key: &[&[u8]]) -> u128 {
+        let mut h = Sha256::new();
+        for part in tenant_and_key {
+            h.update(part);
+        }
+        let d = h.finalize();
+        u128::from_be_bytes(d[..16].try_into().expect("32 bytes"))
+    }
+
+    fn of(tenant: &str, key: &str) -> u128 {
+        OutcomeKeys::digest(&[tenant.as_bytes(), b"\0", key.as_bytes()])
+    }
+
+    fn insert(&mut self, d: u128, at: i64) -> Remembered {
+        match self.0.entry(d) {
+            std::collections::hash_map::Entry::Occupied(_) => return Remembered::Duplicate,
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(at),
+        };
+        if self.0.len() <= MAX_OUTCOME_KEYS {
+            return Remembered::Fresh { forgot: 0 };
+        }
+        // The oldest eighth by first-seen time (ties by digest, so exactly
+        // that many), never the key just added.
+        let mut others: Vec<(i64, u128)> = self
+            .0
+            .iter()
+            .filter(|(k, _)| **k != d)
+            .map(|(k, t)| (*t, *k))
+            .collect();
+        let forgot = others.len() / 8;
+        let (_, &mut newest_forgotten, _) = others.select_nth_unstable(forgot - 1);
+        self.0.retain(|k, t| *k == d || (*t, *k) > newest_forgotten);
+        Remembered::Fresh { forgot }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for OutcomeKeys {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(d, t)| (format!("{d:032x}"), t)))
+    }
+}
+
+impl<'de> Deserialize<'de> for OutcomeKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = HashMap::<String, i64>::deserialize(d)?;
+        let mut keys = HashMap::with_capacity(raw.len());
+        for (k, t) in raw {
+            let digest = if k.contains('\0') {
+                // Written before the digests: `tenant\0key` itself.
+                OutcomeKeys::digest(&[k.as_bytes()])
+            } else {
+                u128::from_str_radix(&k, 16).map_err(|_| {
+                    serde::de::Error::custom(format!("outcome key {k:?} is not 32 hex digits"))
+                })?
+            };
+            keys.insert(digest, t);
+        }
+        Ok(OutcomeKeys(keys))
+    }
 }
 
 /// Start of the window containing `now` (UTC), or `None` for `total`.
@@ -99,21 +189,26 @@ impl Ledger {
         self.tenants.get_mut(tenant).expect("just made")
     }
 
-    /// Records an outcome key; false if it was already there.
-    pub fn remember_key(&mut self, tenant: &str, key: &str, at: OffsetDateTime) -> bool {
-        let k = format!("{tenant}\u{0}{key}");
-        match self.outcome_keys.entry(k) {
-            std::collections::hash_map::Entry::Occupied(_) => false,
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(at.unix_timestamp());
-                true
-            }
-        }
+    /// Records an outcome key (forgetting the oldest past
+    /// [`MAX_OUTCOME_KEYS`]).
+    pub fn remember_key(&mut self, tenant: &str, key: &str, at: OffsetDateTime) -> Remembered {
+        self.outcome_keys
+            .insert(OutcomeKeys::of(tenant, key), at.unix_timestamp())
     }
 
     pub fn knows_key(&self, tenant: &str, key: &str) -> bool {
         self.outcome_keys
-            .contains_key(&format!("{tenant}\u{0}{key}"))
+            .0
+            .contains_key(&OutcomeKeys::of(tenant, key))
+    }
+
+    /// Forgets a key whose outcome was not recorded after all.
+    pub fn forget_key(&mut self, tenant: &str, key: &str) {
+        self.outcome_keys.0.remove(&OutcomeKeys::of(tenant, key));
+    }
+
+    pub fn outcome_keys(&self) -> &OutcomeKeys {
+        &self.outcome_keys
     }
 
     /// Drops days and keys too old to matter.
@@ -123,7 +218,7 @@ impl Ledger {
             t.days = t.days.split_off(&oldest);
         }
         let cutoff = now.unix_timestamp() - KEEP_KEYS_DAYS * 86_400;
-        self.outcome_keys.retain(|_, at| *at >= cutoff);
+        self.outcome_keys.0.retain(|_, at| *at >= cutoff);
     }
 }
 
@@ -179,13 +274,80 @@ mod tests {
         let mut l = Ledger::default();
         l.spend("a", d("1"), datetime!(2026-01-01 00:00 UTC));
         l.spend("a", d("1"), datetime!(2026-03-01 00:00 UTC));
-        assert!(l.remember_key("a", "k", datetime!(2026-03-01 00:00 UTC)));
-        assert!(!l.remember_key("a", "k", datetime!(2026-03-01 00:01 UTC)));
+        assert_eq!(
+            l.remember_key("a", "k", datetime!(2026-03-01 00:00 UTC)),
+            Remembered::Fresh { forgot: 0 }
+        );
+        assert_eq!(
+            l.remember_key("a", "k", datetime!(2026-03-01 00:01 UTC)),
+            Remembered::Duplicate
+        );
         l.prune(datetime!(2026-03-02 00:00 UTC));
         assert_eq!(l.tenant("a").unwrap().days.len(), 1);
         assert_eq!(l.tenant("a").unwrap().total_spent, d("2"));
         assert!(l.knows_key("a", "k"));
         l.prune(datetime!(2026-03-20 00:00 UTC));
         assert!(!l.knows_key("a", "k"));
+    }
+
+    #[test]
+    fn outcome_keys_are_capped_by_forgetting_the_oldest() {
+        let mut l = Ledger::default();
+        let t0 = datetime!(2026-03-01 00:00 UTC);
+        let at = |i: usize| t0 + time::Duration::seconds(i as i64);
+        for i in 0..MAX_OUTCOME_KEYS {
+            assert_eq!(
+                l.remember_key("a", &i.to_string(), at(i)),
+                Remembered::Fresh { forgot: 0 }
+            );
+        }
+        let newest = MAX_OUTCOME_KEYS.to_string();
+        let forgot = MAX_OUTCOME_KEYS / 8;
+        assert_eq!(
+            l.remember_key("a", &newest, at(MAX_OUTCOME_KEYS)),
+            Remembered::Fresh { forgot }
+        );
+        assert_eq!(l.outcome_keys().len(), MAX_OUTCOME_KEYS + 1 - forgot);
+        // Exactly the oldest went: the first-seen times decide.
+        assert!(!l.knows_key("a", "0"));
+        assert!(!l.knows_key("a", &(forgot - 1).to_string()));
+        assert!(l.knows_key("a", &forgot.to_string()));
+        assert!(l.knows_key("a", &newest));
+        // Keys are per tenant.
+        assert!(!l.knows_key("b", &newest));
+    }
+
+    #[test]
+    fn the_key_just_added_is_never_the_one_forgotten() {
+        // Every key first seen in the same second: ties go by digest, and
+        // the newest has the smallest, first in line but for the rule.
+        let mut keys = OutcomeKeys::default();
+        for d in 1..=MAX_OUTCOME_KEYS as u128 {
+            keys.insert(d, 7);
+        }
+        let forgot = MAX_OUTCOME_KEYS / 8;
+        assert_eq!(keys.insert(0, 7), Remembered::Fresh { forgot });
+        assert!(keys.0.contains_key(&0));
+        assert!(!keys.0.contains_key(&1));
+        assert!(keys.0.contains_key(&(forgot as u128 + 1)));
+    }
+
+    #[test]
+    fn snapshots_hold_digests_and_old_ones_still_load() {
+        let mut l = Ledger::default();
+        let at = datetime!(2026-03-01 00:00 UTC);
+        l.remember_key("acme", "order-1", at);
+        let json = serde_json::to_string(&l).unwrap();
+        assert!(!json.contains("order-1"), "{json}");
+        let back: Ledger = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, l);
+        // A snapshot from before the digests kept `tenant\0key` itself.
+        let old = r#"{"tenants":{},"outcome_keys":{"acme\u0000order-1":1772323200}}"#;
+        let old: Ledger = serde_json::from_str(old).unwrap();
+        assert!(old.knows_key("acme", "order-1"));
+        assert_eq!(old, l);
+        let bad = r#"{"tenants":{},"outcome_keys":{"xyz":1}}"#;
+        let err = serde_json::from_str::<Ledger>(bad).unwrap_err().to_string();
+        assert!(err.contains("32 hex digits"), "{err}");
     }
 }
