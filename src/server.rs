@@ -15,7 +15,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -130,6 +130,32 @@ fn builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
     builder
+}
+
+/// A WARN whose cause can last: logged at most once a minute, with how many
+/// times it was held back since (`repeated`).
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl Throttle {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    /// `Some(times held back since the last)` when it is time to log.
+    fn due(&mut self) -> Option<u64> {
+        self.due_at(Instant::now())
+    }
+
+    fn due_at(&mut self, now: Instant) -> Option<u64> {
+        if self.last.is_some_and(|t| now - t < Throttle::EVERY) {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
+    }
 }
 
 /// An accepted connection and its place under the connection limit, given
@@ -402,17 +428,19 @@ pub async fn serve<H, F>(
     let mut next = 0usize;
     let max_connections = limits.max;
     let open = Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS)));
-    let mut warned: Option<std::time::Instant> = None;
+    // At the limit, every closed connection lets one more in and the loop
+    // waits again; an accept that fails (out of file descriptors) is retried
+    // every 50 ms. Either says so once a minute, not every time.
+    let mut at_limit = Throttle::default();
+    let mut accept_failing = Throttle::default();
     loop {
         let permit = match open.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                // At most once a minute: at the limit, every closed
-                // connection lets one more in and the loop waits again.
-                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                    warned = Some(std::time::Instant::now());
+                if let Some(repeated) = at_limit.due() {
                     tracing::warn!(
                         max_connections,
+                        repeated,
                         "connection limit reached; new connections wait until one closes"
                     );
                 }
@@ -426,7 +454,9 @@ pub async fn serve<H, F>(
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    if let Some(repeated) = accept_failing.due() {
+                        tracing::warn!(error = %e, repeated, "accept failed; retrying every 50 ms");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -456,5 +486,23 @@ pub async fn serve<H, F>(
     drop(lanes);
     for d in done {
         let _ = d.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lasting_warning_is_logged_once_a_minute_with_what_was_held_back() {
+        let mut t = Throttle::default();
+        let t0 = Instant::now();
+        assert_eq!(t.due_at(t0), Some(0));
+        for s in [0, 1, 30, 59] {
+            assert_eq!(t.due_at(t0 + Duration::from_secs(s)), None);
+        }
+        assert_eq!(t.due_at(t0 + Duration::from_secs(60)), Some(4));
+        assert_eq!(t.due_at(t0 + Duration::from_secs(61)), None);
+        assert_eq!(t.due_at(t0 + Duration::from_secs(600)), Some(1));
     }
 }

@@ -407,6 +407,18 @@ fn open_file_limits(pid: u32) -> (String, String) {
     (f.next().unwrap().to_string(), f.next().unwrap().to_string())
 }
 
+/// This process's hard open-file limit, or `None` (the test skipped) when it
+/// is under `needed`: the test's `ulimit` would fail.
+#[cfg(target_os = "linux")]
+fn hard_open_file_limit(needed: u64) -> Option<String> {
+    let (_, hard) = open_file_limits(std::process::id());
+    if hard.parse::<u64>().is_ok_and(|h| h < needed) {
+        println!("hard open-file limit {hard}: skipped");
+        return None;
+    }
+    Some(hard)
+}
+
 /// Starts `tollgate run` under a shell's `ulimit` (`-Sn 100`: soft only).
 #[cfg(target_os = "linux")]
 fn run_under_ulimit(ulimit: &str, cfg: &std::path::Path) -> Proxy {
@@ -453,12 +465,9 @@ async fn run_raises_the_open_file_limit_and_warns_when_it_is_short() {
     let mock = start_mock();
     let cfg = config(dir.path(), &mock.addr, "max_connections = 100", "");
 
-    let (_, hard) = open_file_limits(std::process::id());
-    if hard.parse::<u64>().is_ok_and(|h| h < 264) {
-        // `ulimit -n 200` below would fail; nothing to show here.
-        println!("hard open-file limit {hard}: skipped");
+    let Some(hard) = hard_open_file_limit(264) else {
         return;
-    }
+    };
     let raised = run_under_ulimit("-Sn 100", &cfg);
     assert_eq!(
         open_file_limits(raised.proc.child.id()),
@@ -481,5 +490,45 @@ async fn run_raises_the_open_file_limit_and_warns_when_it_is_short() {
     assert_eq!(warning["needed"], 264);
     // It still serves.
     let r = chat(&capped.addr, ACME_KEY, CHAT, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Out of file descriptors, accepts fail until a connection closes: the
+/// loop retries every 50 ms and says so once (once a minute), not twenty
+/// times a second, and serves again once files are free.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_accepts_warn_once_and_serving_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = start_mock();
+    let cfg = config(dir.path(), &mock.addr, "", "");
+    if hard_open_file_limit(64).is_none() {
+        return;
+    }
+    let p = run_under_ulimit("-n 64", &cfg);
+    // More connections than files: the rest wait in the listen backlog.
+    let held: Vec<_> = (0..80)
+        .map(|_| std::net::TcpStream::connect(&p.addr).unwrap())
+        .collect();
+    let first = p.proc.wait_for("accept failed; retrying every 50 ms");
+    assert_eq!(first["level"], "WARN");
+    assert!(
+        first["error"]
+            .as_str()
+            .unwrap()
+            .contains("Too many open files"),
+        "{first}"
+    );
+    // Twenty retries' worth of time.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let warnings = p
+        .proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("accept failed"))
+        .count();
+    assert_eq!(warnings, 1, "{}", p.proc.log_text());
+    drop(held);
+    let r = chat(&p.addr, ACME_KEY, CHAT, &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
