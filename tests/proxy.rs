@@ -443,7 +443,12 @@ async fn credentials_never_cross_and_hop_headers_are_dropped() {
     assert_eq!(r.status, 200, "{}", r.text());
     let r2 = send(
         "POST",
-        &format!("http://{}/anthropic/v1/messages", e.proxy.addr),
+        // Credentials in the query too (Google's `key`, Azure API
+        // Management's `subscription-key`), any case, percent-encoded.
+        &format!(
+            "http://{}/anthropic/v1/messages?beta=true&key=a-tenants-google-key&Subscription-Key=a-tenants-azure-key&%61pi_key=a-tenants-other-key&keys=kept",
+            e.proxy.addr
+        ),
         &[
             ("x-api-key", GLOBEX_KEY),
             ("authorization", &format!("Bearer {GLOBEX_KEY}")),
@@ -462,6 +467,11 @@ async fn credentials_never_cross_and_hop_headers_are_dropped() {
     );
     assert_eq!(log[0]["authorization"], format!("Bearer {UPSTREAM_KEY}"));
     assert_eq!(log[1]["x_api_key"], UPSTREAM_KEY);
+    assert!(
+        !all.contains("a-tenants-"),
+        "a tenant's credential reached upstream: {all}"
+    );
+    assert_eq!(log[1]["query"], "beta=true&keys=kept");
     let names: Vec<&str> = log[0]["headers"]
         .as_array()
         .unwrap()

@@ -26,6 +26,8 @@ pub(crate) struct State {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct LogEntry {
     pub(crate) path: String,
+    /// The query as received, if any.
+    pub(crate) query: Option<String>,
     pub(crate) method: String,
     pub(crate) request_id: String,
     pub(crate) authorization: Option<String>,
@@ -71,6 +73,7 @@ mod tests {
     fn entry(n: usize) -> LogEntry {
         LogEntry {
             path: "/v1/models".into(),
+            query: None,
             method: "GET".into(),
             request_id: format!("req_{n}"),
             authorization: None,

@@ -102,6 +102,7 @@ pub(crate) async fn handle(
     };
     state.record(LogEntry {
         path,
+        query: parts.uri.query().map(str::to_owned),
         method: parts.method.to_string(),
         request_id: request_id.clone(),
         authorization: header(&parts.headers, "authorization"),

@@ -37,6 +37,43 @@ static NOT_FORWARDED: [HeaderName; 10] = [
     HeaderName::from_static("openai-project"),
 ];
 
+/// Query parameters that carry credentials (Google's and Azure API
+/// Management's `key` and `subscription-key`, and the usual API-key and
+/// OAuth names), matched on the decoded name, ignoring ASCII case.
+const CREDENTIAL_PARAMS: [&str; 6] = [
+    "key",
+    "api-key",
+    "api_key",
+    "apikey",
+    "subscription-key",
+    "access_token",
+];
+
+/// The client's query without credential parameters (see
+/// [`CREDENTIAL_PARAMS`]); the others are kept byte for byte, in order.
+/// Borrowed when there is nothing to remove; `None` when nothing is left.
+pub fn query_without_credentials(query: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let listed = |name: &str| {
+        CREDENTIAL_PARAMS
+            .iter()
+            .any(|c| name.eq_ignore_ascii_case(c))
+    };
+    let is_credential = |param: &str| {
+        let name = param.split('=').next().unwrap_or_default();
+        if name.contains(['%', '+']) {
+            let name = name.replace('+', " ");
+            listed(&percent_encoding::percent_decode_str(&name).decode_utf8_lossy())
+        } else {
+            listed(name)
+        }
+    };
+    if !query.split('&').any(is_credential) {
+        return Some(std::borrow::Cow::Borrowed(query));
+    }
+    let kept: Vec<&str> = query.split('&').filter(|p| !is_credential(p)).collect();
+    (!kept.is_empty()).then(|| std::borrow::Cow::Owned(kept.join("&")))
+}
+
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
 }

@@ -335,9 +335,11 @@ async fn within<F: Future>(limit: Duration, fut: F) -> Option<F::Output> {
 }
 
 /// The request target upstream, in origin form: the upstream URL's path,
-/// then the rest of the client's path and its query. (The pool adds the
-/// scheme and authority, from config only.)
+/// then the rest of the client's path and its query, less any credential
+/// parameters. (The pool adds the scheme and authority, from config only.)
 fn upstream_target(base_path: &str, rest: &str, query: Option<&str>) -> http::Uri {
+    let query = query.and_then(headers::query_without_credentials);
+    let query = query.as_deref();
     let base = base_path.trim_end_matches('/');
     let mut pq = String::with_capacity(base.len() + rest.len() + query.map_or(0, |q| q.len() + 1));
     pq.push_str(base);
@@ -393,6 +395,36 @@ mod tests {
         assert_eq!(t("/sse/", "/v1/x", Some("a=1&b")), "/sse/v1/x?a=1&b");
         assert_eq!(t("/openai", "/v1/models", Some("")), "/openai/v1/models?");
         assert_eq!(t("/", "", None), "/");
+        // Credential parameters stay behind; the rest keep their bytes and order.
+        assert_eq!(
+            t(
+                "/",
+                "/v1beta/models/g:generateContent",
+                Some("key=SECRET&alt=sse")
+            ),
+            "/v1beta/models/g:generateContent?alt=sse"
+        );
+        assert_eq!(
+            t(
+                "/",
+                "/x",
+                Some("api-version=2024-10-21&Subscription-Key=s&b=%2F")
+            ),
+            "/x?api-version=2024-10-21&b=%2F"
+        );
+        assert_eq!(
+            t(
+                "/",
+                "/x",
+                Some("k%65y=s&API_KEY=t&apikey&access_token=u&api+key")
+            ),
+            "/x?api+key"
+        );
+        assert_eq!(t("/", "/x", Some("%6Bey=s&Api-Key=t")), "/x");
+        assert_eq!(
+            t("/", "/x", Some("keys=1&monkey=2&key_id=3")),
+            "/x?keys=1&monkey=2&key_id=3"
+        );
         // Never absolute: the scheme and authority come from config, in the pool.
         assert!(upstream_target("/", "/v1", None).authority().is_none());
     }
