@@ -13,6 +13,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -175,7 +176,6 @@ async fn serve_connections<H, F>(
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let builder = builder(limits.header_read_timeout);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut conns = tokio::task::JoinSet::new();
     let tick = tokio::spawn(keep_next_wake_near());
     loop {
@@ -193,32 +193,139 @@ async fn serve_connections<H, F>(
             _ = stopped(&mut stop.shutdown) => break,
         };
         let h = handler.clone();
-        let service = hyper::service::service_fn(move |req| {
+        let activity = Arc::new(Activity::default());
+        let a = activity.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let open = (req.version() == http::Version::HTTP_2).then(|| Open::new(&a));
             let fut = h(req);
-            async move { Ok::<_, Infallible>(fut.await) }
+            async move {
+                let resp = fut.await;
+                Ok::<_, Infallible>(match open {
+                    None => resp,
+                    Some(open) => {
+                        resp.map(|body| UnsyncBoxBody::new(Counted { body, _open: open }))
+                    }
+                })
+            }
         });
-        let io = TokioIo::new(Socket::new(stream, limits));
-        let conn = builder.serve_connection_with_upgrades(io, service);
-        let conn = graceful.watch(conn.into_owned());
+        let io = TokioIo::new(Socket::new(stream, limits, activity.clone()));
+        let conn = builder
+            .serve_connection_with_upgrades(io, service)
+            .into_owned();
+        let mut shutdown = stop.shutdown.clone();
+        let idle = limits.header_read_timeout;
+        // The connection is asked to finish gracefully (the response in
+        // progress completes; HTTP/2 sends GOAWAY) when shutdown starts, or
+        // once it is an idle HTTP/2 one (see `Activity`).
         conns.spawn(async move {
-            if let Err(e) = conn.await {
+            let mut conn = std::pin::pin!(conn);
+            let mut looks = tokio::time::interval_at(tokio::time::Instant::now() + idle, idle);
+            looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let (mut watching, mut closing) = (true, false);
+            let ended = loop {
+                tokio::select! {
+                    r = conn.as_mut() => break r,
+                    _ = stopped(&mut shutdown), if !closing => closing = true,
+                    _ = looks.tick(), if watching && !closing => {
+                        (watching, closing) = activity.look();
+                    }
+                }
+                if closing {
+                    conn.as_mut().graceful_shutdown();
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(permit);
         });
     }
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(stop.grace) => {
-            tracing::warn!(grace = ?stop.grace, open = conns.len(), "shutdown grace ran out; cutting open connections");
-        }
-        _ = stopped(&mut stop.force) => {
-            tracing::warn!(open = conns.len(), "second signal: cutting open connections");
-        }
+    let cut = tokio::select! {
+        _ = async { while conns.join_next().await.is_some() {} } => None,
+        _ = tokio::time::sleep(stop.grace) => Some("shutdown grace ran out; cutting open connections"),
+        _ = stopped(&mut stop.force) => Some("second signal: cutting open connections"),
+    };
+    if let Some(why) = cut {
+        tracing::warn!(grace = ?stop.grace, open = conns.len(), "{why}");
     }
     conns.abort_all();
     while conns.join_next().await.is_some() {}
     tick.abort();
+}
+
+/// A connection's HTTP/2 requests, for its idle deadline. hyper closes an
+/// idle HTTP/1.1 connection itself (`header_read_timeout` between
+/// requests) but keeps an HTTP/2 one that answers pings for good, in its
+/// `max_connections` slot. So every `header_read_timeout` the connection's
+/// task looks: an HTTP/2 connection that had no request open since the last
+/// look is closed (idle for one to two `header_read_timeout`s).
+#[derive(Default)]
+struct Activity {
+    /// Set once the whole HTTP/2 preface has come.
+    h2: AtomicBool,
+    /// Requests whose response has not ended.
+    open: AtomicUsize,
+    /// Requests begun: one begun and ended between two looks is activity.
+    begun: AtomicU64,
+    /// `begun` at the last look.
+    looked: AtomicU64,
+}
+
+impl Activity {
+    /// `(look again, close)`. The first look comes after the protocol is
+    /// known (or the connection closed for want of it): HTTP/1.1 needs no
+    /// more.
+    fn look(&self) -> (bool, bool) {
+        if !self.h2.load(Relaxed) {
+            return (false, false);
+        }
+        let begun = self.begun.load(Relaxed);
+        let idle = begun == self.looked.swap(begun, Relaxed) && self.open.load(Relaxed) == 0;
+        (!idle, idle)
+    }
+}
+
+/// Held by an HTTP/2 request, then by its response body, until it ends.
+struct Open(Arc<Activity>);
+
+impl Open {
+    fn new(a: &Arc<Activity>) -> Open {
+        a.open.fetch_add(1, Relaxed);
+        a.begun.fetch_add(1, Relaxed);
+        Open(a.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A response body that keeps its request open until it ends.
+struct Counted {
+    body: Body,
+    _open: Open,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The HTTP/2 client preface, by which hyper-util tells HTTP/2 from HTTP/1.
@@ -247,15 +354,18 @@ struct Socket {
     write_timeout: Duration,
     /// Since a write blocked (cleared by the next that does not).
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Told when the HTTP/2 preface has come.
+    activity: Arc<Activity>,
 }
 
 impl Socket {
-    fn new(io: tokio::net::TcpStream, limits: ConnLimits) -> Socket {
+    fn new(io: tokio::net::TcpStream, limits: ConnLimits, activity: Arc<Activity>) -> Socket {
         Socket {
             io,
             detecting: Some((Box::pin(tokio::time::sleep(limits.header_read_timeout)), 0)),
             write_timeout: limits.write_timeout,
             stalled: None,
+            activity,
         }
     }
 
@@ -300,13 +410,12 @@ impl AsyncRead for Socket {
             Poll::Ready(Ok(())) => {
                 let new = &buf.filled()[before..];
                 let n = new.len().min(H2_PREFACE.len() - *matched);
-                let still = !new.is_empty()
-                    && new[..n] == H2_PREFACE[*matched..*matched + n]
-                    && *matched + n < H2_PREFACE.len();
-                if still {
+                let matching = !new.is_empty() && new[..n] == H2_PREFACE[*matched..*matched + n];
+                if matching && *matched + n < H2_PREFACE.len() {
                     *matched += n;
                 } else {
                     // EOF, HTTP/1 or the whole preface: hyper-util decides.
+                    this.activity.h2.store(matching, Relaxed);
                     this.detecting = None;
                 }
             }

@@ -1174,6 +1174,72 @@ async fn silent_connections_are_closed_after_header_read_timeout() {
     );
 }
 
+/// An HTTP/2 connection with no request open for `header_read_timeout` (to
+/// twice that) is closed with GOAWAY, as an idle HTTP/1.1 one is: hyper
+/// answers its pings and kept it, and its place under `max_connections`,
+/// for good. A connection that never sends a request goes the same way; one
+/// with a stream open longer than that stays open for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed_after_header_read_timeout() {
+    use http_body_util::BodyExt;
+    let e = env_with("max_connections = 1\nheader_read_timeout = \"1s\"", "");
+    let h2 = || async {
+        let tcp = tokio::net::TcpStream::connect(&e.proxy.addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        (send, tokio::spawn(conn))
+    };
+    let closed_within = |conn: tokio::task::JoinHandle<hyper::Result<()>>, secs| async move {
+        matches!(
+            tokio::time::timeout(Duration::from_secs(secs), conn).await,
+            Ok(Ok(Ok(())))
+        )
+    };
+    // Never a request.
+    let (_send, conn) = h2().await;
+    assert!(
+        closed_within(conn, 10).await,
+        "an HTTP/2 connection with no request is still open"
+    );
+
+    // A stream of about 3 s (over two looks), then idle.
+    let (mut send, conn) = h2().await;
+    let req = http::Request::post("/openai/v1/chat/completions")
+        .header("authorization", format!("Bearer {ACME_KEY}"))
+        .header("x-mock-delay-ms", "300")
+        .body(http_body_util::Full::new(Bytes::from(CHAT_STREAM)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(String::from_utf8_lossy(&body).ends_with("data: [DONE]\n\n"));
+    // Not closed while the stream was open: the next request is served on it.
+    let req = http::Request::post("/openai/v1/chat/completions")
+        .header("authorization", format!("Bearer {ACME_KEY}"))
+        .body(http_body_util::Full::new(Bytes::from(CHAT)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        closed_within(conn, 10).await,
+        "an idle HTTP/2 connection is still open"
+    );
+
+    // Its place is free again.
+    let r = chat(&e.proxy.addr, ACME_KEY, CHAT, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 /// `server.write_timeout` cuts a client that stopped reading its response
 /// (its buffers and the proxy's full, hyper waiting to write for good): its
 /// place under `max_connections` is given back, and the call's event says
