@@ -13,12 +13,16 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, AtomicUsize,
+    Ordering::{Acquire, Relaxed, Release},
+};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
@@ -178,9 +182,20 @@ async fn serve_connections<H, F>(
     let builder = builder(limits.header_read_timeout);
     let mut conns = tokio::task::JoinSet::new();
     let tick = tokio::spawn(keep_next_wake_near());
+    // Every open connection's control, to look at and to close; dead ones
+    // are dropped at each look, and whenever the list has doubled.
+    let mut controls: Vec<Weak<Control>> = Vec::new();
+    let mut kept = 0;
+    let every = limits.header_read_timeout;
+    let mut looks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Reap finished connection tasks so the set stays small.
         while conns.try_join_next().is_some() {}
+        if controls.len() >= 2 * kept.max(64) {
+            controls.retain(|c| c.strong_count() > 0);
+            kept = controls.len();
+        }
         let (stream, permit) = tokio::select! {
             s = incoming.recv() => match s.map(|(s, p)| (tokio::net::TcpStream::from_std(s), p)) {
                 Some((Ok(s), p)) => (s, p),
@@ -190,13 +205,19 @@ async fn serve_connections<H, F>(
                 }
                 None => break,
             },
+            _ = looks.tick() => {
+                controls.retain(|c| c.upgrade().inspect(|c| if c.idle() { c.close() }).is_some());
+                kept = controls.len();
+                continue;
+            }
             _ = stopped(&mut stop.shutdown) => break,
         };
         let h = handler.clone();
-        let activity = Arc::new(Activity::default());
-        let a = activity.clone();
+        let control = Arc::new(Control::default());
+        controls.push(Arc::downgrade(&control));
+        let c = control.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let open = (req.version() == http::Version::HTTP_2).then(|| Open::new(&a));
+            let open = (req.version() == http::Version::HTTP_2).then(|| Open::new(&c));
             let fut = h(req);
             async move {
                 let resp = fut.await;
@@ -208,37 +229,32 @@ async fn serve_connections<H, F>(
                 })
             }
         });
-        let io = TokioIo::new(Socket::new(stream, limits, activity.clone()));
+        let io = TokioIo::new(Socket::new(stream, limits, control.clone()));
         let conn = builder
             .serve_connection_with_upgrades(io, service)
             .into_owned();
-        let mut shutdown = stop.shutdown.clone();
-        let idle = limits.header_read_timeout;
-        // The connection is asked to finish gracefully (the response in
-        // progress completes; HTTP/2 sends GOAWAY) when shutdown starts, or
-        // once it is an idle HTTP/2 one (see `Activity`).
         conns.spawn(async move {
             let mut conn = std::pin::pin!(conn);
-            let mut looks = tokio::time::interval_at(tokio::time::Instant::now() + idle, idle);
-            looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let (mut watching, mut closing) = (true, false);
-            let ended = loop {
-                tokio::select! {
-                    r = conn.as_mut() => break r,
-                    _ = stopped(&mut shutdown), if !closing => closing = true,
-                    _ = looks.tick(), if watching && !closing => {
-                        (watching, closing) = activity.look();
-                    }
-                }
-                if closing {
+            let mut closing = false;
+            // Asked to close: it finishes gracefully (the response in
+            // progress completes; HTTP/2 sends GOAWAY).
+            let ended = std::future::poll_fn(|cx| {
+                control.waker.register(cx.waker());
+                if !closing && control.close.load(Acquire) {
+                    closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
-            };
+                conn.as_mut().poll(cx)
+            })
+            .await;
             if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(permit);
         });
+    }
+    for c in controls.iter().filter_map(Weak::upgrade) {
+        c.close();
     }
     let cut = tokio::select! {
         _ = async { while conns.join_next().await.is_some() {} } => None,
@@ -253,43 +269,51 @@ async fn serve_connections<H, F>(
     tick.abort();
 }
 
-/// A connection's HTTP/2 requests, for its idle deadline. hyper closes an
-/// idle HTTP/1.1 connection itself (`header_read_timeout` between
-/// requests) but keeps an HTTP/2 one that answers pings for good, in its
-/// `max_connections` slot. So every `header_read_timeout` the connection's
-/// task looks: an HTTP/2 connection that had no request open since the last
-/// look is closed (idle for one to two `header_read_timeout`s).
+/// One connection's controls: a flag that asks it to close (at shutdown,
+/// or when it is an idle HTTP/2 one), with the waker that makes it look,
+/// and its HTTP/2 requests. hyper closes an idle HTTP/1.1 connection itself
+/// (`header_read_timeout` between requests) but keeps an HTTP/2 one that
+/// answers pings for good, in its `max_connections` slot. So every
+/// `header_read_timeout` the worker looks at each connection: an HTTP/2 one
+/// with no request begun since the last look and none open is closed (idle
+/// for one to two `header_read_timeout`s). The connection's task reads one
+/// atomic flag a wake-up; nothing else is polled beside it.
 #[derive(Default)]
-struct Activity {
+struct Control {
+    close: AtomicBool,
+    waker: AtomicWaker,
     /// Set once the whole HTTP/2 preface has come.
     h2: AtomicBool,
     /// Requests whose response has not ended.
     open: AtomicUsize,
     /// Requests begun: one begun and ended between two looks is activity.
     begun: AtomicU64,
-    /// `begun` at the last look.
+    /// `begun` at the last look, and whether there was one.
     looked: AtomicU64,
+    seen: AtomicBool,
 }
 
-impl Activity {
-    /// `(look again, close)`. The first look comes after the protocol is
-    /// known (or the connection closed for want of it): HTTP/1.1 needs no
-    /// more.
-    fn look(&self) -> (bool, bool) {
-        if !self.h2.load(Relaxed) {
-            return (false, false);
-        }
+impl Control {
+    fn close(&self) {
+        self.close.store(true, Release);
+        self.waker.wake();
+    }
+
+    /// One look: whether the connection is HTTP/2 and has been idle since
+    /// the last.
+    fn idle(&self) -> bool {
         let begun = self.begun.load(Relaxed);
-        let idle = begun == self.looked.swap(begun, Relaxed) && self.open.load(Relaxed) == 0;
-        (!idle, idle)
+        let since = self.looked.swap(begun, Relaxed);
+        let seen = self.seen.swap(true, Relaxed);
+        seen && self.h2.load(Relaxed) && begun == since && self.open.load(Relaxed) == 0
     }
 }
 
 /// Held by an HTTP/2 request, then by its response body, until it ends.
-struct Open(Arc<Activity>);
+struct Open(Arc<Control>);
 
 impl Open {
-    fn new(a: &Arc<Activity>) -> Open {
+    fn new(a: &Arc<Control>) -> Open {
         a.open.fetch_add(1, Relaxed);
         a.begun.fetch_add(1, Relaxed);
         Open(a.clone())
@@ -355,17 +379,17 @@ struct Socket {
     /// Since a write blocked (cleared by the next that does not).
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Told when the HTTP/2 preface has come.
-    activity: Arc<Activity>,
+    control: Arc<Control>,
 }
 
 impl Socket {
-    fn new(io: tokio::net::TcpStream, limits: ConnLimits, activity: Arc<Activity>) -> Socket {
+    fn new(io: tokio::net::TcpStream, limits: ConnLimits, control: Arc<Control>) -> Socket {
         Socket {
             io,
             detecting: Some((Box::pin(tokio::time::sleep(limits.header_read_timeout)), 0)),
             write_timeout: limits.write_timeout,
             stalled: None,
-            activity,
+            control,
         }
     }
 
@@ -415,7 +439,7 @@ impl AsyncRead for Socket {
                     *matched += n;
                 } else {
                     // EOF, HTTP/1 or the whole preface: hyper-util decides.
-                    this.activity.h2.store(matching, Relaxed);
+                    this.control.h2.store(matching, Relaxed);
                     this.detecting = None;
                 }
             }
