@@ -275,9 +275,10 @@ async fn serve_connections<H, F>(
 /// (`header_read_timeout` between requests) but keeps an HTTP/2 one that
 /// answers pings for good, in its `max_connections` slot. So every
 /// `header_read_timeout` the worker looks at each connection: an HTTP/2 one
-/// with no request begun since the last look and none open is closed (idle
-/// for one to two `header_read_timeout`s). The connection's task reads one
-/// atomic flag a wake-up; nothing else is polled beside it.
+/// with no request begun or ended since the last look and none open is
+/// closed (idle for one to two `header_read_timeout`s). The connection's
+/// task registers its waker and reads one atomic flag a wake-up; nothing
+/// else is polled beside it.
 #[derive(Default)]
 struct Control {
     close: AtomicBool,
@@ -286,9 +287,10 @@ struct Control {
     h2: AtomicBool,
     /// Requests whose response has not ended.
     open: AtomicUsize,
-    /// Requests begun: one begun and ended between two looks is activity.
-    begun: AtomicU64,
-    /// `begun` at the last look, and whether there was one.
+    /// Requests begun plus requests ended: a request begun or ended
+    /// between two looks (or both) is activity.
+    activity: AtomicU64,
+    /// `activity` at the last look, and whether there was one.
     looked: AtomicU64,
     seen: AtomicBool,
 }
@@ -302,10 +304,13 @@ impl Control {
     /// One look: whether the connection is HTTP/2 and has been idle since
     /// the last.
     fn idle(&self) -> bool {
-        let begun = self.begun.load(Relaxed);
-        let since = self.looked.swap(begun, Relaxed);
+        if !self.h2.load(Relaxed) {
+            return false;
+        }
+        let activity = self.activity.load(Relaxed);
+        let since = self.looked.swap(activity, Relaxed);
         let seen = self.seen.swap(true, Relaxed);
-        seen && self.h2.load(Relaxed) && begun == since && self.open.load(Relaxed) == 0
+        seen && activity == since && self.open.load(Relaxed) == 0
     }
 }
 
@@ -315,7 +320,7 @@ struct Open(Arc<Control>);
 impl Open {
     fn new(a: &Arc<Control>) -> Open {
         a.open.fetch_add(1, Relaxed);
-        a.begun.fetch_add(1, Relaxed);
+        a.activity.fetch_add(1, Relaxed);
         Open(a.clone())
     }
 }
@@ -323,6 +328,7 @@ impl Open {
 impl Drop for Open {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Relaxed);
+        self.0.activity.fetch_add(1, Relaxed);
     }
 }
 

@@ -422,10 +422,16 @@ fn hard_open_file_limit(needed: u64) -> Option<String> {
 /// Starts `tollgate run` under a shell's `ulimit` (`-Sn 100`: soft only).
 #[cfg(target_os = "linux")]
 fn run_under_ulimit(ulimit: &str, cfg: &std::path::Path) -> Proxy {
+    run_under(&format!("ulimit {ulimit} && exec"), cfg)
+}
+
+/// Starts `tollgate run` from a shell, its command line after `setup`.
+#[cfg(target_os = "linux")]
+fn run_under(setup: &str, cfg: &std::path::Path) -> Proxy {
     let mut cmd = std::process::Command::new("sh");
     cmd.args([
         "-c",
-        &format!("ulimit {ulimit} && exec \"$0\" \"$@\""),
+        &format!("{setup} \"$0\" \"$@\""),
         bin(),
         "run",
         "--config",
@@ -505,7 +511,8 @@ async fn failing_accepts_warn_once_and_serving_resumes() {
     if hard_open_file_limit(64).is_none() {
         return;
     }
-    let p = run_under_ulimit("-n 64", &cfg);
+    // On one CPU, so one worker runtime (each takes files of its own).
+    let p = run_under("ulimit -n 64 && exec taskset -c 0", &cfg);
     // More connections than files: the rest wait in the listen backlog.
     let held: Vec<_> = (0..80)
         .map(|_| std::net::TcpStream::connect(&p.addr).unwrap())

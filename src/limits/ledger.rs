@@ -22,6 +22,7 @@ pub const KEEP_KEYS_DAYS: i64 = 7;
 /// The most outcome idempotency keys remembered; past it the oldest eighth
 /// is forgotten. About 40 bytes each in memory and 50 in the snapshot.
 pub const MAX_OUTCOME_KEYS: usize = 100_000;
+const _: () = assert!(MAX_OUTCOME_KEYS >= 8);
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Day {
@@ -83,18 +84,28 @@ impl OutcomeKeys {
         if self.0.len() <= MAX_OUTCOME_KEYS {
             return Remembered::Fresh { forgot: 0 };
         }
-        // The oldest eighth by first-seen time (ties by digest, so exactly
-        // that many), never the key just added.
+        Remembered::Fresh {
+            forgot: self.forget_oldest(MAX_OUTCOME_KEYS - MAX_OUTCOME_KEYS / 8, Some(d)),
+        }
+    }
+
+    /// Forgets the oldest keys by first-seen time (ties by digest, so
+    /// exactly enough) until `to` are left, never `keep`; returns how many.
+    fn forget_oldest(&mut self, to: usize, keep: Option<u128>) -> usize {
+        let forgot = self.0.len().saturating_sub(to);
+        if forgot == 0 {
+            return 0;
+        }
         let mut others: Vec<(i64, u128)> = self
             .0
             .iter()
-            .filter(|(k, _)| **k != d)
+            .filter(|(k, _)| Some(**k) != keep)
             .map(|(k, t)| (*t, *k))
             .collect();
-        let forgot = others.len() / 8;
         let (_, &mut newest_forgotten, _) = others.select_nth_unstable(forgot - 1);
-        self.0.retain(|k, t| *k == d || (*t, *k) > newest_forgotten);
-        Remembered::Fresh { forgot }
+        self.0
+            .retain(|k, t| Some(*k) == keep || (*t, *k) > newest_forgotten);
+        forgot
     }
 
     pub fn len(&self) -> usize {
@@ -120,14 +131,20 @@ impl<'de> Deserialize<'de> for OutcomeKeys {
             let digest = if k.contains('\0') {
                 // Written before the digests: `tenant\0key` itself.
                 OutcomeKeys::digest(&[k.as_bytes()])
+            } else if k.len() == 32 && k.bytes().all(|b| b.is_ascii_hexdigit()) {
+                u128::from_str_radix(&k, 16).expect("32 hex digits")
             } else {
-                u128::from_str_radix(&k, 16).map_err(|_| {
-                    serde::de::Error::custom(format!("outcome key {k:?} is not 32 hex digits"))
-                })?
+                return Err(serde::de::Error::custom(format!(
+                    "outcome key {k:?} is not 32 hex digits"
+                )));
             };
             keys.insert(digest, t);
         }
-        Ok(OutcomeKeys(keys))
+        // A snapshot from before the cap can hold millions: down to it at
+        // once, not an eighth at each new key.
+        let mut keys = OutcomeKeys(keys);
+        keys.forget_oldest(MAX_OUTCOME_KEYS, None);
+        Ok(keys)
     }
 }
 
@@ -302,7 +319,8 @@ mod tests {
             );
         }
         let newest = MAX_OUTCOME_KEYS.to_string();
-        let forgot = MAX_OUTCOME_KEYS / 8;
+        // Down to seven eighths of the cap: the eighth plus the one added.
+        let forgot = MAX_OUTCOME_KEYS / 8 + 1;
         assert_eq!(
             l.remember_key("a", &newest, at(MAX_OUTCOME_KEYS)),
             Remembered::Fresh { forgot }
@@ -325,10 +343,11 @@ mod tests {
         for d in 1..=MAX_OUTCOME_KEYS as u128 {
             keys.insert(d, 7);
         }
-        let forgot = MAX_OUTCOME_KEYS / 8;
+        // Down to seven eighths of the cap: the eighth plus the one added.
+        let forgot = MAX_OUTCOME_KEYS / 8 + 1;
         assert_eq!(keys.insert(0, 7), Remembered::Fresh { forgot });
         assert!(keys.0.contains_key(&0));
-        assert!(!keys.0.contains_key(&1));
+        assert!(!keys.0.contains_key(&1) && !keys.0.contains_key(&(forgot as u128)));
         assert!(keys.0.contains_key(&(forgot as u128 + 1)));
     }
 
@@ -346,6 +365,14 @@ mod tests {
         let old: Ledger = serde_json::from_str(old).unwrap();
         assert!(old.knows_key("acme", "order-1"));
         assert_eq!(old, l);
+        // One from before the cap, over it: the oldest are forgotten at load.
+        let many: serde_json::Map<String, serde_json::Value> = (0..MAX_OUTCOME_KEYS + 10)
+            .map(|i| (format!("acme\u{0}k{i}"), serde_json::json!(i)))
+            .collect();
+        let many = serde_json::json!({"tenants": {}, "outcome_keys": many}).to_string();
+        let many: Ledger = serde_json::from_str(&many).unwrap();
+        assert_eq!(many.outcome_keys().len(), MAX_OUTCOME_KEYS);
+        assert!(!many.knows_key("acme", "k9") && many.knows_key("acme", "k10"));
         let bad = r#"{"tenants":{},"outcome_keys":{"xyz":1}}"#;
         let err = serde_json::from_str::<Ledger>(bad).unwrap_err().to_string();
         assert!(err.contains("32 hex digits"), "{err}");
