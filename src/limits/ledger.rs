@@ -107,14 +107,6 @@ impl OutcomeKeys {
             .retain(|k, t| Some(*k) == keep || (*t, *k) > newest_forgotten);
         forgot
     }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 impl Serialize for OutcomeKeys {
@@ -224,10 +216,6 @@ impl Ledger {
         self.outcome_keys.0.remove(&OutcomeKeys::of(tenant, key));
     }
 
-    pub fn outcome_keys(&self) -> &OutcomeKeys {
-        &self.outcome_keys
-    }
-
     /// Drops days and keys too old to matter.
     pub fn prune(&mut self, now: OffsetDateTime) {
         let oldest = utc_date(now) - time::Duration::days(KEEP_DAYS);
@@ -325,7 +313,7 @@ mod tests {
             l.remember_key("a", &newest, at(MAX_OUTCOME_KEYS)),
             Remembered::Fresh { forgot }
         );
-        assert_eq!(l.outcome_keys().len(), MAX_OUTCOME_KEYS + 1 - forgot);
+        assert_eq!(l.outcome_keys.0.len(), MAX_OUTCOME_KEYS + 1 - forgot);
         // Exactly the oldest went: the first-seen times decide.
         assert!(!l.knows_key("a", "0"));
         assert!(!l.knows_key("a", &(forgot - 1).to_string()));
@@ -371,7 +359,7 @@ mod tests {
             .collect();
         let many = serde_json::json!({"tenants": {}, "outcome_keys": many}).to_string();
         let many: Ledger = serde_json::from_str(&many).unwrap();
-        assert_eq!(many.outcome_keys().len(), MAX_OUTCOME_KEYS);
+        assert_eq!(many.outcome_keys.0.len(), MAX_OUTCOME_KEYS);
         assert!(!many.knows_key("acme", "k9") && many.knows_key("acme", "k10"));
         let bad = r#"{"tenants":{},"outcome_keys":{"xyz":1}}"#;
         let err = serde_json::from_str::<Ledger>(bad).unwrap_err().to_string();
