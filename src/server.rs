@@ -14,10 +14,10 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{
-    AtomicBool, AtomicU64, AtomicUsize,
+    AtomicBool, AtomicU64, AtomicU8, AtomicUsize,
     Ordering::{Acquire, Relaxed, Release},
 };
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -186,7 +186,7 @@ async fn serve_connections<H, F>(
     // are dropped at each look, and whenever the list has doubled.
     let mut controls: Vec<Weak<Control>> = Vec::new();
     let mut kept = 0;
-    let every = limits.header_read_timeout;
+    let every = limits.header_read_timeout.min(limits.write_timeout);
     let mut looks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -206,14 +206,15 @@ async fn serve_connections<H, F>(
                 None => break,
             },
             _ = looks.tick() => {
-                controls.retain(|c| c.upgrade().inspect(|c| if c.idle() { c.close() }).is_some());
+                let now = millis();
+                controls.retain(|c| c.upgrade().inspect(|c| c.look(now, &limits)).is_some());
                 kept = controls.len();
                 continue;
             }
             _ = stopped(&mut stop.shutdown) => break,
         };
         let h = handler.clone();
-        let control = Arc::new(Control::default());
+        let control = Arc::new(Control::new());
         controls.push(Arc::downgrade(&control));
         let c = control.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -223,9 +224,7 @@ async fn serve_connections<H, F>(
                 let resp = fut.await;
                 Ok::<_, Infallible>(match open {
                     None => resp,
-                    Some(open) => {
-                        resp.map(|body| UnsyncBoxBody::new(Counted { body, _open: open }))
-                    }
+                    Some(open) => resp.map(|body| UnsyncBoxBody::new(Counted { body, open })),
                 })
             }
         });
@@ -237,18 +236,27 @@ async fn serve_connections<H, F>(
             let mut conn = std::pin::pin!(conn);
             let mut closing = false;
             // Asked to close: it finishes gracefully (the response in
-            // progress completes; HTTP/2 sends GOAWAY).
+            // progress completes; HTTP/2 sends GOAWAY). Cut: it is dropped,
+            // and its streams end with an error.
             let ended = std::future::poll_fn(|cx| {
                 control.waker.register(cx.waker());
-                if !closing && control.close.load(Acquire) {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
+                match control.state.load(Acquire) {
+                    CUT => return Poll::Ready(None),
+                    CLOSE if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ => {}
                 }
-                conn.as_mut().poll(cx)
+                conn.as_mut().poll(cx).map(Some)
             })
             .await;
-            if let Err(e) = ended {
-                tracing::debug!(error = %e, "connection ended with an error");
+            match ended {
+                Some(Ok(())) => {}
+                Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
+                None => tracing::debug!(
+                    "HTTP/2 connection cut: its client read nothing within server.write_timeout"
+                ),
             }
             drop(permit);
         });
@@ -269,73 +277,148 @@ async fn serve_connections<H, F>(
     tick.abort();
 }
 
-/// One connection's controls: a flag that asks it to close (at shutdown,
-/// or when it is an idle HTTP/2 one), with the waker that makes it look,
-/// and its HTTP/2 requests. hyper closes an idle HTTP/1.1 connection itself
-/// (`header_read_timeout` between requests) but keeps an HTTP/2 one that
-/// answers pings for good, in its `max_connections` slot. So every
-/// `header_read_timeout` the worker looks at each connection: an HTTP/2 one
-/// with no request begun or ended since the last look and none open is
-/// closed (idle for one to two `header_read_timeout`s). The connection's
-/// task registers its waker and reads one atomic flag a wake-up; nothing
-/// else is polled beside it.
-#[derive(Default)]
+/// One connection's controls, looked at by its worker every
+/// `min(header_read_timeout, write_timeout)`. hyper closes an idle HTTP/1.1
+/// connection itself (`header_read_timeout` between requests), and
+/// `Socket` cuts one whose client stops reading. Over HTTP/2 neither
+/// happens: hyper keeps a connection that answers pings for good, in its
+/// `max_connections` slot, and a client that stops reading a stream stops
+/// it by flow control before any socket write blocks, so its response (and
+/// the upstream call behind it) waits for good. So a look
+/// - asks an HTTP/2 connection with no request open, and none begun or
+///   ended for `header_read_timeout`, to close gracefully (GOAWAY);
+/// - cuts one (drops it, ending its streams) with a response that has been
+///   waiting on the client for `write_timeout` (`Counted`), or that was
+///   asked to close `write_timeout` ago and has not (a finished response
+///   can sit in HTTP/2's send buffer, unread, with its body gone).
+///
+/// The connection's task registers its waker and reads one atomic a
+/// wake-up; nothing else is polled beside it. At shutdown every connection
+/// is asked to close the same way.
 struct Control {
-    close: AtomicBool,
+    /// `RUNNING`, `CLOSE` or `CUT`.
+    state: AtomicU8,
     waker: AtomicWaker,
     /// Set once the whole HTTP/2 preface has come.
     h2: AtomicBool,
-    /// Requests whose response has not ended.
+    /// HTTP/2 requests whose response has not ended.
     open: AtomicUsize,
-    /// Requests begun plus requests ended: a request begun or ended
-    /// between two looks (or both) is activity.
-    activity: AtomicU64,
-    /// `activity` at the last look, and whether there was one.
-    looked: AtomicU64,
-    seen: AtomicBool,
+    /// When an HTTP/2 request last began or ended (or the connection was
+    /// accepted), in `millis()`.
+    active_at: AtomicU64,
+    /// When a look asked it to close as idle, in `millis()`; 0 if none did.
+    closing_at: AtomicU64,
+    /// The HTTP/2 responses in progress: since when each has waited on the
+    /// client (see `Counted`). Locked when a request begins and at a look,
+    /// both on the connection's worker.
+    streams: Mutex<Vec<Weak<AtomicU64>>>,
+}
+
+const RUNNING: u8 = 0;
+const CLOSE: u8 = 1;
+const CUT: u8 = 2;
+
+/// Milliseconds since the first call, from 1 (0 stands for "never").
+fn millis() -> u64 {
+    static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+    EPOCH.elapsed().as_millis() as u64 + 1
 }
 
 impl Control {
+    fn new() -> Control {
+        Control {
+            state: AtomicU8::new(RUNNING),
+            waker: AtomicWaker::new(),
+            h2: AtomicBool::new(false),
+            open: AtomicUsize::new(0),
+            active_at: AtomicU64::new(millis()),
+            closing_at: AtomicU64::new(0),
+            streams: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Asks it to finish gracefully; a cut stays a cut.
     fn close(&self) {
-        self.close.store(true, Release);
+        let _ = self
+            .state
+            .compare_exchange(RUNNING, CLOSE, Release, Relaxed);
         self.waker.wake();
     }
 
-    /// One look: whether the connection is HTTP/2 and has been idle since
-    /// the last.
-    fn idle(&self) -> bool {
+    fn cut(&self) {
+        self.state.store(CUT, Release);
+        self.waker.wake();
+    }
+
+    /// One look at `now` (see `Control`).
+    fn look(&self, now: u64, limits: &ConnLimits) {
         if !self.h2.load(Relaxed) {
-            return false;
+            return;
         }
-        let activity = self.activity.load(Relaxed);
-        let since = self.looked.swap(activity, Relaxed);
-        let seen = self.seen.swap(true, Relaxed);
-        seen && activity == since && self.open.load(Relaxed) == 0
+        let waited = |since: u64, limit: Duration| {
+            since != 0 && u128::from(now.saturating_sub(since)) >= limit.as_millis()
+        };
+        let mut stuck = waited(self.closing_at.load(Relaxed), limits.write_timeout);
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        streams.retain(|s| {
+            s.upgrade()
+                .inspect(|s| stuck |= waited(s.load(Relaxed), limits.write_timeout))
+                .is_some()
+        });
+        drop(streams);
+        if stuck {
+            self.cut();
+        } else if self.closing_at.load(Relaxed) == 0
+            && self.open.load(Relaxed) == 0
+            && waited(self.active_at.load(Relaxed), limits.header_read_timeout)
+        {
+            self.closing_at.store(now, Relaxed);
+            self.close();
+        }
     }
 }
 
 /// Held by an HTTP/2 request, then by its response body, until it ends.
-struct Open(Arc<Control>);
+struct Open {
+    control: Arc<Control>,
+    /// Since when the response has waited on the client, in `millis()`; 0
+    /// while it is not.
+    waiting: Arc<AtomicU64>,
+}
 
 impl Open {
-    fn new(a: &Arc<Control>) -> Open {
-        a.open.fetch_add(1, Relaxed);
-        a.activity.fetch_add(1, Relaxed);
-        Open(a.clone())
+    fn new(c: &Arc<Control>) -> Open {
+        c.open.fetch_add(1, Relaxed);
+        c.active_at.store(millis(), Relaxed);
+        let waiting = Arc::new(AtomicU64::new(0));
+        let mut streams = c.streams.lock().unwrap_or_else(|p| p.into_inner());
+        // Ended streams are dropped before the list grows, so it stays
+        // within twice the streams open (a `Weak` keeps its allocation).
+        if streams.len() == streams.capacity() {
+            streams.retain(|s| s.strong_count() > 0);
+        }
+        streams.push(Arc::downgrade(&waiting));
+        Open {
+            control: c.clone(),
+            waiting,
+        }
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Relaxed);
-        self.0.activity.fetch_add(1, Relaxed);
+        self.control.open.fetch_sub(1, Relaxed);
+        self.control.active_at.store(millis(), Relaxed);
     }
 }
 
-/// A response body that keeps its request open until it ends.
+/// An HTTP/2 response body: keeps its request open until it ends, and
+/// keeps the time from each data frame handed over to the next ask. hyper
+/// asks for the next frame only when the client's flow-control window has
+/// room for it, so a long wait is a client that reads nothing.
 struct Counted {
     body: Body,
-    _open: Open,
+    open: Open,
 }
 
 impl hyper::body::Body for Counted {
@@ -346,7 +429,14 @@ impl hyper::body::Body for Counted {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.body).poll_frame(cx);
+        let since = match &r {
+            Poll::Ready(Some(Ok(f))) if f.is_data() => millis(),
+            _ => 0,
+        };
+        this.open.waiting.store(since, Relaxed);
+        r
     }
 
     fn is_end_stream(&self) -> bool {

@@ -1240,6 +1240,108 @@ async fn idle_http2_connections_are_closed_after_header_read_timeout() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// An HTTP/2 connection over `h2c` with a stream window of `window` bytes:
+/// the client releases window only as it reads a body.
+async fn h2_with_window(
+    addr: &str,
+    window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(window)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    (send, tokio::spawn(conn))
+}
+
+fn h2_chat(
+    body: &'static str,
+    extra: &[(&str, &str)],
+) -> http::Request<http_body_util::Full<Bytes>> {
+    let mut req = http::Request::post("/openai/v1/chat/completions")
+        .header("authorization", format!("Bearer {ACME_KEY}"));
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    req.body(http_body_util::Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+/// Over HTTP/2 a client that stops reading a stream stops it by flow
+/// control, before any socket write blocks, so `Socket`'s write deadline
+/// never starts. `server.write_timeout` still cuts its connection, even
+/// while other calls on it keep being served; its place comes back, and its
+/// call's event says the client went away, with what it was sent counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_reading_a_stream_is_cut_after_write_timeout() {
+    let e = env_with("max_connections = 1\nwrite_timeout = \"1s\"", "");
+    let (mut send, conn) = h2_with_window(&e.proxy.addr, 1024).await;
+    let resp = send
+        .send_request(h2_chat(CHAT_STREAM, &[("x-mock-output-tokens", "100000")]))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rid = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    // The stream's body is never read. Other calls on the connection are
+    // read whole, every 200 ms, until the connection is cut.
+    let started = std::time::Instant::now();
+    let mut served = 0;
+    while !conn.is_finished() {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "a stalled HTTP/2 stream still holds its connection ({served} other calls served)"
+        );
+        if let Ok(r) = send.send_request(h2_chat(CHAT, &[])).await {
+            if r.status() == 200 && r.into_body().collect().await.is_ok() {
+                served += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        served >= 3,
+        "{served} calls served beside the stalled stream"
+    );
+    drop(resp);
+    let ev = event_for(e.dir.path(), &rid).await;
+    let d = &ev["data"];
+    assert_eq!(d["outcome"], "client_aborted", "{ev}");
+    let out = d["output_tokens"].as_u64().unwrap();
+    assert!((1..100_000).contains(&out), "{out}");
+    // The only place is free again.
+    let r = chat(&e.proxy.addr, ACME_KEY, CHAT, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// A finished response can sit unread in HTTP/2's send buffer, its body
+/// gone (so no stream is open) and the stream not done: the GOAWAY of an
+/// idle connection then waits for it for good. `server.write_timeout` after
+/// that GOAWAY the connection is cut, and its place comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_with_an_unread_response_is_cut() {
+    let e = env_with(
+        "max_connections = 1\nheader_read_timeout = \"1s\"\nwrite_timeout = \"1s\"",
+        "",
+    );
+    // A window of 16 bytes: the JSON answer (hundreds) cannot all be sent.
+    let (mut send, conn) = h2_with_window(&e.proxy.addr, 16).await;
+    let resp = send.send_request(h2_chat(CHAT, &[])).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let finished = tokio::time::timeout(Duration::from_secs(15), conn).await;
+    assert!(
+        finished.is_ok(),
+        "an HTTP/2 connection with an unread response is still open"
+    );
+    drop(resp);
+    let r = chat(&e.proxy.addr, ACME_KEY, CHAT, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 /// `server.write_timeout` cuts a client that stopped reading its response
 /// (its buffers and the proxy's full, hyper waiting to write for good): its
 /// place under `max_connections` is given back, and the call's event says
