@@ -206,8 +206,7 @@ async fn serve_connections<H, F>(
                 None => break,
             },
             _ = looks.tick() => {
-                let now = millis();
-                controls.retain(|c| c.upgrade().inspect(|c| c.look(now, &limits)).is_some());
+                look_at(&mut controls, &limits);
                 kept = controls.len();
                 continue;
             }
@@ -224,7 +223,7 @@ async fn serve_connections<H, F>(
                 let resp = fut.await;
                 Ok::<_, Infallible>(match open {
                     None => resp,
-                    Some(open) => resp.map(|body| UnsyncBoxBody::new(Counted { body, open })),
+                    Some(open) => resp.map(|body| UnsyncBoxBody::new(Counted::new(body, open))),
                 })
             }
         });
@@ -251,12 +250,9 @@ async fn serve_connections<H, F>(
                 conn.as_mut().poll(cx).map(Some)
             })
             .await;
-            match ended {
-                Some(Ok(())) => {}
-                Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
-                None => tracing::debug!(
-                    "HTTP/2 connection cut: its client read nothing within server.write_timeout"
-                ),
+            // (A cut is logged by the look that made it.)
+            if let Some(Err(e)) = ended {
+                tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(permit);
         });
@@ -264,10 +260,19 @@ async fn serve_connections<H, F>(
     for c in controls.iter().filter_map(Weak::upgrade) {
         c.close();
     }
-    let cut = tokio::select! {
-        _ = async { while conns.join_next().await.is_some() {} } => None,
-        _ = tokio::time::sleep(stop.grace) => Some("shutdown grace ran out; cutting open connections"),
-        _ = stopped(&mut stop.force) => Some("second signal: cutting open connections"),
+    // The looks go on while they drain: a stalled HTTP/2 stream is still cut.
+    let cut = {
+        let drained = async { while conns.join_next().await.is_some() {} };
+        let grace = tokio::time::sleep(stop.grace);
+        tokio::pin!(drained, grace);
+        loop {
+            tokio::select! {
+                _ = &mut drained => break None,
+                _ = &mut grace => break Some("shutdown grace ran out; cutting open connections"),
+                _ = stopped(&mut stop.force) => break Some("second signal: cutting open connections"),
+                _ = looks.tick() => look_at(&mut controls, &limits),
+            }
+        }
     };
     if let Some(why) = cut {
         tracing::warn!(grace = ?stop.grace, open = conns.len(), "{why}");
@@ -275,6 +280,13 @@ async fn serve_connections<H, F>(
     conns.abort_all();
     while conns.join_next().await.is_some() {}
     tick.abort();
+}
+
+/// Looks at each connection still open (see `Control`), and forgets the
+/// others.
+fn look_at(controls: &mut Vec<Weak<Control>>, limits: &ConnLimits) {
+    let now = millis();
+    controls.retain(|c| c.upgrade().inspect(|c| c.look(now, limits)).is_some());
 }
 
 /// One connection's controls, looked at by its worker every
@@ -358,20 +370,35 @@ impl Control {
         let waited = |since: u64, limit: Duration| {
             since != 0 && u128::from(now.saturating_sub(since)) >= limit.as_millis()
         };
-        let mut stuck = waited(self.closing_at.load(Relaxed), limits.write_timeout);
+        let open = self.open.load(Relaxed);
+        let closing = self.closing_at.load(Relaxed);
+        let active = self.active_at.load(Relaxed);
+        // Sent its GOAWAY with nothing open, and not closed since: only a
+        // finished response left unsent holds it. (Calls begun as the
+        // GOAWAY went out are open, and watched as streams.)
+        let unsent = open == 0 && closing != 0 && waited(closing.max(active), limits.write_timeout);
+        let mut stalled = 0;
         let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
         streams.retain(|s| {
-            s.upgrade()
-                .inspect(|s| stuck |= waited(s.load(Relaxed), limits.write_timeout))
-                .is_some()
+            let s = s.upgrade();
+            if let Some(s) = &s {
+                stalled += usize::from(waited(s.load(Relaxed), limits.write_timeout));
+            }
+            s.is_some()
         });
+        if streams.capacity() > 64 && streams.len() < streams.capacity() / 4 {
+            let live = streams.len();
+            streams.shrink_to(live * 2);
+        }
         drop(streams);
-        if stuck {
+        if unsent || stalled > 0 {
+            tracing::debug!(
+                open,
+                stalled,
+                "HTTP/2 connection cut: its client read nothing within server.write_timeout"
+            );
             self.cut();
-        } else if self.closing_at.load(Relaxed) == 0
-            && self.open.load(Relaxed) == 0
-            && waited(self.active_at.load(Relaxed), limits.header_read_timeout)
-        {
+        } else if closing == 0 && open == 0 && waited(active, limits.header_read_timeout) {
             self.closing_at.store(now, Relaxed);
             self.close();
         }
@@ -414,11 +441,37 @@ impl Drop for Open {
 
 /// An HTTP/2 response body: keeps its request open until it ends, and
 /// keeps the time from each data frame handed over to the next ask. hyper
-/// asks for the next frame only when the client's flow-control window has
-/// room for it, so a long wait is a client that reads nothing.
+/// (its `PipeToSendStream`) asks for the next frame only once the client's
+/// flow-control window has room for all it has buffered, so a long wait is
+/// a client that reads nothing. Frames are handed over in pieces of at most
+/// `PIECE`: a wait then means less than that read, whatever size of read
+/// the upstream's bytes arrived in.
 struct Counted {
     body: Body,
     open: Open,
+    /// What is left of a frame larger than `PIECE`.
+    rest: Bytes,
+}
+
+const PIECE: usize = 16 * 1024;
+
+impl Counted {
+    fn new(body: Body, open: Open) -> Counted {
+        Counted {
+            body,
+            open,
+            rest: Bytes::new(),
+        }
+    }
+}
+
+/// The next piece of `d`, at most `PIECE` bytes.
+fn piece(d: &mut Bytes) -> Bytes {
+    if d.len() > PIECE {
+        d.split_to(PIECE)
+    } else {
+        std::mem::take(d)
+    }
 }
 
 impl hyper::body::Body for Counted {
@@ -430,7 +483,20 @@ impl hyper::body::Body for Counted {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.body).poll_frame(cx);
+        let r = if this.rest.is_empty() {
+            Pin::new(&mut this.body)
+                .poll_frame(cx)
+                .map_ok(|f| match f.into_data() {
+                    Ok(mut d) => {
+                        let head = piece(&mut d);
+                        this.rest = d;
+                        hyper::body::Frame::data(head)
+                    }
+                    Err(f) => f,
+                })
+        } else {
+            Poll::Ready(Some(Ok(hyper::body::Frame::data(piece(&mut this.rest)))))
+        };
         let since = match &r {
             Poll::Ready(Some(Ok(f))) if f.is_data() => millis(),
             _ => 0,
@@ -440,11 +506,18 @@ impl hyper::body::Body for Counted {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
+        let mut hint = self.body.size_hint();
+        let rest = self.rest.len() as u64;
+        // The upper bound first: a lower bound above it panics.
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint.set_lower(hint.lower() + rest);
+        hint
     }
 }
 
@@ -733,5 +806,102 @@ mod tests {
         assert_eq!(t.due_at(t0 + Duration::from_secs(60)), Some(4));
         assert_eq!(t.due_at(t0 + Duration::from_secs(61)), None);
         assert_eq!(t.due_at(t0 + Duration::from_secs(600)), Some(1));
+    }
+
+    fn state(c: &Control) -> u8 {
+        c.state.load(Relaxed)
+    }
+
+    /// An HTTP/2 connection's `Control` at time 1,000 (ms), last active then.
+    fn h2_control() -> Arc<Control> {
+        let c = Arc::new(Control::new());
+        c.h2.store(true, Relaxed);
+        c.active_at.store(1_000, Relaxed);
+        c
+    }
+
+    #[test]
+    fn a_look_closes_idle_http2_connections_and_cuts_stalled_ones() {
+        let limits = ConnLimits {
+            max: 10,
+            header_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(60),
+        };
+        // HTTP/1.1: never touched (hyper and `Socket` keep its deadlines).
+        let c = Control::new();
+        c.look(u64::MAX / 2, &limits);
+        assert_eq!((state(&c), c.closing_at.load(Relaxed)), (RUNNING, 0));
+
+        // Idle: closed once nothing has begun or ended for 30 s.
+        let c = h2_control();
+        c.look(30_999, &limits);
+        assert_eq!(state(&c), RUNNING);
+        c.look(31_000, &limits);
+        assert_eq!((state(&c), c.closing_at.load(Relaxed)), (CLOSE, 31_000));
+        // Still open 60 s after its GOAWAY, nothing open: an unsent
+        // response holds it.
+        c.look(90_999, &limits);
+        assert_eq!(state(&c), CLOSE);
+        c.look(91_000, &limits);
+        assert_eq!(state(&c), CUT);
+
+        // A call begun as the GOAWAY went out, waiting on its upstream, is
+        // not cut; once it ends, the wait counts from its end.
+        let c = h2_control();
+        c.look(31_000, &limits);
+        let open = Open::new(&c);
+        c.look(500_000, &limits);
+        assert_eq!(state(&c), CLOSE);
+        drop(open);
+        c.active_at.store(500_000, Relaxed);
+        c.look(559_999, &limits);
+        assert_eq!(state(&c), CLOSE);
+        c.look(560_000, &limits);
+        assert_eq!(state(&c), CUT);
+
+        // A stream whose client has had its last frame for 60 s is cut, even
+        // with other calls active; one waiting on nothing is not.
+        let c = h2_control();
+        let (stalled, busy) = (Open::new(&c), Open::new(&c));
+        stalled.waiting.store(2_000, Relaxed);
+        c.look(61_999, &limits);
+        assert_eq!(state(&c), RUNNING);
+        c.active_at.store(61_999, Relaxed);
+        c.look(62_000, &limits);
+        assert_eq!(state(&c), CUT);
+        // Ended streams are forgotten at a look.
+        drop((stalled, busy));
+        c.look(62_001, &limits);
+        assert!(c.streams.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn http2_response_frames_are_handed_over_in_pieces() {
+        use http_body_util::BodyExt;
+        use hyper::body::Body as _;
+        let c = h2_control();
+        let big: Bytes = (0..40_000u32).map(|i| i as u8).collect();
+        let mut body = Counted::new(full(big.clone()), Open::new(&c));
+        assert_eq!(body.size_hint().exact(), Some(40_000));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut got = Vec::new();
+        rt.block_on(async {
+            while let Some(f) = body.frame().await {
+                let d = f.unwrap().into_data().unwrap();
+                assert!(d.len() <= PIECE);
+                got.push(d);
+                // Handed over: waiting on the client until asked again.
+                assert_ne!(body.open.waiting.load(Relaxed), 0);
+            }
+        });
+        assert_eq!(
+            got.iter().map(Bytes::len).collect::<Vec<_>>(),
+            [16_384, 16_384, 7_232]
+        );
+        assert_eq!(got.concat(), big);
+        assert!(body.is_end_stream());
+        assert_eq!(body.open.waiting.load(Relaxed), 0);
     }
 }
