@@ -300,9 +300,10 @@ fn look_at(controls: &mut Vec<Weak<Control>>, limits: &ConnLimits) {
 /// - asks an HTTP/2 connection with no request open, and none begun or
 ///   ended for `header_read_timeout`, to close gracefully (GOAWAY);
 /// - cuts one (drops it, ending its streams) with a response that has been
-///   waiting on the client for `write_timeout` (`Counted`), or that was
-///   asked to close `write_timeout` ago and has not (a finished response
-///   can sit in HTTP/2's send buffer, unread, with its body gone).
+///   waiting on the client for `write_timeout` (`Counted`), or one with
+///   nothing open that was asked to close, and had its last request end,
+///   `write_timeout` ago and is still open (a finished response can sit in
+///   HTTP/2's send buffer, unread, with its body gone).
 ///
 /// The connection's task registers its waker and reads one atomic a
 /// wake-up; nothing else is polled beside it. At shutdown every connection

@@ -1321,11 +1321,11 @@ async fn an_http2_client_that_stops_reading_a_stream_is_cut_after_write_timeout(
 /// With `server.write_timeout` at 1 s, HTTP/2 calls whose client reads
 /// are never cut, however long their upstream takes: a first byte after
 /// 2.5 s, pieces 1.5 s apart, and a stream of megabytes read through a
-/// 1 KiB window (handed over in pieces, each read whole).
+/// 4 KiB window (handed over in pieces, each read whole).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_calls_that_are_read_are_not_cut_by_write_timeout() {
     let e = env_with("write_timeout = \"1s\"", "");
-    let (send, conn) = h2_with_window(&e.proxy.addr, 1024).await;
+    let (send, conn) = h2_with_window(&e.proxy.addr, 4096).await;
     let call = |body: &'static str, extra: &'static [(&'static str, &'static str)]| {
         let mut send = send.clone();
         async move {
