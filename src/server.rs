@@ -205,8 +205,8 @@ async fn serve_connections<H, F>(
                 }
                 None => break,
             },
-            _ = looks.tick() => {
-                look_at(&mut controls, &limits);
+            due = looks.tick() => {
+                look_at(&mut controls, &limits, due, every);
                 kept = controls.len();
                 continue;
             }
@@ -257,7 +257,10 @@ async fn serve_connections<H, F>(
             drop(permit);
         });
     }
+    let now = millis();
     for c in controls.iter().filter_map(Weak::upgrade) {
+        // What the unsent-response rule counts from.
+        let _ = c.closing_at.compare_exchange(0, now, Relaxed, Relaxed);
         c.close();
     }
     // The looks go on while they drain: a stalled HTTP/2 stream is still cut.
@@ -270,7 +273,7 @@ async fn serve_connections<H, F>(
                 _ = &mut drained => break None,
                 _ = &mut grace => break Some("shutdown grace ran out; cutting open connections"),
                 _ = stopped(&mut stop.force) => break Some("second signal: cutting open connections"),
-                _ = looks.tick() => look_at(&mut controls, &limits),
+                due = looks.tick() => look_at(&mut controls, &limits, due, every),
             }
         }
     };
@@ -283,10 +286,21 @@ async fn serve_connections<H, F>(
 }
 
 /// Looks at each connection still open (see `Control`), and forgets the
-/// others.
-fn look_at(controls: &mut Vec<Weak<Control>>, limits: &ConnLimits) {
+/// others. A look that comes late (the worker was stalled: the reads that
+/// would show progress may be queued behind it) cuts nothing.
+fn look_at(
+    controls: &mut Vec<Weak<Control>>,
+    limits: &ConnLimits,
+    due: tokio::time::Instant,
+    every: Duration,
+) {
+    let may_cut = due.elapsed() <= every / 2;
     let now = millis();
-    controls.retain(|c| c.upgrade().inspect(|c| c.look(now, limits)).is_some());
+    controls.retain(|c| {
+        c.upgrade()
+            .inspect(|c| c.look(now, limits, may_cut))
+            .is_some()
+    });
 }
 
 /// One connection's controls, looked at by its worker every
@@ -363,9 +377,9 @@ impl Control {
         self.waker.wake();
     }
 
-    /// One look at `now` (see `Control`).
-    fn look(&self, now: u64, limits: &ConnLimits) {
-        if !self.h2.load(Relaxed) {
+    /// One look at `now` (see `Control`); cuts only if `may_cut`.
+    fn look(&self, now: u64, limits: &ConnLimits, may_cut: bool) {
+        if !self.h2.load(Relaxed) || self.state.load(Relaxed) == CUT {
             return;
         }
         let waited = |since: u64, limit: Duration| {
@@ -392,7 +406,7 @@ impl Control {
             streams.shrink_to(live * 2);
         }
         drop(streams);
-        if unsent || stalled > 0 {
+        if may_cut && (unsent || stalled > 0) {
             tracing::debug!(
                 open,
                 stalled,
@@ -515,9 +529,9 @@ impl hyper::body::Body for Counted {
         let rest = self.rest.len() as u64;
         // The upper bound first: a lower bound above it panics.
         if let Some(upper) = hint.upper() {
-            hint.set_upper(upper + rest);
+            hint.set_upper(upper.saturating_add(rest));
         }
-        hint.set_lower(hint.lower() + rest);
+        hint.set_lower(hint.lower().saturating_add(rest));
         hint
     }
 }
@@ -830,50 +844,59 @@ mod tests {
         };
         // HTTP/1.1: never touched (hyper and `Socket` keep its deadlines).
         let c = Control::new();
-        c.look(u64::MAX / 2, &limits);
+        c.look(u64::MAX / 2, &limits, true);
         assert_eq!((state(&c), c.closing_at.load(Relaxed)), (RUNNING, 0));
 
         // Idle: closed once nothing has begun or ended for 30 s.
         let c = h2_control();
-        c.look(30_999, &limits);
+        c.look(30_999, &limits, true);
         assert_eq!(state(&c), RUNNING);
-        c.look(31_000, &limits);
+        c.look(31_000, &limits, true);
         assert_eq!((state(&c), c.closing_at.load(Relaxed)), (CLOSE, 31_000));
         // Still open 60 s after its GOAWAY, nothing open: an unsent
         // response holds it.
-        c.look(90_999, &limits);
+        c.look(90_999, &limits, true);
         assert_eq!(state(&c), CLOSE);
-        c.look(91_000, &limits);
+        c.look(91_000, &limits, true);
         assert_eq!(state(&c), CUT);
 
         // A call begun as the GOAWAY went out, waiting on its upstream, is
         // not cut; once it ends, the wait counts from its end.
         let c = h2_control();
-        c.look(31_000, &limits);
+        c.look(31_000, &limits, true);
         let open = Open::new(&c);
-        c.look(500_000, &limits);
+        c.look(500_000, &limits, true);
         assert_eq!(state(&c), CLOSE);
         drop(open);
         c.active_at.store(500_000, Relaxed);
-        c.look(559_999, &limits);
+        c.look(559_999, &limits, true);
         assert_eq!(state(&c), CLOSE);
-        c.look(560_000, &limits);
+        c.look(560_000, &limits, true);
         assert_eq!(state(&c), CUT);
 
         // A stream whose client has had its last frame for 60 s is cut, even
         // with other calls active; one waiting on nothing is not.
+        // A late look (the worker was stalled) cuts nothing.
         let c = h2_control();
         let (stalled, busy) = (Open::new(&c), Open::new(&c));
         stalled.waiting.store(2_000, Relaxed);
-        c.look(61_999, &limits);
+        c.look(61_999, &limits, true);
         assert_eq!(state(&c), RUNNING);
         c.active_at.store(61_999, Relaxed);
-        c.look(62_000, &limits);
+        c.look(62_000, &limits, false);
+        assert_eq!(state(&c), RUNNING);
+        c.look(62_000, &limits, true);
         assert_eq!(state(&c), CUT);
-        // Ended streams are forgotten at a look.
         drop((stalled, busy));
-        c.look(62_001, &limits);
-        assert!(c.streams.lock().unwrap().is_empty());
+
+        // Ended streams are forgotten at a look, and the list shrinks.
+        let c = h2_control();
+        let many: Vec<Open> = (0..200).map(|_| Open::new(&c)).collect();
+        assert!(c.streams.lock().unwrap().capacity() >= 200);
+        drop(many);
+        c.look(2_000, &limits, true);
+        let streams = c.streams.lock().unwrap();
+        assert!(streams.is_empty() && streams.capacity() <= 64);
     }
 
     #[test]
@@ -904,5 +927,28 @@ mod tests {
         assert_eq!(got.concat(), big);
         assert!(body.is_end_stream());
         assert_eq!(body.open.waiting.load(Relaxed), 0);
+
+        // Trailers come after the last piece; the rest is counted in the
+        // size and keeps the body from ending.
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-t", http::HeaderValue::from_static("1"));
+        let frames = vec![
+            Ok::<_, BoxError>(hyper::body::Frame::data(big.slice(..20_000))),
+            Ok(hyper::body::Frame::trailers(trailers)),
+        ];
+        let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let mut body = Counted::new(UnsyncBoxBody::new(inner), Open::new(&c));
+        rt.block_on(async {
+            let first = body.frame().await.unwrap().unwrap();
+            assert_eq!(first.data_ref().map(Bytes::len), Some(PIECE));
+            assert_eq!(body.rest.len(), 20_000 - PIECE);
+            assert!(!body.is_end_stream());
+            assert!(body.size_hint().lower() >= (20_000 - PIECE) as u64);
+            let second = body.frame().await.unwrap().unwrap();
+            assert_eq!(second.data_ref().map(Bytes::len), Some(20_000 - PIECE));
+            let third = body.frame().await.unwrap().unwrap();
+            assert!(third.is_trailers());
+            assert!(body.frame().await.is_none());
+        });
     }
 }
