@@ -14,7 +14,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{
-    AtomicBool, AtomicU64, AtomicU8, AtomicUsize,
+    AtomicBool, AtomicU64, AtomicU8,
     Ordering::{Acquire, Relaxed, Release},
 };
 use std::sync::{Arc, LazyLock, Mutex, Weak};
@@ -328,14 +328,13 @@ struct Control {
     waker: AtomicWaker,
     /// Set once the whole HTTP/2 preface has come.
     h2: AtomicBool,
-    /// HTTP/2 requests whose response has not ended.
-    open: AtomicUsize,
     /// When an HTTP/2 request last began or ended (or the connection was
     /// accepted), in `millis()`.
     active_at: AtomicU64,
     /// When a look asked it to close as idle, in `millis()`; 0 if none did.
     closing_at: AtomicU64,
-    /// The HTTP/2 responses in progress: since when each has waited on the
+    /// The HTTP/2 requests whose response has not ended (their `Open`s
+    /// hold the only strong reference): since when each has waited on the
     /// client (see `Counted`). Locked when a request begins and at a look,
     /// both on the connection's worker.
     streams: Mutex<Vec<Weak<AtomicU64>>>,
@@ -357,7 +356,6 @@ impl Control {
             state: AtomicU8::new(RUNNING),
             waker: AtomicWaker::new(),
             h2: AtomicBool::new(false),
-            open: AtomicUsize::new(0),
             active_at: AtomicU64::new(millis()),
             closing_at: AtomicU64::new(0),
             streams: Mutex::new(Vec::new()),
@@ -385,13 +383,6 @@ impl Control {
         let waited = |since: u64, limit: Duration| {
             since != 0 && u128::from(now.saturating_sub(since)) >= limit.as_millis()
         };
-        let open = self.open.load(Relaxed);
-        let closing = self.closing_at.load(Relaxed);
-        let active = self.active_at.load(Relaxed);
-        // Sent its GOAWAY with nothing open, and not closed since: only a
-        // finished response left unsent holds it. (Calls begun as the
-        // GOAWAY went out are open, and watched as streams.)
-        let unsent = open == 0 && closing != 0 && waited(closing.max(active), limits.write_timeout);
         let mut stalled = 0;
         let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
         streams.retain(|s| {
@@ -401,11 +392,17 @@ impl Control {
             }
             s.is_some()
         });
-        if streams.capacity() > 64 && streams.len() < streams.capacity() / 4 {
-            let live = streams.len();
-            streams.shrink_to(live * 2);
+        let open = streams.len();
+        if streams.capacity() > 64 && open < streams.capacity() / 4 {
+            streams.shrink_to(open * 2);
         }
         drop(streams);
+        let closing = self.closing_at.load(Relaxed);
+        let active = self.active_at.load(Relaxed);
+        // Sent its GOAWAY with nothing open, and not closed since: only a
+        // finished response left unsent holds it. (Calls begun as the
+        // GOAWAY went out are open, and watched as streams.)
+        let unsent = open == 0 && closing != 0 && waited(closing.max(active), limits.write_timeout);
         if may_cut && (unsent || stalled > 0) {
             tracing::debug!(
                 open,
@@ -430,7 +427,6 @@ struct Open {
 
 impl Open {
     fn new(c: &Arc<Control>) -> Open {
-        c.open.fetch_add(1, Relaxed);
         c.active_at.store(millis(), Relaxed);
         let waiting = Arc::new(AtomicU64::new(0));
         let mut streams = c.streams.lock().unwrap_or_else(|p| p.into_inner());
@@ -449,7 +445,6 @@ impl Open {
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.control.open.fetch_sub(1, Relaxed);
         self.control.active_at.store(millis(), Relaxed);
     }
 }
