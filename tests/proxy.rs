@@ -1475,3 +1475,93 @@ async fn connections_past_the_limit_wait_until_one_closes() {
     let status = status_of(&mut third, Duration::from_secs(10)).await;
     assert_eq!(status.as_deref(), Some("HTTP/1.1 200"));
 }
+
+/// An upstream that answers every request with the whole of `body` as one
+/// chunk of a chunked JSON response, then closes the connection without the
+/// last chunk: the answer is all there, its framing is cut.
+async fn cut_json_upstream(body: &'static [u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                // Read the request head and its body (a small one).
+                let mut buf = vec![0u8; 64 << 10];
+                let mut got = 0;
+                loop {
+                    let n = s.read(&mut buf[got..]).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got += n;
+                    let text = String::from_utf8_lossy(&buf[..got]);
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let len = text[..head_end]
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if got >= head_end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-request-id: req_cut\r\ntransfer-encoding: chunked\r\n\r\n";
+                let mut out = head.as_bytes().to_vec();
+                out.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+                out.extend_from_slice(body);
+                out.extend_from_slice(b"\r\n");
+                let _ = s.write_all(&out).await;
+                let _ = s.flush().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Gone without `0\r\n\r\n`.
+            });
+        }
+    });
+    addr
+}
+
+/// A non-streamed answer is generated in full before its head is sent: when
+/// its body arrives whole but the upstream breaks off before the framing's
+/// end, the provider's usage in it is metered (it was estimated at 0 output
+/// tokens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_json_answer_whose_framing_is_cut_is_metered_from_its_usage() {
+    const BODY: &[u8] = include_bytes!("fixtures/openai/chat_reasoning_cached.json");
+    let upstream = cut_json_upstream(BODY).await;
+    let extra = format!(
+        r#"
+[[upstreams]]
+name = "cut"
+prefix = "/cut"
+url = "http://{upstream}"
+provider = "openai"
+"#
+    );
+    let e = env_with("", &extra);
+    let auth = format!("Bearer {ACME_KEY}");
+    let r = send(
+        "POST",
+        &format!("http://{}/cut/v1/chat/completions", e.proxy.addr),
+        &[("authorization", &auth)],
+        CHAT.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let ev = wait_events(e.dir.path(), "the cut call", |ev| {
+        ev.iter().any(|x| x["data"]["upstream"] == "cut")
+    })
+    .await;
+    let d = &ev.iter().find(|x| x["data"]["upstream"] == "cut").unwrap()["data"];
+    assert_eq!(d["outcome"], "upstream_error", "{d}");
+    assert_eq!(d["usage_source"], "provider", "{d}");
+    assert_eq!(d["input_tokens"], 2006, "{d}");
+    assert_eq!(d["cache_read_input_tokens"], 1920, "{d}");
+    assert_eq!(d["output_tokens"], 300, "{d}");
+    assert_eq!(d["reasoning_output_tokens"], 256, "{d}");
+}

@@ -137,11 +137,21 @@ fn input_bound(ask: &Ask<'_>) -> u64 {
     if !ask.op.is_metered() {
         return 0;
     }
-    use crate::meter::needles::{positions, FILE_ID_KEY, FILE_URL_KEY, URL_KEY};
+    use crate::meter::needles::{positions, FILE_ID_KEY, FILE_URL_KEY, IMAGE_URL_KEY, URL_KEY};
     let by_reference = [&URL_KEY, &FILE_ID_KEY, &FILE_URL_KEY]
         .iter()
         .map(|f| positions(f, ask.body).count() as u64)
-        .sum::<u64>();
+        .sum::<u64>()
+        // The Responses API's `"image_url": "<url>"` (chat's `image_url` is
+        // an object whose `url` is counted above).
+        + positions(&IMAGE_URL_KEY, ask.body)
+            .filter(|&at| {
+                let mut rest = ask.body[at + IMAGE_URL_KEY.needle().len()..]
+                    .iter()
+                    .filter(|b| !b.is_ascii_whitespace());
+                rest.next() == Some(&b':') && rest.next() == Some(&b'"')
+            })
+            .count() as u64;
     ask.body.len() as u64 + by_reference * ask.policy.url_item_tokens
 }
 
@@ -174,7 +184,11 @@ async fn counted_input(ask: &Ask<'_>) -> Option<u64> {
     let per_item = ask.policy.url_item_tokens;
     tokens::estimate_blocking(move || {
         let input = crate::meter::request::input_text(&body);
-        tokens::count(&model, &input.text) + 3 * input.messages + 3 + input.by_reference * per_item
+        tokens::count(&model, &input.text)
+            + input.token_ids
+            + 3 * input.messages
+            + 3
+            + input.by_reference * per_item
     })
     .await
 }
@@ -185,11 +199,26 @@ fn worst_case(ask: &Ask<'_>, input: u64) -> Decimal {
         return ask.upstream.price_per_call;
     }
     // The request model, exactly or as a dated snapshot of a configured
-    // name: settling prices it the same way.
+    // name. Settling also tries the response model, which only the upstream
+    // names (`gpt-4o` answered as `gpt-4o-2024-08-06`, an alias answered as
+    // another name): a request model with no price of its own reserves as the
+    // dearest configured model, so a call settled at a response model's price
+    // never spends past what it reserved.
     let model = ask.info.model.as_deref().unwrap_or("");
-    let Some(p) = ask.policy.price(model, model) else {
-        return Decimal::ZERO;
-    };
+    match ask.policy.price(model, model) {
+        Some(p) => worst_case_at(ask, p, input),
+        None => ask
+            .policy
+            .models
+            .values()
+            .map(|p| worst_case_at(ask, p, input))
+            .max()
+            .unwrap_or(Decimal::ZERO),
+    }
+}
+
+/// The worst case of a call priced as `p`.
+fn worst_case_at(ask: &Ask<'_>, p: &crate::config::ModelPrice, input: u64) -> Decimal {
     let output = match ask.op {
         Operation::Embeddings => 0,
         _ => ask

@@ -1,7 +1,10 @@
 //! Rate limits with governor's GCRA, per tenant: requests per minute, and
 //! tokens per minute charged with the input estimate up front and corrected
 //! after the call (actual input above the estimate, plus the output) by a
-//! debt that the tenant's next admission pays first.
+//! debt that the tenant's next admissions pay first. One admission charges at
+//! most a minute's quota (the bucket holds no more); the rest of the debt is
+//! carried to the next, so a call that used an hour's tokens holds the tenant
+//! back for about an hour.
 
 use std::num::NonZeroU32;
 use std::sync::Mutex;
@@ -20,8 +23,9 @@ struct TenantLimits<C: Clock> {
     config: RateLimit,
     requests: Option<Limiter<C>>,
     tokens: Option<Limiter<C>>,
-    /// Tokens used beyond what was charged up front.
-    token_debt: u64,
+    /// Tokens used but not yet charged (positive), or charged for a request
+    /// the request limit then refused (negative: paid ahead).
+    token_balance: i64,
 }
 
 /// Why a call was rate limited, and the figures for the headers.
@@ -100,26 +104,32 @@ impl<C: Clock + Clone> RateLimits<C> {
         };
         // Tokens first (a refusal there must not spend a request), then requests.
         let mut remaining = Remaining::default();
-        let charge = input_tokens + t.token_debt;
+        let total = t.token_balance.saturating_add(tokens_i64(input_tokens));
+        let mut charged = 0;
         if let (Some(limiter), Some(tpm)) = (&t.tokens, config.tokens_per_minute) {
-            let n = NonZeroU32::new(charge.clamp(1, u64::from(tpm)) as u32).expect("at least 1");
-            match limiter.check_n(n) {
+            // At most the bucket's size now; the rest stays owed.
+            let n = total.clamp(1, i64::from(tpm)) as u32;
+            match limiter.check_n(NonZeroU32::new(n).expect("at least 1")) {
                 Ok(Ok(state)) => remaining.tokens = Some(state.remaining_burst_capacity()),
                 Ok(Err(until)) => return Err(limited(LimitKind::Tokens, until)),
                 Err(_) => unreachable!("n is clamped to the burst size"),
             }
+            charged = i64::from(n);
         }
         if let Some(limiter) = &t.requests {
             match limiter.check() {
                 Ok(state) => remaining.requests = Some(state.remaining_burst_capacity()),
                 Err(until) => {
-                    // Give back nothing: governor cannot refund, so the tokens
-                    // charged above stay charged; the request is refused.
+                    // governor cannot refund: what was charged above pays the
+                    // balance owed (or is paid ahead), not this request's input.
+                    t.token_balance -= charged;
                     return Err(limited(LimitKind::Requests, until));
                 }
             }
         }
-        t.token_debt = 0;
+        if t.tokens.is_some() {
+            t.token_balance = total - charged;
+        }
         Ok((
             TokenCharge {
                 estimated_input: input_tokens,
@@ -133,7 +143,10 @@ impl<C: Clock + Clone> RateLimits<C> {
         let mut tenants = self.tenants.lock().unwrap();
         if let Some(t) = tenants.get_mut(tenant) {
             if t.tokens.is_some() {
-                t.token_debt += input.saturating_sub(charge.estimated_input) + output;
+                let more = input
+                    .saturating_sub(charge.estimated_input)
+                    .saturating_add(output);
+                t.token_balance = t.token_balance.saturating_add(tokens_i64(more));
             }
         }
     }
@@ -147,9 +160,13 @@ impl<C: Clock + Clone> RateLimits<C> {
             config: *config,
             requests: config.requests_per_minute.map(limiter),
             tokens: config.tokens_per_minute.map(limiter),
-            token_debt: 0,
+            token_balance: 0,
         }
     }
+}
+
+fn tokens_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -198,5 +215,53 @@ mod tests {
         assert_eq!(rem.tokens, Some(50));
         clock.advance(Duration::from_secs(60));
         limits.admit("t", &cfg, 1000).unwrap();
+    }
+
+    /// A call that used far more than a minute's tokens is paid for over the
+    /// minutes that follow, a bucketful at a time: none of it is forgiven.
+    #[test]
+    fn a_debt_above_a_minutes_quota_is_carried_not_forgiven() {
+        let clock = FakeRelativeClock::default();
+        let limits = RateLimits::with_clock(clock.clone());
+        let cfg = RateLimit {
+            requests_per_minute: None,
+            tokens_per_minute: Some(1000),
+        };
+        let (charge, _) = limits.admit("t", &cfg, 10).unwrap();
+        // 5,000 output tokens: five minutes' worth.
+        limits.correct("t", charge, 10, 5000);
+        clock.advance(Duration::from_secs(60));
+        // Each admission pays a full bucket while the debt lasts: half a
+        // minute's refill is not enough.
+        for _ in 0..4 {
+            limits.admit("t", &cfg, 10).unwrap();
+            clock.advance(Duration::from_secs(30));
+            let e = limits.admit("t", &cfg, 10).unwrap_err();
+            assert_eq!(e.kind, LimitKind::Tokens);
+            clock.advance(Duration::from_secs(30));
+        }
+        // The fifth pays the last full bucket (5,050 owed with the calls'
+        // own 10s, 5,000 paid): after it a small call fits in half a minute.
+        limits.admit("t", &cfg, 10).unwrap();
+        clock.advance(Duration::from_secs(30));
+        limits.admit("t", &cfg, 10).unwrap();
+    }
+
+    /// A request the request limit refuses does not pay the token debt twice
+    /// (its retries would then be refused for tokens they never used).
+    #[test]
+    fn a_request_refused_for_requests_does_not_pay_the_token_debt_twice() {
+        let clock = FakeRelativeClock::default();
+        let limits = RateLimits::with_clock(clock.clone());
+        let cfg = RateLimit {
+            requests_per_minute: Some(1),
+            tokens_per_minute: Some(1000),
+        };
+        let (charge, _) = limits.admit("t", &cfg, 0).unwrap();
+        limits.correct("t", charge, 0, 400);
+        for _ in 0..5 {
+            let e = limits.admit("t", &cfg, 0).unwrap_err();
+            assert_eq!(e.kind, LimitKind::Requests);
+        }
     }
 }

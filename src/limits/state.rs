@@ -48,12 +48,24 @@ fn path(data_dir: &Path) -> PathBuf {
 
 /// Loads the snapshot and replays the spool after it.
 pub async fn recover(data_dir: &Path, spool: &Arc<Spool>) -> Result<(Ledger, u64), SpoolError> {
-    let snap: Snapshot = match std::fs::read(path(data_dir)) {
+    let mut snap: Snapshot = match std::fs::read(path(data_dir)) {
         Ok(b) => serde_json::from_slice(&b)
             .map_err(|e| SpoolError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Snapshot::default(),
         Err(e) => return Err(e.into()),
     };
+    if snap.position > spool.end() {
+        // Taken past what recovery kept (a power loss before the spool's
+        // sync). Saved at the end at once, as the sink cursors are (see
+        // `Spool::open`): the next lines reuse those positions.
+        tracing::warn!(
+            snapshot = snap.position,
+            end = spool.end(),
+            "budget snapshot past the recovered spool end (a power loss); moved back to the end"
+        );
+        snap.position = spool.end();
+        store(data_dir, &snap)?;
+    }
     let mut ledger = snap.ledger;
     let mut reader = spool.reader_at(CURSOR, snap.position)?;
     // To the end of the log: an empty read that moved the position (over
@@ -238,5 +250,82 @@ pub async fn keep(
         if stop {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Fsync, SpoolPolicy, WhenFull};
+    use crate::spool::Flush;
+
+    fn spend_line(cost: &str) -> Vec<u8> {
+        format!(
+            "{{\"type\":\"llm.call\",\"time\":\"2026-11-24T10:00:00Z\",\"data\":{{\"tenant\":\"t\",\"cost\":\"{cost}\"}}}}\n"
+        )
+        .into_bytes()
+    }
+
+    fn open(dir: &Path) -> Arc<Spool> {
+        let policy = SpoolPolicy {
+            max_bytes: 1 << 20,
+            when_full: WhenFull::Reject,
+            fsync: Fsync::Never,
+            segment_bytes: 1 << 20,
+        };
+        Spool::open(&dir.join("spool"), policy, &[CURSOR.to_string()]).unwrap()
+    }
+
+    fn total(ledger: &Ledger) -> Decimal {
+        let at = OffsetDateTime::parse("2026-11-24T12:00:00Z", &Rfc3339).unwrap();
+        ledger.tenant("t").map_or(Decimal::ZERO, |t| {
+            t.window(crate::config::Window::Total, at).0
+        })
+    }
+
+    /// A snapshot taken past what a power loss left of the spool is saved
+    /// back at the end when recovered: the lines appended next reuse those
+    /// positions, and a second restart before the next snapshot replays
+    /// them all, from the start of the first.
+    #[tokio::test]
+    async fn a_snapshot_past_the_recovered_end_is_saved_back_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path());
+        for _ in 0..3 {
+            spool.append(spend_line("1"), Flush::Batch).await.unwrap();
+        }
+        let end = spool.end();
+        spool.close().await;
+        drop(spool);
+        // The snapshot covers two more lines than the disk kept.
+        let mut ledger = Ledger::default();
+        let at = OffsetDateTime::parse("2026-11-24T10:00:00Z", &Rfc3339).unwrap();
+        ledger.spend("t", Decimal::from(5), at);
+        let past = end + 2 * spend_line("1").len() as u64;
+        store(
+            dir.path(),
+            &Snapshot {
+                position: past,
+                ledger,
+            },
+        )
+        .unwrap();
+
+        let spool = open(dir.path());
+        let (ledger, position) = recover(dir.path(), &spool).await.unwrap();
+        assert_eq!((total(&ledger), position), (Decimal::from(5), end));
+        // New lines, then a restart with no snapshot after them.
+        spool
+            .append(spend_line("0.25"), Flush::Batch)
+            .await
+            .unwrap();
+        spool.append(spend_line("0.5"), Flush::Batch).await.unwrap();
+        spool.close().await;
+        drop(spool);
+
+        let spool = open(dir.path());
+        let (ledger, _) = recover(dir.path(), &spool).await.unwrap();
+        assert_eq!(total(&ledger), Decimal::new(575, 2));
+        spool.close().await;
     }
 }

@@ -69,11 +69,36 @@ fn output_is_the_request_cap_else_the_model_default_times_the_choices() {
         let got = with_ask(&p, body, |a| worst_case(a, 0));
         assert_eq!(got, usd(0, output), "{body}");
     }
-    // Unpriced: nothing to reserve (settled at 0, flagged).
-    let got = with_ask(&p, r#"{"model":"o1-pro","messages":[]}"#, |a| {
-        worst_case(a, 0)
-    });
-    assert_eq!(got, Decimal::ZERO);
+}
+
+/// A request model with no price of its own may still be answered as a
+/// priced one (an alias answered as a dated snapshot), and settling prices
+/// the response model: it reserves as the dearest configured model.
+#[test]
+fn an_unpriced_request_model_reserves_as_the_dearest_configured_model() {
+    let config = CONFIG.replace("LIMIT", "1").replace(
+        "[pricing]",
+        "[models.\"gpt-4o-2024-08-06\"]\ninput = \"2.50\"\noutput = \"10\"\nmax_output_tokens = 2000\n\n[pricing]",
+    );
+    let p = crate::config::parse(&config, "t.toml", &|_| None).unwrap();
+    let dearest =
+        (Decimal::from(100) * Decimal::new(250, 2) + Decimal::from(2000) * Decimal::TEN) / MILLION;
+    for model in ["gpt-4o", "o1-pro", "chatgpt-4o-latest"] {
+        let body = format!(r#"{{"model":"{model}","messages":[]}}"#);
+        let got = with_ask(&p, &body, |a| worst_case(a, 100));
+        assert_eq!(got, dearest, "{model}");
+        // And what settling would charge if the upstream answered with the
+        // dated model fits in it.
+        let price = p.price(model, "gpt-4o-2024-08-06").unwrap();
+        assert!(with_ask(&p, &body, |a| worst_case_at(a, price, 100)) <= got);
+    }
+    // The request's own cap still bounds the output.
+    let got = with_ask(
+        &p,
+        r#"{"model":"gpt-4o","max_tokens":10,"messages":[]}"#,
+        |a| worst_case(a, 0),
+    );
+    assert_eq!(got, Decimal::from(10) * Decimal::TEN / MILLION);
 }
 
 #[test]
@@ -89,6 +114,57 @@ fn input_is_the_body_bytes_plus_an_allowance_per_item_by_reference() {
         input_bound(&a) + stored_context(&a)
     });
     assert_eq!(got, body.len() as u64 + 128_000);
+    // The Responses API's image by URL is a string `image_url`; chat's is
+    // an object whose `url` is counted (not twice).
+    for (body, items) in [
+        (
+            r#"{"model":"gpt-4o-mini","input":[{"role":"user","content":[{"type":"input_image","image_url" : "https://x/a.png"}]}]}"#,
+            1,
+        ),
+        (
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/a.png"}}]}]}"#,
+            1,
+        ),
+    ] {
+        let got = with_ask(&p, body, input_bound);
+        assert_eq!(got, body.len() as u64 + items * 500, "{body}");
+    }
+}
+
+/// The token count that refines a refused byte bound counts what the model
+/// reads and the byte bound covers: token ids given as numbers, the
+/// property names of tool schemas; an inline image is an item, not text.
+#[test]
+fn the_refining_count_counts_token_ids_schema_keys_and_inline_images() {
+    use crate::meter::request::input_text;
+    let ids = input_text(br#"{"model":"text-embedding-3-small","input":[[1,2,3],[4,5]]}"#);
+    assert_eq!(ids.token_ids, 5);
+    let ids = input_text(br#"{"model":"gpt-3.5-turbo-instruct","prompt":[10,11,12]}"#);
+    assert_eq!(ids.token_ids, 3);
+    let name = "hello_".repeat(50);
+    let tools = format!(
+        r#"{{"model":"gpt-4o-mini","messages":[],"tools":[{{"type":"function","function":{{"name":"f","parameters":{{"type":"object","properties":{{"{name}":{{"type":"string"}}}}}}}}}}]}}"#
+    );
+    let t = input_text(tools.as_bytes());
+    assert!(t.text.contains(&name), "{}", t.text);
+    assert!(t.text.contains("properties"));
+    let b64 = "QUJD".repeat(5000);
+    for body in [
+        format!(
+            r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{b64}"}}}}]}}]}}"#
+        ),
+        format!(
+            r#"{{"model":"claude-sonnet-4-5","max_tokens":5,"messages":[{{"role":"user","content":[{{"type":"image","source":{{"type":"base64","media_type":"image/png","data":"{b64}"}}}}]}}]}}"#
+        ),
+    ] {
+        let t = input_text(body.as_bytes());
+        assert_eq!(
+            (t.by_reference, t.text.len() < 100),
+            (1, true),
+            "{}",
+            t.text.len()
+        );
+    }
 }
 
 /// The byte bound refuses, the token count admits: a long text of short

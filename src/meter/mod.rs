@@ -128,7 +128,8 @@ impl Call {
     /// never-polled future cannot cancel it either. `flush` says when the
     /// line is written (see `Spool::append`).
     pub fn finish(mut self, end: End, flush: Flush) -> Finishing {
-        let state = self.state.take().expect("finish runs once");
+        let mut state = self.state.take().expect("finish runs once");
+        state.cut_short(end);
         match state.usage_plan(end) {
             UsagePlan::Known(usage, source) => {
                 let guard = InflightGuard(state.app.clone());
@@ -148,9 +149,10 @@ impl Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
-        if let Some(state) = self.state.take() {
+        if let Some(mut state) = self.state.take() {
             // Dropped mid-flight: the client went away. Finish on a task of
             // the main runtime (a worker's may be shutting down).
+            state.cut_short(End::ClientAborted);
             let rt = state.app.rt.clone();
             rt.spawn(state.record(End::ClientAborted, Flush::Batch));
         }
@@ -179,6 +181,15 @@ impl Drop for InflightGuard {
 }
 
 impl CallState {
+    /// A body that stopped before its end: the meter reads what came.
+    fn cut_short(&mut self, end: End) {
+        if end != End::Complete {
+            if let Some(m) = self.meter.as_mut() {
+                m.cut_short();
+            }
+        }
+    }
+
     /// Provider usage when reported, else an estimate when tokens were
     /// spent, else none.
     fn usage_plan(&self, end: End) -> UsagePlan {
@@ -379,6 +390,9 @@ async fn estimate(s: &CallState, partial: Option<Usage>) -> Usage {
         .map(|m| m.generated_text())
         .unwrap_or_default();
     let embeddings = s.op == Operation::Embeddings;
+    // Images and files passed by reference (or inline images) are not text:
+    // each counts as the configured allowance, as when admitting.
+    let per_item = s.policy.url_item_tokens;
     // If the count fails: four bytes a token over the body and the text.
     let by_length = (
         (s.request_body.len() as u64).div_ceil(4),
@@ -390,7 +404,11 @@ async fn estimate(s: &CallState, partial: Option<Usage>) -> Usage {
     );
     let est = tokens::estimate_blocking(move || {
         let input = request::input_text(&body);
-        let input_tokens = tokens::count(&model, &input.text) + 3 * input.messages + 3;
+        let input_tokens = tokens::count(&model, &input.text)
+            + input.token_ids
+            + input.by_reference * per_item
+            + 3 * input.messages
+            + 3;
         let output_tokens = if embeddings {
             0
         } else {

@@ -20,6 +20,7 @@ needles! {
     URL_KEY = b"\"url\"";
     FILE_ID_KEY = b"\"file_id\"";
     FILE_URL_KEY = b"\"file_url\"";
+    IMAGE_URL_KEY = b"\"image_url\"";
 }
 
 /// Where `finder`'s needle starts in `haystack`, left to right, without

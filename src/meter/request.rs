@@ -290,21 +290,26 @@ pub fn inject_include_usage(body: &Bytes) -> Result<Bytes, MalformedJson> {
 }
 
 /// The text of a request that the model reads, for token estimation, plus the
-/// number of messages (each costs a few tokens of framing) and of items
-/// passed by reference (image or file URLs), which text cannot bound.
+/// number of messages (each costs a few tokens of framing), of items passed
+/// by reference (image or file URLs, inline images), which text cannot
+/// bound, and of token ids given as numbers.
 pub struct InputText {
     pub text: String,
     pub messages: u64,
     pub by_reference: u64,
+    /// Tokens given as ids (`"input": [[1, 2]]`, `"prompt": [1, 2]`): one each.
+    pub token_ids: u64,
 }
 
-/// Collects every string value except identifiers the model does not read.
+/// Collects every string value except identifiers the model does not read,
+/// and the keys of tool and output schemas (property names are read).
 pub fn input_text(body: &[u8]) -> InputText {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let mut out = InputText {
         text: String::new(),
         messages: 0,
         by_reference: 0,
+        token_ids: 0,
     };
     if let Some(m) = v.get("messages").and_then(|m| m.as_array()) {
         out.messages = m.len() as u64;
@@ -312,11 +317,33 @@ pub fn input_text(body: &[u8]) -> InputText {
     if let Some(m) = v.get("input").and_then(|m| m.as_array()) {
         out.messages += m.len() as u64;
     }
-    walk(&v, None, &mut out);
+    for key in ["input", "prompt"] {
+        if let Some(ids) = v.get(key) {
+            out.token_ids += token_ids(ids);
+        }
+    }
+    walk(&v, None, false, &mut out);
     out
 }
 
-fn walk(v: &serde_json::Value, key: Option<&str>, out: &mut InputText) {
+/// The numbers in an array (or arrays of arrays) of token ids.
+fn token_ids(v: &serde_json::Value) -> u64 {
+    match v {
+        serde_json::Value::Array(a) => a
+            .iter()
+            .map(|x| match x {
+                serde_json::Value::Number(_) => 1,
+                serde_json::Value::Array(_) => token_ids(x),
+                _ => 0,
+            })
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// `schema`: inside a tool's or an output format's JSON schema, where keys
+/// and every value are text the model reads.
+fn walk(v: &serde_json::Value, key: Option<&str>, schema: bool, out: &mut InputText) {
     const SKIP: &[&str] = &[
         "model",
         "role",
@@ -333,17 +360,46 @@ fn walk(v: &serde_json::Value, key: Option<&str>, out: &mut InputText) {
     ];
     match v {
         serde_json::Value::String(s) => match key {
+            // An inline image is billed by its size in pixels, not by its
+            // base64 text (about 0.7 tokens a character): as an item.
+            _ if s.starts_with("data:image/") => out.by_reference += 1,
             Some("url" | "image_url" | "file_id" | "file_url") if !s.starts_with("data:") => {
                 out.by_reference += 1
             }
-            Some(k) if SKIP.contains(&k) => {}
+            Some(k) if !schema && SKIP.contains(&k) => {}
             _ => {
                 out.text.push_str(s);
                 out.text.push('\n');
             }
         },
-        serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, key, out)),
-        serde_json::Value::Object(o) => o.iter().for_each(|(k, x)| walk(x, Some(k), out)),
+        serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, key, schema, out)),
+        serde_json::Value::Object(o) => {
+            // Anthropic's inline image: `{"type": "base64", "media_type":
+            // "image/png", "data": "…"}`.
+            let image = |o: &serde_json::Map<String, serde_json::Value>| {
+                o.get("type").and_then(|t| t.as_str()) == Some("base64")
+                    && o.get("media_type")
+                        .and_then(|t| t.as_str())
+                        .is_some_and(|t| t.starts_with("image/"))
+            };
+            if !schema && image(o) {
+                out.by_reference += 1;
+                return;
+            }
+            for (k, x) in o {
+                let inner =
+                    schema || matches!(k.as_str(), "parameters" | "input_schema" | "schema");
+                if schema {
+                    out.text.push_str(k);
+                    out.text.push('\n');
+                }
+                walk(x, Some(k), inner, out);
+            }
+        }
+        serde_json::Value::Number(n) if schema => {
+            out.text.push_str(&n.to_string());
+            out.text.push('\n');
+        }
         _ => {}
     }
 }

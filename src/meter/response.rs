@@ -346,6 +346,40 @@ impl ResponseMeter {
         }
     }
 
+    /// The body stopped before its end (the upstream broke off, the client
+    /// went away). A JSON body is read only at its end: what came is read
+    /// now. A whole object (only the framing's end was lost; a non-streamed
+    /// answer is generated in full before its head is sent) gives the
+    /// provider's usage; otherwise its text, or failing that its bytes at
+    /// four a token, are estimated.
+    pub fn cut_short(&mut self) {
+        if self.format != Format::Json || self.complete {
+            return;
+        }
+        if let Some(mut d) = self.decoder.take() {
+            d.finish(&mut |plain| {
+                self.feed_plain(plain);
+            });
+        }
+        let json = if self.json.is_empty() {
+            &self.json_first[..]
+        } else {
+            &self.json[..]
+        };
+        let whole = !self.json_overflow && super::json_scan::top_level(json, [b"usage"]).is_some();
+        // (A body whole in its first frame is kept without counting it.)
+        let seen = self.json_seen.max(self.json_first.len() as u64);
+        self.parse_json();
+        if self.raw_usage.is_none() {
+            self.complete = false;
+            if !whole {
+                // Half an object has no text to read.
+                self.text.clear();
+                self.text_overflow = self.text_overflow.max(seen);
+            }
+        }
+    }
+
     fn collect_json(&mut self, frame: &[u8]) {
         self.json_seen += frame.len() as u64;
         if !self.json_overflow && self.json.len() + frame.len() > MAX_JSON_BYTES {

@@ -216,7 +216,22 @@ impl Spool {
                 position: start,
                 sink_offset: None,
             });
-            cursors.push((name.clone(), c.position.clamp(start, end)));
+            let position = c.position.clamp(start, end);
+            if c.position > end {
+                // Delivered past what recovery kept (a power loss before the
+                // spool's sync; the cursor is synced at each commit). Saved
+                // clamped at once: new lines will reuse the positions past
+                // the end, and a restart before the sink's next commit would
+                // otherwise skip them and start inside a line.
+                tracing::warn!(
+                    sink = %name,
+                    cursor = c.position,
+                    end,
+                    "spool: sink cursor past the recovered end (a power loss); moved back to the end"
+                );
+                cursor::store(dir, name, &Cursor { position, ..c })?;
+            }
+            cursors.push((name.clone(), position));
         }
         let (end_tx, end_rx) = watch::channel(end);
         let stats = Arc::new(SpoolStats::default());

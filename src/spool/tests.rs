@@ -84,6 +84,56 @@ async fn recovers_torn_tail_and_resumes_from_cursor() {
     spool.close().await;
 }
 
+/// A power loss kept less of the spool than a sink had committed (its cursor
+/// is synced at each commit, the spool only every interval). The cursor is
+/// saved back at the end at once: after new lines reuse those positions, a
+/// second restart before the sink commits again starts at the first new
+/// line, not inside one.
+#[tokio::test]
+async fn a_cursor_past_the_recovered_end_is_saved_back_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = vec!["s".to_string()];
+    let line_len = line(0).len() as u64;
+    {
+        let spool = open(dir.path(), &sinks);
+        for i in 0..10 {
+            spool.append(line(i), Flush::Batch).await.unwrap();
+        }
+        let mut r = spool.reader("s").unwrap();
+        let b = next(&mut r, 100, 1 << 20).await.unwrap();
+        assert_eq!(b.lines.len(), 10);
+        r.commit(b.end, Some(777)).await.unwrap();
+        spool.close().await;
+    }
+    // The power loss: only five lines reached the disk.
+    let seg = segments::path(dir.path(), 0);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(5 * line_len)
+        .unwrap();
+    {
+        let spool = open(dir.path(), &sinks);
+        assert_eq!(spool.reader("s").unwrap().position(), 5 * line_len);
+        for i in 100..110 {
+            spool.append(line(i), Flush::Batch).await.unwrap();
+        }
+        spool.close().await;
+    }
+    let spool = open(dir.path(), &sinks);
+    let mut r = spool.reader("s").unwrap();
+    assert_eq!(r.position(), 5 * line_len);
+    // The file sink's own offset is kept: what it wrote stays written.
+    assert_eq!(r.sink_offset(), Some(777));
+    let b = next(&mut r, 100, 1 << 20).await.unwrap();
+    assert_eq!(
+        b.lines.iter().map(|l| l.to_vec()).collect::<Vec<_>>(),
+        (100..110).map(line).collect::<Vec<_>>()
+    );
+    spool.close().await;
+}
+
 #[tokio::test]
 async fn full_spool_rejects_or_drops_oldest() {
     let dir = tempfile::tempdir().unwrap();

@@ -504,3 +504,47 @@ fn decoding_stops_past_its_budget() {
     );
     assert!(m.usage().is_none());
 }
+
+/// A JSON body that stopped before its end is read when the call ends: a
+/// whole object (the framing's end lost, the answer all there) gives the
+/// provider's usage; a body cut inside is estimated from the bytes that came
+/// (it was 0 output tokens either way).
+#[test]
+fn a_json_body_cut_short_is_read_for_usage_or_estimated_from_what_came() {
+    let fixture = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/openai/chat_reasoning_cached.json"
+    ))
+    .unwrap();
+    let expected: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/openai/chat_reasoning_cached.expected.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut m = ResponseMeter::new(Provider::OpenAi, Operation::Chat, Format::Json, false);
+    for c in fixture.chunks(50) {
+        m.feed(Bytes::copy_from_slice(c));
+    }
+    m.cut_short();
+    let u = m.usage().expect("the whole object was there");
+    assert!(m.complete);
+    assert_eq!(
+        u.output_tokens,
+        expected["usage"]["output_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        u.input_tokens,
+        expected["usage"]["input_tokens"].as_u64().unwrap()
+    );
+
+    let cut = &fixture[..fixture.len() / 2];
+    let mut m = ResponseMeter::new(Provider::OpenAi, Operation::Chat, Format::Json, false);
+    m.feed(Bytes::copy_from_slice(cut));
+    m.cut_short();
+    assert!(m.usage().is_none());
+    assert!(!m.complete);
+    assert_eq!(m.generated_text().1, cut.len() as u64);
+}
