@@ -248,11 +248,15 @@ fn assert_no_duplicates(evs: &[Value], what: &str) {
 // HTTP sink
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_sink_retries_503_and_429_and_delivers_every_event_unchanged() {
+async fn http_sink_retries_503_429_401_and_403_and_delivers_every_event_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let mock = start_mock();
     let rx = HttpReceiver::start().await;
-    rx.fail_next(3, 503, None);
+    // A rotated meter token (401, 403) is fixed in a setting: the events
+    // wait in the spool, they are not set aside.
+    rx.fail_next(1, 401, None);
+    rx.fail_next(1, 403, None);
+    rx.fail_next(1, 503, None);
     rx.fail_next(1, 429, Some(1));
     let cfg = config(
         dir.path(),
@@ -270,7 +274,8 @@ async fn http_sink_retries_503_and_429_and_delivers_every_event_unchanged() {
 
     let posts = rx.posts();
     let statuses: Vec<u16> = posts.iter().map(|p| p.status).collect();
-    assert_eq!(&statuses[..4], &[503, 503, 503, 429], "{statuses:?}");
+    assert_eq!(&statuses[..4], &[401, 403, 503, 429], "{statuses:?}");
+    assert!(!dir.path().join("data/deadletter").exists());
     assert!(statuses[4..].iter().all(|s| *s == 204), "{statuses:?}");
     for p in &posts {
         assert!(p.valid, "not a JSON array: {:?}", p.raw);

@@ -108,7 +108,7 @@ impl HttpSink {
         let snippet = String::from_utf8_lossy(&text[..text.len().min(500)]).into_owned();
         match status.as_u16() {
             200..=299 => Ok(Delivered::default()),
-            408 | 429 | 500..=599 => Err(SinkError::Retry {
+            s if super::retry_http_status(s) => Err(SinkError::Retry {
                 reason: format!("HTTP {status}: {snippet}"),
                 after,
             }),

@@ -46,6 +46,25 @@ impl SinkError {
     }
 }
 
+/// An HTTP answer to retry: the receiver is busy or failing (408, 425,
+/// 429, 5xx), or refuses the sender rather than the batch: a credential
+/// rotated or expired (401, 403), a URL not there yet (404). Billing data is
+/// not set aside for a fixable setting; the spool holds it meanwhile, and
+/// the sink's lag and retries show it. Anything else (400, 413, 422…) is
+/// about the batch: it goes to the dead-letter file.
+pub(crate) fn retry_http_status(status: u16) -> bool {
+    matches!(status, 401 | 403 | 404 | 408 | 425 | 429 | 500..=599)
+}
+
+/// A gRPC status to retry: OTLP's retryable ones (CANCELLED,
+/// DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, OUT_OF_RANGE,
+/// UNAVAILABLE, DATA_LOSS), and, as for HTTP, those that refuse the sender
+/// rather than the batch (NOT_FOUND, PERMISSION_DENIED, UNIMPLEMENTED,
+/// UNAUTHENTICATED).
+pub(crate) fn retry_grpc_status(code: u32) -> bool {
+    matches!(code, 1 | 4 | 5 | 7 | 8 | 10 | 11 | 12 | 14 | 15 | 16)
+}
+
 /// A batch the receiver took (or that was set aside in a dead-letter file).
 #[derive(Debug, Default)]
 pub struct Delivered {
@@ -337,6 +356,24 @@ mod tests {
         assert_eq!(b.next(Some(Duration::from_secs(3600))), MAX_BACKOFF);
         for _ in 0..20 {
             assert!(b.next(None) <= MAX_BACKOFF);
+        }
+    }
+
+    #[test]
+    fn sender_refusals_are_retried_batch_refusals_are_not() {
+        for s in [401, 403, 404, 408, 425, 429, 500, 503, 599] {
+            assert!(retry_http_status(s), "{s}");
+        }
+        for s in [400, 405, 409, 413, 415, 422] {
+            assert!(!retry_http_status(s), "{s}");
+        }
+        // UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE…
+        for c in [1, 4, 5, 7, 8, 10, 11, 12, 14, 15, 16] {
+            assert!(retry_grpc_status(c), "{c}");
+        }
+        // INVALID_ARGUMENT, FAILED_PRECONDITION…
+        for c in [2, 3, 6, 9, 13] {
+            assert!(!retry_grpc_status(c), "{c}");
         }
     }
 }

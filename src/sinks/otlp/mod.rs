@@ -180,7 +180,7 @@ impl OtlpSink {
         match self.protocol {
             OtlpProtocol::HttpProtobuf => match status {
                 200..=299 => partial_success(kind, &body),
-                408 | 429 | 500..=599 => Answer::Retry(format!("HTTP {status}")),
+                s if super::retry_http_status(s) => Answer::Retry(format!("HTTP {status}")),
                 _ => Answer::Refused(format!("HTTP {status}")),
             },
             OtlpProtocol::Grpc => {
@@ -199,9 +199,7 @@ impl OtlpSink {
                     .unwrap_or("");
                 match code {
                     Some(0) => partial_success(kind, grpc_message(&body)),
-                    // CANCELLED, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
-                    // ABORTED, OUT_OF_RANGE, UNAVAILABLE, DATA_LOSS: retryable.
-                    Some(c @ (1 | 4 | 8 | 10 | 11 | 14 | 15)) => {
+                    Some(c) if super::retry_grpc_status(c) => {
                         Answer::Retry(format!("grpc-status {c}: {message}"))
                     }
                     Some(c) => Answer::Refused(format!("grpc-status {c}: {message}")),
