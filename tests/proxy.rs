@@ -1476,10 +1476,11 @@ async fn connections_past_the_limit_wait_until_one_closes() {
     assert_eq!(status.as_deref(), Some("HTTP/1.1 200"));
 }
 
-/// An upstream that answers every request with the whole of `body` as one
-/// chunk of a chunked JSON response, then closes the connection without the
-/// last chunk: the answer is all there, its framing is cut.
-async fn cut_json_upstream(body: &'static [u8]) -> String {
+/// An upstream that answers every request with the whole of `body`: with
+/// `cut`, as one chunk of a chunked response whose connection then closes
+/// without the last chunk (the answer all there, its framing cut); else
+/// with a `content-length`, ending cleanly.
+async fn raw_upstream(content_type: &'static str, body: &'static [u8], cut: bool) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -1511,11 +1512,19 @@ async fn cut_json_upstream(body: &'static [u8]) -> String {
                         }
                     }
                 }
-                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-request-id: req_cut\r\ntransfer-encoding: chunked\r\n\r\n";
-                let mut out = head.as_bytes().to_vec();
-                out.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
-                out.extend_from_slice(body);
-                out.extend_from_slice(b"\r\n");
+                let mut out =
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\n").into_bytes();
+                if cut {
+                    out.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+                    out.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+                    out.extend_from_slice(body);
+                    out.extend_from_slice(b"\r\n");
+                } else {
+                    out.extend_from_slice(
+                        format!("content-length: {}\r\n\r\n", body.len()).as_bytes(),
+                    );
+                    out.extend_from_slice(body);
+                }
                 let _ = s.write_all(&out).await;
                 let _ = s.flush().await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1533,7 +1542,7 @@ async fn cut_json_upstream(body: &'static [u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_json_answer_whose_framing_is_cut_is_metered_from_its_usage() {
     const BODY: &[u8] = include_bytes!("fixtures/openai/chat_reasoning_cached.json");
-    let upstream = cut_json_upstream(BODY).await;
+    let upstream = raw_upstream("application/json", BODY, true).await;
     let extra = format!(
         r#"
 [[upstreams]]
@@ -1564,4 +1573,43 @@ provider = "openai"
     assert_eq!(d["cache_read_input_tokens"], 1920, "{d}");
     assert_eq!(d["output_tokens"], 300, "{d}");
     assert_eq!(d["reasoning_output_tokens"], 256, "{d}");
+}
+
+/// A stream whose body ends cleanly but without its final event (`[DONE]`
+/// here) was cut short: estimated, and not `ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_ends_without_its_final_event_is_an_upstream_error() {
+    const BODY: &[u8] = b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" hello hello\"}}]}\n\n";
+    let upstream = raw_upstream("text/event-stream", BODY, false).await;
+    let extra = format!(
+        r#"
+[[upstreams]]
+name = "short"
+prefix = "/short"
+url = "http://{upstream}"
+provider = "openai"
+"#
+    );
+    let e = env_with("", &extra);
+    let auth = format!("Bearer {ACME_KEY}");
+    let r = send(
+        "POST",
+        &format!("http://{}/short/v1/chat/completions", e.proxy.addr),
+        &[("authorization", &auth)],
+        CHAT_STREAM.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let ev = wait_events(e.dir.path(), "the short stream", |ev| {
+        ev.iter().any(|x| x["data"]["upstream"] == "short")
+    })
+    .await;
+    let d = &ev
+        .iter()
+        .find(|x| x["data"]["upstream"] == "short")
+        .unwrap()["data"];
+    assert_eq!(d["outcome"], "upstream_error", "{d}");
+    assert_eq!(d["error"], "upstream_stream_truncated", "{d}");
+    assert_eq!(d["usage_source"], "estimated", "{d}");
+    assert_eq!(d["output_tokens"], 2, "{d}");
 }

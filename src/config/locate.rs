@@ -22,20 +22,29 @@ pub fn span_of(doc: &Spanned<DeTable<'_>>, path: &str) -> Option<Range<usize>> {
     let mut rest = path;
     let mut table = Some(doc.get_ref());
     let mut value: Option<&Spanned<DeValue<'_>>> = None;
+    // Each step that finds nothing stops at the deepest span found so far
+    // (a missing key is reported at the table that lacks it).
     while !rest.is_empty() {
         if let Some(after) = rest.strip_prefix('[') {
-            let close = after.find(']')?;
-            let idx: usize = after[..close].parse().ok()?;
+            let Some(close) = after.find(']') else { break };
+            let Ok(idx) = after[..close].parse::<usize>() else {
+                break;
+            };
+            let Some(item) = value
+                .and_then(|v| v.get_ref().as_array())
+                .and_then(|a| a.get(idx))
+            else {
+                break;
+            };
             rest = after[close + 1..].trim_start_matches('.');
-            let item = value?.get_ref().as_array()?.get(idx)?;
             span = Some(item.span());
             table = item.get_ref().as_table();
             value = Some(item);
             continue;
         }
-        let t = table?;
+        let Some(t) = table else { break };
         // Longest key that matches at a segment boundary: model names contain dots.
-        let (key_len, item) = t
+        let Some((key_len, item)) = t
             .iter()
             .filter_map(|(k, v)| {
                 let k = k.get_ref().as_ref();
@@ -43,7 +52,10 @@ pub fn span_of(doc: &Spanned<DeTable<'_>>, path: &str) -> Option<Range<usize>> {
                 (tail.is_empty() || tail.starts_with('.') || tail.starts_with('['))
                     .then_some((k.len(), v))
             })
-            .max_by_key(|(len, _)| *len)?;
+            .max_by_key(|(len, _)| *len)
+        else {
+            break;
+        };
         rest = rest[key_len..].trim_start_matches('.');
         span = Some(item.span());
         table = item.get_ref().as_table();

@@ -257,6 +257,16 @@ fn proxy_and_admin_on_one_address_is_refused() {
     assert!(parse(GOOD, "t.toml", &env).is_ok());
 }
 
+/// A key that is missing is reported at the table that lacks it: the
+/// error names a line (it named none, `file: key: reason`).
+#[test]
+fn a_missing_key_names_the_line_of_its_table() {
+    let e = parse("[[sinks]]\ntype = \"http\"\n", "t.toml", &env).unwrap_err();
+    assert_eq!(e.key, "sinks[0].url", "{e}");
+    assert_eq!(e.line, 1, "{e}");
+    assert!(e.to_string().starts_with("t.toml:1: "), "{e}");
+}
+
 #[test]
 fn errors_without_a_key_or_line_say_so_plainly() {
     let e = parse("[server]\nlisten = \n", "t.toml", &env).unwrap_err();

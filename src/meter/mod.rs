@@ -309,6 +309,7 @@ impl CallState {
     ) -> Event<CallData> {
         let mut s = *self;
         let stream_error = s.meter.as_ref().is_some_and(|m| m.stream_error);
+        let stream_cut = s.op.is_metered() && s.meter.as_ref().is_some_and(|m| m.stream_cut());
         let (status, outcome, error) = match end {
             End::Rejected {
                 status,
@@ -323,6 +324,11 @@ impl CallState {
                 s.status,
                 Outcome::UpstreamError,
                 Some("upstream_stream_error"),
+            ),
+            End::Complete if stream_cut => (
+                s.status,
+                Outcome::UpstreamError,
+                Some("upstream_stream_truncated"),
             ),
             End::Complete => (s.status, Outcome::Ok, None),
         };

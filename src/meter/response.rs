@@ -254,6 +254,13 @@ impl ResponseMeter {
         self.strip_usage
     }
 
+    /// A stream whose end came without its final event (`[DONE]`,
+    /// `message_stop`, `response.completed`): cut short, though the
+    /// transport ended cleanly.
+    pub fn stream_cut(&self) -> bool {
+        self.format == Format::Sse && !self.complete
+    }
+
     pub fn usage(&self) -> Option<Usage> {
         self.raw_usage.as_ref().map(|u| u.normalize(self.provider))
     }

@@ -56,15 +56,23 @@ impl FileSink {
 impl Sink for FileSink {
     fn sync(&mut self) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async {
-            if let Some(f) = self.file.clone() {
-                blocking(move || f.sync_data()).await?;
-            }
+            // No open file: the last write failed and so did the reopen, so
+            // what it wrote is not known to be on disk.
+            let f = self.file.clone().ok_or_else(|| {
+                std::io::Error::other(format!("{}: not open", self.path.display()))
+            })?;
+            blocking(move || f.sync_data()).await?;
             Ok(())
         })
     }
 
     fn start(&mut self, saved: Option<u64>) -> BoxFuture<'_, Result<Option<u64>, SinkError>> {
         Box::pin(async move {
+            // If the open fails, the next delivery reopens at `saved`.
+            self.file = None;
+            if let Some(saved) = saved {
+                self.len = saved;
+            }
             self.open(saved).await?;
             Ok(Some(self.len))
         })
@@ -141,5 +149,19 @@ mod tests {
             std::fs::read_to_string(&path).unwrap(),
             "{\"a\":1}\n{\"b\":2}\n"
         );
+    }
+
+    /// With no open file (a write failed and so did the reopen) nothing is
+    /// known to be on disk: the sync fails, so the cursor does not move
+    /// past the batches written through the old handle.
+    #[tokio::test]
+    async fn a_sync_with_no_open_file_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = FileSink::new(dir.path().join("events.jsonl"));
+        sink.start(None).await.unwrap();
+        sink.deliver(&batch(&["{\"a\":1}\n"])).await.unwrap();
+        sink.sync().await.unwrap();
+        sink.file = None;
+        assert!(sink.sync().await.is_err());
     }
 }

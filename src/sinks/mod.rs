@@ -271,7 +271,15 @@ async fn commit(
         return;
     };
     if let Err(e) = sink.sync().await {
-        tracing::error!(sink = %name, error = %e, "sink sync failed; cursor not moved");
+        // What was delivered since the last commit may not be durable, and
+        // a later sync can succeed without it (Linux marks the pages clean
+        // after a failed `fdatasync`): deliver it again from the last commit,
+        // the sink cut back to that commit's offset (as after a crash).
+        tracing::error!(sink = %name, error = %e, "sink sync failed; delivering again from the last commit");
+        reader.rewind();
+        if let Err(e) = sink.start(reader.sink_offset()).await {
+            tracing::error!(sink = %name, error = %e, "sink cannot restart after a failed sync; retrying with the next delivery");
+        }
         return;
     }
     if let Err(e) = reader.commit(end, offset).await {
@@ -375,5 +383,98 @@ mod tests {
         for c in [2, 3, 6, 9, 13] {
             assert!(!retry_grpc_status(c), "{c}");
         }
+    }
+
+    /// Records what it is given; its first sync fails.
+    struct FlakySink {
+        delivered: Arc<std::sync::Mutex<Vec<Bytes>>>,
+        syncs: usize,
+    }
+
+    use bytes::Bytes;
+
+    impl Sink for FlakySink {
+        fn start(&mut self, _: Option<u64>) -> BoxFuture<'_, Result<Option<u64>, SinkError>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn deliver<'a>(
+            &'a mut self,
+            batch: &'a Batch,
+        ) -> BoxFuture<'a, Result<Delivered, SinkError>> {
+            self.delivered
+                .lock()
+                .unwrap()
+                .extend(batch.lines.iter().cloned());
+            Box::pin(async { Ok(Delivered::default()) })
+        }
+        fn sync(&mut self) -> BoxFuture<'_, Result<(), SinkError>> {
+            self.syncs += 1;
+            let first = self.syncs == 1;
+            Box::pin(async move {
+                if first {
+                    Err(SinkError::Io(std::io::Error::other("EIO")))
+                } else {
+                    Ok(())
+                }
+            })
+        }
+    }
+
+    /// A failed sync does not let a later one cover what it failed to make
+    /// durable: the sink is given those lines again, and the cursor moves
+    /// only past what a successful sync covered.
+    #[tokio::test]
+    async fn after_a_failed_sync_the_lines_are_delivered_again() {
+        use crate::config::{Fsync, SpoolPolicy, WhenFull};
+        let dir = tempfile::tempdir().unwrap();
+        let policy = SpoolPolicy {
+            max_bytes: 1 << 20,
+            when_full: WhenFull::Reject,
+            fsync: Fsync::Never,
+            segment_bytes: 1 << 20,
+        };
+        let spool = Spool::open(dir.path(), policy, &["s".to_string()]).unwrap();
+        let line = |i: usize| format!("{{\"n\":{i}}}\n").into_bytes();
+        for i in 0..3 {
+            spool
+                .append(line(i), crate::spool::Flush::Batch)
+                .await
+                .unwrap();
+        }
+        let delivered = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = FlakySink {
+            delivered: delivered.clone(),
+            syncs: 0,
+        };
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let policy = BatchPolicy {
+            max_events: 100,
+            max_bytes: 1 << 20,
+            max_wait: Duration::ZERO,
+        };
+        let task = tokio::spawn(drive(
+            "s".into(),
+            policy,
+            Box::new(sink),
+            spool.clone(),
+            Arc::new(Metrics::default()),
+            stop_rx,
+        ));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while delivered.lock().unwrap().len() < 6 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never delivered again"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+        let got = delivered.lock().unwrap().clone();
+        let want: Vec<Bytes> = (0..3).chain(0..3).map(|i| Bytes::from(line(i))).collect();
+        assert_eq!(got[..6], want[..]);
+        // Committed once a sync succeeded: a restart starts past all three.
+        assert_eq!(spool.reader("s").unwrap().position(), spool.end());
+        spool.close().await;
     }
 }

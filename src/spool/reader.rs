@@ -25,6 +25,8 @@ pub struct Reader {
     spool: Arc<Spool>,
     sink: String,
     position: u64,
+    /// Where the last commit left the cursor (see [`Reader::rewind`]).
+    committed: u64,
     sink_offset: Option<u64>,
     end: watch::Receiver<u64>,
 }
@@ -41,9 +43,16 @@ impl Reader {
             spool,
             sink,
             position,
+            committed: position,
             sink_offset,
             end,
         }
+    }
+
+    /// Reads again from the last commit: what was delivered after it did not
+    /// become durable at the sink (a failed sync).
+    pub fn rewind(&mut self) {
+        self.position = self.committed;
     }
 
     pub fn position(&self) -> u64 {
@@ -120,7 +129,6 @@ impl Reader {
         batch_end: u64,
         sink_offset: Option<u64>,
     ) -> Result<(), SpoolError> {
-        self.sink_offset = sink_offset;
         let (spool, sink) = (self.spool.clone(), self.sink.clone());
         let cursor = Cursor {
             position: batch_end,
@@ -128,7 +136,10 @@ impl Reader {
         };
         tokio::task::spawn_blocking(move || spool.commit(&sink, cursor))
             .await
-            .unwrap_or_else(|e| Err(SpoolError::Io(std::io::Error::other(e))))
+            .unwrap_or_else(|e| Err(SpoolError::Io(std::io::Error::other(e))))?;
+        self.committed = batch_end;
+        self.sink_offset = sink_offset;
+        Ok(())
     }
 }
 
