@@ -1535,19 +1535,20 @@ async fn raw_upstream(content_type: &'static str, body: &'static [u8], cut: bool
     addr
 }
 
-/// A non-streamed answer is generated in full before its head is sent: when
-/// its body arrives whole but the upstream breaks off before the framing's
-/// end, the provider's usage in it is metered (it was estimated at 0 output
-/// tokens).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_whole_json_answer_whose_framing_is_cut_is_metered_from_its_usage() {
-    const BODY: &[u8] = include_bytes!("fixtures/openai/chat_reasoning_cached.json");
-    let upstream = raw_upstream("application/json", BODY, true).await;
+/// One chat call through an upstream `raw_upstream` answers (200 expected);
+/// returns its event's `data`.
+async fn event_through_raw(
+    content_type: &'static str,
+    answer: &'static [u8],
+    cut: bool,
+    request: &str,
+) -> serde_json::Value {
+    let upstream = raw_upstream(content_type, answer, cut).await;
     let extra = format!(
         r#"
 [[upstreams]]
-name = "cut"
-prefix = "/cut"
+name = "raw"
+prefix = "/raw"
 url = "http://{upstream}"
 provider = "openai"
 "#
@@ -1556,17 +1557,30 @@ provider = "openai"
     let auth = format!("Bearer {ACME_KEY}");
     let r = send(
         "POST",
-        &format!("http://{}/cut/v1/chat/completions", e.proxy.addr),
+        &format!("http://{}/raw/v1/chat/completions", e.proxy.addr),
         &[("authorization", &auth)],
-        CHAT.to_string(),
+        request.to_string(),
     )
     .await;
     assert_eq!(r.status, 200);
-    let ev = wait_events(e.dir.path(), "the cut call", |ev| {
-        ev.iter().any(|x| x["data"]["upstream"] == "cut")
+    let ev = wait_events(e.dir.path(), "the call", |ev| {
+        ev.iter().any(|x| x["data"]["upstream"] == "raw")
     })
     .await;
-    let d = &ev.iter().find(|x| x["data"]["upstream"] == "cut").unwrap()["data"];
+    ev.into_iter()
+        .find(|x| x["data"]["upstream"] == "raw")
+        .unwrap()["data"]
+        .clone()
+}
+
+/// A non-streamed answer is generated in full before its head is sent: when
+/// its body arrives whole but the upstream breaks off before the framing's
+/// end, the provider's usage in it is metered (it was estimated at 0 output
+/// tokens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_json_answer_whose_framing_is_cut_is_metered_from_its_usage() {
+    const BODY: &[u8] = include_bytes!("fixtures/openai/chat_reasoning_cached.json");
+    let d = event_through_raw("application/json", BODY, true, CHAT).await;
     assert_eq!(d["outcome"], "upstream_error", "{d}");
     assert_eq!(d["usage_source"], "provider", "{d}");
     assert_eq!(d["input_tokens"], 2006, "{d}");
@@ -1580,34 +1594,7 @@ provider = "openai"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_ends_without_its_final_event_is_an_upstream_error() {
     const BODY: &[u8] = b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" hello hello\"}}]}\n\n";
-    let upstream = raw_upstream("text/event-stream", BODY, false).await;
-    let extra = format!(
-        r#"
-[[upstreams]]
-name = "short"
-prefix = "/short"
-url = "http://{upstream}"
-provider = "openai"
-"#
-    );
-    let e = env_with("", &extra);
-    let auth = format!("Bearer {ACME_KEY}");
-    let r = send(
-        "POST",
-        &format!("http://{}/short/v1/chat/completions", e.proxy.addr),
-        &[("authorization", &auth)],
-        CHAT_STREAM.to_string(),
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    let ev = wait_events(e.dir.path(), "the short stream", |ev| {
-        ev.iter().any(|x| x["data"]["upstream"] == "short")
-    })
-    .await;
-    let d = &ev
-        .iter()
-        .find(|x| x["data"]["upstream"] == "short")
-        .unwrap()["data"];
+    let d = event_through_raw("text/event-stream", BODY, false, CHAT_STREAM).await;
     assert_eq!(d["outcome"], "upstream_error", "{d}");
     assert_eq!(d["error"], "upstream_stream_truncated", "{d}");
     assert_eq!(d["usage_source"], "estimated", "{d}");
