@@ -204,6 +204,9 @@ fn worst_case(ask: &Ask<'_>, input: u64) -> Decimal {
     // another name): a request model with no price of its own reserves as the
     // dearest configured model, so a call settled at a response model's price
     // never spends past what it reserved.
+    if !ask.op.is_metered() {
+        return Decimal::ZERO;
+    }
     let model = ask.info.model.as_deref().unwrap_or("");
     match ask.policy.price(model, model) {
         Some(p) => worst_case_at(ask, p, input),

@@ -23,8 +23,8 @@ struct TenantLimits<C: Clock> {
     config: RateLimit,
     requests: Option<Limiter<C>>,
     tokens: Option<Limiter<C>>,
-    /// Tokens used but not yet charged (positive), or charged for a request
-    /// the request limit then refused (negative: paid ahead).
+    /// Tokens used but not yet charged (positive), or charged ahead
+    /// (negative: an admission charges at least 1).
     token_balance: i64,
 }
 
@@ -121,8 +121,10 @@ impl<C: Clock + Clone> RateLimits<C> {
                 Ok(state) => remaining.requests = Some(state.remaining_burst_capacity()),
                 Err(until) => {
                     // governor cannot refund: what was charged above pays the
-                    // balance owed (or is paid ahead), not this request's input.
-                    t.token_balance -= charged;
+                    // balance owed, down to nothing; it is not banked as
+                    // credit (retries refused for requests would bank the
+                    // token bucket, minute after minute).
+                    t.token_balance = (t.token_balance - charged).max(t.token_balance.min(0));
                     return Err(limited(LimitKind::Requests, until));
                 }
             }
@@ -263,5 +265,26 @@ mod tests {
             let e = limits.admit("t", &cfg, 0).unwrap_err();
             assert_eq!(e.kind, LimitKind::Requests);
         }
+    }
+
+    /// What requests refused for requests were charged is not banked as
+    /// token credit: retrying while limited cannot store up capacity.
+    #[test]
+    fn refusals_do_not_bank_token_credit() {
+        let clock = FakeRelativeClock::default();
+        let limits = RateLimits::with_clock(clock.clone());
+        let cfg = RateLimit {
+            requests_per_minute: Some(1),
+            tokens_per_minute: Some(1000),
+        };
+        limits.admit("t", &cfg, 0).unwrap();
+        for _ in 0..100 {
+            limits.admit("t", &cfg, 0).unwrap_err();
+        }
+        clock.advance(Duration::from_secs(60));
+        // 1 left: the first call's minimum charge of 1 was paid ahead (the
+        // refused ones' 100 were not banked).
+        let (_, rem) = limits.admit("t", &cfg, 1000).unwrap();
+        assert_eq!(rem.tokens, Some(1));
     }
 }

@@ -92,6 +92,13 @@ fn an_unpriced_request_model_reserves_as_the_dearest_configured_model() {
         let price = p.price(model, "gpt-4o-2024-08-06").unwrap();
         assert!(with_ask(&p, &body, |a| worst_case_at(a, price, 100)) <= got);
     }
+    // A route that is not metered (no model, no tokens) reserves nothing.
+    let got = with_ask(&p, r#"{"messages":[]}"#, |a| {
+        let mut a = Ask { ..*a };
+        a.op = Operation::Other;
+        worst_case(&a, 100)
+    });
+    assert_eq!(got, Decimal::ZERO);
     // The request's own cap still bounds the output.
     let got = with_ask(
         &p,
@@ -148,6 +155,9 @@ fn the_refining_count_counts_token_ids_schema_keys_and_inline_images() {
     let t = input_text(tools.as_bytes());
     assert!(t.text.contains(&name), "{}", t.text);
     assert!(t.text.contains("properties"));
+    // Text that only looks like an inline image is text.
+    let t = input_text(br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":[{"type":"text","text":"data:image/png;base64,QUJDQUJD"}]}]}"#);
+    assert_eq!((t.by_reference, t.text.contains("QUJDQUJD")), (0, true));
     let b64 = "QUJD".repeat(5000);
     for body in [
         format!(

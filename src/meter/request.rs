@@ -362,7 +362,9 @@ fn walk(v: &serde_json::Value, key: Option<&str>, schema: bool, out: &mut InputT
         serde_json::Value::String(s) => match key {
             // An inline image is billed by its size in pixels, not by its
             // base64 text (about 0.7 tokens a character): as an item.
-            _ if s.starts_with("data:image/") => out.by_reference += 1,
+            Some("url" | "image_url" | "file_data" | "image") if s.starts_with("data:image/") => {
+                out.by_reference += 1
+            }
             Some("url" | "image_url" | "file_id" | "file_url") if !s.starts_with("data:") => {
                 out.by_reference += 1
             }

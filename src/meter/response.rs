@@ -206,6 +206,9 @@ pub struct ResponseMeter {
     decoder: Option<Box<Decoder>>,
     /// Plain bytes the decoder has made.
     plain_read: u64,
+    /// The decoder stopped (bad data, or past its expansion cap): the rest
+    /// of the body is not read.
+    gave_up: bool,
 }
 
 impl ResponseMeter {
@@ -230,6 +233,7 @@ impl ResponseMeter {
             pending: BytesMut::new(),
             decoder: None,
             plain_read: 0,
+            gave_up: false,
         }
     }
 
@@ -258,7 +262,12 @@ impl ResponseMeter {
     /// `message_stop`, `response.completed`): cut short, though the
     /// transport ended cleanly.
     pub fn stream_cut(&self) -> bool {
-        self.format == Format::Sse && !self.complete
+        // Not when the meter could not read it all: an event past the size
+        // cap, or a compressed body it stopped decoding.
+        self.format == Format::Sse
+            && !self.complete
+            && self.sse.overflowed_events == 0
+            && !self.gave_up
     }
 
     pub fn usage(&self) -> Option<Usage> {
@@ -276,6 +285,7 @@ impl ResponseMeter {
             }) {
                 self.decoder = Some(d);
             } else {
+                self.gave_up = true;
                 tracing::warn!(
                     plain_bytes = plain,
                     "a compressed response body does not decompress, or expands past 64 MiB: the rest is not read"

@@ -172,11 +172,14 @@ pub async fn drive(
             let due = last_commit + COMMIT_EVERY;
             tokio::select! {
                 r = reader.wait_data() => if r.is_err() {
-                    commit(&name, &mut *sink, &mut reader, &mut pending).await;
+                    let _ = commit(&name, &mut *sink, &mut reader, &mut pending).await;
                     return;
                 },
                 _ = tokio::time::sleep_until(due), if pending.is_some() => {
-                    commit(&name, &mut *sink, &mut reader, &mut pending).await;
+                    if commit(&name, &mut *sink, &mut reader, &mut pending).await {
+                        metrics.sink_errors.get_or_create(&labels).inc();
+                        tokio::time::sleep(backoff.next(None)).await;
+                    }
                     last_commit = tokio::time::Instant::now();
                     continue;
                 }
@@ -195,14 +198,14 @@ pub async fn drive(
             Ok(b) if !b.lines.is_empty() => b,
             Ok(_) if !draining => continue,
             Ok(_) => {
-                commit(&name, &mut *sink, &mut reader, &mut pending).await;
+                let _ = commit(&name, &mut *sink, &mut reader, &mut pending).await;
                 return;
             }
             Err(e) => {
                 // Never give up silently: log, back off, read again.
                 tracing::error!(sink = %name, error = %e, "sink cannot read the spool; retrying");
                 if draining {
-                    commit(&name, &mut *sink, &mut reader, &mut pending).await;
+                    let _ = commit(&name, &mut *sink, &mut reader, &mut pending).await;
                     return;
                 }
                 tokio::time::sleep(backoff.next(None)).await;
@@ -231,7 +234,10 @@ pub async fn drive(
                     }
                     backoff = Backoff::default();
                     if draining || last_commit.elapsed() >= COMMIT_EVERY {
-                        commit(&name, &mut *sink, &mut reader, &mut pending).await;
+                        if commit(&name, &mut *sink, &mut reader, &mut pending).await {
+                            metrics.sink_errors.get_or_create(&labels).inc();
+                            tokio::time::sleep(backoff.next(None)).await;
+                        }
                         last_commit = tokio::time::Instant::now();
                     }
                     break;
@@ -244,11 +250,16 @@ pub async fn drive(
                     };
                     let wait = backoff.next(after);
                     tracing::warn!(sink = %name, error = %e, kind = e.kind(), retry_in = ?wait, "delivery failed; will retry");
-                    // What was delivered before stays delivered.
-                    commit(&name, &mut *sink, &mut reader, &mut pending).await;
+                    // What was delivered before stays delivered, unless its
+                    // sync fails: then the reader went back, and this batch
+                    // is read again after what came before it.
+                    let rewound = commit(&name, &mut *sink, &mut reader, &mut pending).await;
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = stopped(&mut shutdown), if !draining => { draining = true; }
+                    }
+                    if rewound {
+                        break;
                     }
                 }
             }
@@ -261,14 +272,17 @@ pub async fn drive(
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
 
 /// Makes what was delivered durable at the sink, then moves the cursor.
+/// `true` when the sync failed and the reader went back to the last commit:
+/// the caller drops any batch in hand (it is read again) and backs off.
+#[must_use]
 async fn commit(
     name: &str,
     sink: &mut dyn Sink,
     reader: &mut Reader,
     pending: &mut Option<(u64, Option<u64>)>,
-) {
+) -> bool {
     let Some((end, offset)) = pending.take() else {
-        return;
+        return false;
     };
     if let Err(e) = sink.sync().await {
         // What was delivered since the last commit may not be durable, and
@@ -280,11 +294,12 @@ async fn commit(
         if let Err(e) = sink.start(reader.sink_offset()).await {
             tracing::error!(sink = %name, error = %e, "sink cannot restart after a failed sync; retrying with the next delivery");
         }
-        return;
+        return true;
     }
     if let Err(e) = reader.commit(end, offset).await {
         tracing::error!(sink = %name, error = %e, "cannot save sink cursor");
     }
+    false
 }
 
 /// Appends a refused batch to `path` (`data_dir/deadletter/<sink>.jsonl`),
@@ -385,10 +400,13 @@ mod tests {
         }
     }
 
-    /// Records what it is given; its first sync fails.
+    /// Records what it takes; its first sync fails, and so does its
+    /// delivery number `fail_delivery` (from 1), if any.
     struct FlakySink {
         delivered: Arc<std::sync::Mutex<Vec<Bytes>>>,
         syncs: usize,
+        deliveries: usize,
+        fail_delivery: Option<usize>,
     }
 
     use bytes::Bytes;
@@ -401,6 +419,15 @@ mod tests {
             &'a mut self,
             batch: &'a Batch,
         ) -> BoxFuture<'a, Result<Delivered, SinkError>> {
+            self.deliveries += 1;
+            if self.fail_delivery == Some(self.deliveries) {
+                return Box::pin(async {
+                    Err(SinkError::Retry {
+                        reason: "down".into(),
+                        after: Some(Duration::from_millis(1)),
+                    })
+                });
+            }
             self.delivered
                 .lock()
                 .unwrap()
@@ -423,8 +450,13 @@ mod tests {
     /// A failed sync does not let a later one cover what it failed to make
     /// durable: the sink is given those lines again, and the cursor moves
     /// only past what a successful sync covered.
-    #[tokio::test]
-    async fn after_a_failed_sync_the_lines_are_delivered_again() {
+    /// Runs `drive` over three lines, one a batch, until the sink has taken
+    /// `want` lines; returns them and the spool.
+    async fn drive_flaky(
+        fail_delivery: Option<usize>,
+        max_events: usize,
+        want: usize,
+    ) -> Vec<Bytes> {
         use crate::config::{Fsync, SpoolPolicy, WhenFull};
         let dir = tempfile::tempdir().unwrap();
         let policy = SpoolPolicy {
@@ -434,7 +466,6 @@ mod tests {
             segment_bytes: 1 << 20,
         };
         let spool = Spool::open(dir.path(), policy, &["s".to_string()]).unwrap();
-        let line = |i: usize| format!("{{\"n\":{i}}}\n").into_bytes();
         for i in 0..3 {
             spool
                 .append(line(i), crate::spool::Flush::Batch)
@@ -445,10 +476,12 @@ mod tests {
         let sink = FlakySink {
             delivered: delivered.clone(),
             syncs: 0,
+            deliveries: 0,
+            fail_delivery,
         };
         let (stop_tx, stop_rx) = watch::channel(false);
         let policy = BatchPolicy {
-            max_events: 100,
+            max_events,
             max_bytes: 1 << 20,
             max_wait: Duration::ZERO,
         };
@@ -461,7 +494,7 @@ mod tests {
             stop_rx,
         ));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while delivered.lock().unwrap().len() < 6 {
+        while delivered.lock().unwrap().len() < want {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "never delivered again"
@@ -470,11 +503,31 @@ mod tests {
         }
         stop_tx.send(true).unwrap();
         task.await.unwrap();
-        let got = delivered.lock().unwrap().clone();
-        let want: Vec<Bytes> = (0..3).chain(0..3).map(|i| Bytes::from(line(i))).collect();
-        assert_eq!(got[..6], want[..]);
         // Committed once a sync succeeded: a restart starts past all three.
         assert_eq!(spool.reader("s").unwrap().position(), spool.end());
         spool.close().await;
+        let got = delivered.lock().unwrap().clone();
+        got
+    }
+
+    fn line(i: usize) -> Vec<u8> {
+        format!("{{\"n\":{i}}}\n").into_bytes()
+    }
+
+    /// The batch in hand when a sync fails is not retried ahead of the
+    /// lines before it: everything is read again in order (it was written
+    /// after the cut, then again: out of order, and twice).
+    #[tokio::test]
+    async fn a_sync_failing_during_a_retry_reads_again_in_order() {
+        let got = drive_flaky(Some(2), 1, 4).await;
+        let want: Vec<Bytes> = [0, 0, 1, 2].map(|i| Bytes::from(line(i))).to_vec();
+        assert_eq!(got[..4], want[..]);
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_sync_the_lines_are_delivered_again() {
+        let got = drive_flaky(None, 100, 6).await;
+        let want: Vec<Bytes> = (0..3).chain(0..3).map(|i| Bytes::from(line(i))).collect();
+        assert_eq!(got[..6], want[..]);
     }
 }

@@ -180,7 +180,11 @@ impl OtlpSink {
         match self.protocol {
             OtlpProtocol::HttpProtobuf => match status {
                 200..=299 => partial_success(kind, &body),
-                s if super::retry_http_status(s) => Answer::Retry(format!("HTTP {status}")),
+                // A 404 is a signal the receiver has no pipeline for (a
+                // logs-only collector answers metrics so): not retried.
+                s if s != 404 && super::retry_http_status(s) => {
+                    Answer::Retry(format!("HTTP {status}"))
+                }
                 _ => Answer::Refused(format!("HTTP {status}")),
             },
             OtlpProtocol::Grpc => {
@@ -199,7 +203,9 @@ impl OtlpSink {
                     .unwrap_or("");
                 match code {
                     Some(0) => partial_success(kind, grpc_message(&body)),
-                    Some(c) if super::retry_grpc_status(c) => {
+                    // NOT_FOUND and UNIMPLEMENTED: a signal the receiver
+                    // has no service for, not retried.
+                    Some(c) if !matches!(c, 5 | 12) && super::retry_grpc_status(c) => {
                         Answer::Retry(format!("grpc-status {c}: {message}"))
                     }
                     Some(c) => Answer::Refused(format!("grpc-status {c}: {message}")),
@@ -262,6 +268,16 @@ impl OtlpSink {
                         kind,
                         reason,
                         "OTLP export failed for a batch whose logs were partly accepted; not sent again"
+                    );
+                }
+                Answer::Refused(reason) if kind == "metrics" => {
+                    // The events are in the logs, which were taken; metrics
+                    // are derived from them (a logs-only receiver refuses
+                    // them every time): not set aside, not retried.
+                    tracing::warn!(
+                        sink = %self.name,
+                        reason,
+                        "OTLP receiver refused the metrics export; the logs were taken"
                     );
                 }
                 Answer::Retry(reason) => {
