@@ -702,7 +702,45 @@ pub async fn serve<H, F>(
     let handler = Arc::new(handler);
     let mut lanes = Vec::new();
     let mut done = Vec::new();
-    if workers == 0 {
+    for i in 0..workers {
+        // Built here, before the first accept: a runtime takes files of its
+        // own (epoll, an eventfd), which accepted connections can use up. A
+        // worker that built its runtime on its own thread could find none
+        // left and die, and every connection handed to it was dropped.
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build a worker runtime");
+                continue;
+            }
+        };
+        let (tx, rx) = mpsc::channel::<Accepted>(256);
+        let (h, s) = (handler.clone(), stop.clone());
+        let (finished_tx, finished_rx) = tokio::sync::oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name(format!("tollgate-worker-{i}"))
+            .spawn(move || {
+                rt.block_on(serve_connections(rx, h, s, limits));
+                let _ = finished_tx.send(());
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a worker thread");
+            continue;
+        }
+        lanes.push(tx);
+        done.push(tokio::spawn(async move {
+            let _ = finished_rx.await;
+        }));
+    }
+    if lanes.is_empty() {
+        // No worker (asked for none, or none could start): serve on the
+        // caller's runtime.
+        if workers > 0 {
+            tracing::error!("no worker runtime started; serving on the main runtime");
+        }
         let (tx, rx) = mpsc::channel::<Accepted>(256);
         lanes.push(tx);
         done.push(tokio::spawn(serve_connections(
@@ -711,30 +749,6 @@ pub async fn serve<H, F>(
             stop.clone(),
             limits,
         )));
-    } else {
-        for i in 0..workers {
-            let (tx, rx) = mpsc::channel::<Accepted>(256);
-            lanes.push(tx);
-            let (h, s) = (handler.clone(), stop.clone());
-            let (finished_tx, finished_rx) = tokio::sync::oneshot::channel::<()>();
-            let spawned = std::thread::Builder::new()
-                .name(format!("tollgate-worker-{i}"))
-                .spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("a worker runtime");
-                    rt.block_on(serve_connections(rx, h, s, limits));
-                    let _ = finished_tx.send(());
-                });
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start a worker thread");
-                continue;
-            }
-            done.push(tokio::spawn(async move {
-                let _ = finished_rx.await;
-            }));
-        }
     }
     let mut shutdown = stop.shutdown.clone();
     let mut next = 0usize;
