@@ -183,12 +183,7 @@ async fn counted_input(ask: &Ask<'_>) -> Option<u64> {
     let model = ask.info.model.clone().unwrap_or_default();
     let per_item = ask.policy.url_item_tokens;
     tokens::estimate_blocking(move || {
-        let input = crate::meter::request::input_text(&body);
-        tokens::count(&model, &input.text)
-            + input.token_ids
-            + 3 * input.messages
-            + 3
-            + input.by_reference * per_item
+        crate::meter::request::input_text(&body).tokens(&model, per_item)
     })
     .await
 }

@@ -176,14 +176,22 @@ mod tests {
     use super::*;
     use governor::clock::FakeRelativeClock;
 
+    /// Limits on a clock the test moves, and the tenant's config.
+    fn setup(
+        requests_per_minute: Option<u32>,
+        tokens_per_minute: Option<u32>,
+    ) -> (FakeRelativeClock, RateLimits<FakeRelativeClock>, RateLimit) {
+        let clock = FakeRelativeClock::default();
+        let cfg = RateLimit {
+            requests_per_minute,
+            tokens_per_minute,
+        };
+        (clock.clone(), RateLimits::with_clock(clock), cfg)
+    }
+
     #[test]
     fn requests_per_minute_reject_at_the_right_call_and_refill() {
-        let clock = FakeRelativeClock::default();
-        let limits = RateLimits::with_clock(clock.clone());
-        let cfg = RateLimit {
-            requests_per_minute: Some(3),
-            tokens_per_minute: None,
-        };
+        let (clock, limits, cfg) = setup(Some(3), None);
         for _ in 0..3 {
             limits.admit("t", &cfg, 0).unwrap();
         }
@@ -199,12 +207,7 @@ mod tests {
 
     #[test]
     fn tokens_per_minute_charge_estimate_then_actual() {
-        let clock = FakeRelativeClock::default();
-        let limits = RateLimits::with_clock(clock.clone());
-        let cfg = RateLimit {
-            requests_per_minute: None,
-            tokens_per_minute: Some(1000),
-        };
+        let (clock, limits, cfg) = setup(None, Some(1000));
         let (charge, rem) = limits.admit("t", &cfg, 100).unwrap();
         assert_eq!(rem.tokens, Some(900));
         // The call used 150 input and 500 output: 550 more are owed.
@@ -223,12 +226,7 @@ mod tests {
     /// minutes that follow, a bucketful at a time: none of it is forgiven.
     #[test]
     fn a_debt_above_a_minutes_quota_is_carried_not_forgiven() {
-        let clock = FakeRelativeClock::default();
-        let limits = RateLimits::with_clock(clock.clone());
-        let cfg = RateLimit {
-            requests_per_minute: None,
-            tokens_per_minute: Some(1000),
-        };
+        let (clock, limits, cfg) = setup(None, Some(1000));
         let (charge, _) = limits.admit("t", &cfg, 10).unwrap();
         // 5,000 output tokens: five minutes' worth.
         limits.correct("t", charge, 10, 5000);
@@ -253,12 +251,7 @@ mod tests {
     /// (its retries would then be refused for tokens they never used).
     #[test]
     fn a_request_refused_for_requests_does_not_pay_the_token_debt_twice() {
-        let clock = FakeRelativeClock::default();
-        let limits = RateLimits::with_clock(clock.clone());
-        let cfg = RateLimit {
-            requests_per_minute: Some(1),
-            tokens_per_minute: Some(1000),
-        };
+        let (_, limits, cfg) = setup(Some(1), Some(1000));
         let (charge, _) = limits.admit("t", &cfg, 0).unwrap();
         limits.correct("t", charge, 0, 400);
         for _ in 0..5 {
@@ -271,12 +264,7 @@ mod tests {
     /// token credit: retrying while limited cannot store up capacity.
     #[test]
     fn refusals_do_not_bank_token_credit() {
-        let clock = FakeRelativeClock::default();
-        let limits = RateLimits::with_clock(clock.clone());
-        let cfg = RateLimit {
-            requests_per_minute: Some(1),
-            tokens_per_minute: Some(1000),
-        };
+        let (clock, limits, cfg) = setup(Some(1), Some(1000));
         limits.admit("t", &cfg, 0).unwrap();
         for _ in 0..100 {
             limits.admit("t", &cfg, 0).unwrap_err();

@@ -309,7 +309,7 @@ impl CallState {
     ) -> Event<CallData> {
         let mut s = *self;
         let stream_error = s.meter.as_ref().is_some_and(|m| m.stream_error);
-        let stream_cut = s.op.is_metered() && s.meter.as_ref().is_some_and(|m| m.stream_cut());
+        let stream_cut = s.meter.as_ref().is_some_and(|m| m.stream_cut());
         let (status, outcome, error) = match end {
             End::Rejected {
                 status,
@@ -409,12 +409,7 @@ async fn estimate(s: &CallState, partial: Option<Usage>) -> Usage {
         },
     );
     let est = tokens::estimate_blocking(move || {
-        let input = request::input_text(&body);
-        let input_tokens = tokens::count(&model, &input.text)
-            + input.token_ids
-            + input.by_reference * per_item
-            + 3 * input.messages
-            + 3;
+        let input_tokens = request::input_text(&body).tokens(&model, per_item);
         let output_tokens = if embeddings {
             0
         } else {

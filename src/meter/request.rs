@@ -301,6 +301,18 @@ pub struct InputText {
     pub token_ids: u64,
 }
 
+impl InputText {
+    /// The input tokens: the text counted for `model`, the token ids, the
+    /// per-message framing, and `per_item` for each item by reference.
+    pub fn tokens(&self, model: &str, per_item: u64) -> u64 {
+        super::tokens::count(model, &self.text)
+            + self.token_ids
+            + self.by_reference * per_item
+            + 3 * self.messages
+            + 3
+    }
+}
+
 /// Collects every string value except identifiers the model does not read,
 /// and the keys of tool and output schemas (property names are read).
 pub fn input_text(body: &[u8]) -> InputText {

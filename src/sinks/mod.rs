@@ -450,8 +450,9 @@ mod tests {
     /// A failed sync does not let a later one cover what it failed to make
     /// durable: the sink is given those lines again, and the cursor moves
     /// only past what a successful sync covered.
-    /// Runs `drive` over three lines, one a batch, until the sink has taken
-    /// `want` lines; returns them and the spool.
+    /// Runs `drive` over three lines, `max_events` a batch, until the sink
+    /// has taken `want` lines, and checks the cursor ends past all three;
+    /// returns the lines the sink took.
     async fn drive_flaky(
         fail_delivery: Option<usize>,
         max_events: usize,
