@@ -16,7 +16,7 @@ mod writer;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -31,6 +31,12 @@ pub use reader::{Batch, Reader};
 /// Events queued for the writer thread at most; appenders wait beyond it.
 const QUEUE: usize = 8192;
 
+/// Appends waiting for room in a full group-commit queue past which new
+/// calls are refused (`fsync = "always"` on a disk that cannot keep up):
+/// the calls already admitted still finish and append, so the waiting
+/// appends stay within this plus the calls in flight.
+const WAITING_MAX: usize = QUEUE;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error("spool I/O error: {0}")]
@@ -41,6 +47,8 @@ pub enum SpoolError {
     Closed,
     #[error("spool is not writable: the last write failed")]
     Unwritable,
+    #[error("spool is behind: {0} events wait for room in the write queue")]
+    Behind(usize),
     #[error("{0} is in use by another tollgate process (give each its own data_dir)")]
     InUse(PathBuf),
 }
@@ -52,6 +60,7 @@ impl SpoolError {
             SpoolError::Full { .. } => "spool_full",
             SpoolError::Closed => "spool_closed",
             SpoolError::Unwritable => "spool_unwritable",
+            SpoolError::Behind(_) => "spool_behind",
             SpoolError::InUse(_) => "spool_in_use",
         }
     }
@@ -70,6 +79,43 @@ struct Append {
     line: Vec<u8>,
     note: Option<Note>,
     ack: Option<oneshot::Sender<Result<u64, SpoolError>>>,
+}
+
+/// An append waiting on the spool's runtime for room in the full
+/// group-commit queue, counted in `Spool::waiting` until it is queued or
+/// gone. Gone unqueued (the queue closed, or the runtime shut down first),
+/// its event is counted lost.
+struct Waiting {
+    append: Option<Append>,
+    log: Arc<writer::Log>,
+    count: Arc<AtomicUsize>,
+}
+
+impl Waiting {
+    fn new(append: Append, log: Arc<writer::Log>, count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting {
+            append: Some(append),
+            log,
+            count,
+        }
+    }
+
+    async fn send(mut self, tx: mpsc::Sender<Append>) {
+        if let Ok(permit) = tx.reserve().await {
+            permit.send(self.append.take().expect("sent once"));
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        if self.append.as_ref().is_some_and(|a| !a.line.is_empty()) {
+            tracing::error!("spool: an event waiting for the write queue was lost at shutdown");
+            self.log.count_lost(1);
+        }
+    }
 }
 
 /// Counters the spool exposes to `/metrics`.
@@ -134,6 +180,8 @@ pub struct Spool {
     batcher: Option<Arc<batch::Batcher>>,
     /// Where a queue-full `fsync = "always"` append finishes sending.
     rt: tokio::runtime::Handle,
+    /// Appends waiting there (see [`WAITING_MAX`]).
+    waiting: Arc<AtomicUsize>,
     /// End of the written log (next append position).
     end: watch::Receiver<u64>,
     /// Start of the oldest segment still on disk.
@@ -275,6 +323,7 @@ impl Spool {
             tx,
             batcher,
             rt: tokio::runtime::Handle::current(),
+            waiting: Arc::new(AtomicUsize::new(0)),
             end: end_rx,
             start: AtomicU64::new(start),
             gaps,
@@ -340,10 +389,11 @@ impl Spool {
             }) {
                 Ok(()) => Queued::Group(rx),
                 // Full: the send finishes on the spool's runtime, so the
-                // caller still cannot lose the line by going away.
+                // caller still cannot lose the line by going away. New calls
+                // are refused while many wait (`Spool::behind`).
                 Err(mpsc::error::TrySendError::Full(a)) => {
-                    let tx = tx.clone();
-                    self.rt.spawn(async move { tx.send(a).await });
+                    let waiting = Waiting::new(a, self.log.clone(), self.waiting.clone());
+                    self.rt.spawn(waiting.send(tx.clone()));
                     Queued::Group(rx)
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -425,6 +475,9 @@ impl Spool {
         if self.failing() {
             return Err(SpoolError::Unwritable);
         }
+        if let Some(n) = self.behind() {
+            return Err(SpoolError::Behind(n));
+        }
         let used = self.backlog_bytes();
         if used < self.policy.max_bytes {
             return Ok(());
@@ -449,11 +502,21 @@ impl Spool {
         self.stats.failing() || !self.log.cut_done()
     }
 
+    /// `fsync = "always"` on a disk slower than the calls: the appends
+    /// waiting for room in the full queue, when there are [`WAITING_MAX`] or
+    /// more. Refusing new calls then keeps them bounded.
+    fn behind(&self) -> Option<usize> {
+        let n = self.waiting.load(Ordering::Relaxed);
+        (n >= WAITING_MAX).then_some(n)
+    }
+
     /// Whether new metered calls would be refused now (for `/readyz`;
     /// nothing changes but a retried cut, see [`Spool::failing`]): the last
-    /// write failed, or the spool is full under `when_full = "reject"`.
+    /// write failed, the write queue is behind (see [`Spool::behind`]), or
+    /// the spool is full under `when_full = "reject"`.
     pub fn refuses_calls(&self) -> bool {
         self.failing()
+            || self.behind().is_some()
             || (self.policy.when_full == WhenFull::Reject
                 && self.backlog_bytes() >= self.policy.max_bytes)
     }
@@ -465,7 +528,9 @@ impl Spool {
     /// (`reject`: every call refused) nor push many billed calls' events out
     /// (`drop_oldest`). Read-only: nothing is dropped to make room.
     pub fn has_room_for_refusals(&self) -> bool {
-        !self.failing() && self.backlog_bytes() < self.policy.max_bytes / 2
+        !self.failing()
+            && self.behind().is_none()
+            && self.backlog_bytes() < self.policy.max_bytes / 2
     }
 
     fn cursor_position(&self, name: &str) -> Option<u64> {

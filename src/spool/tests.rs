@@ -423,6 +423,90 @@ async fn with_fsync_always_a_failed_sync_fails_the_append() {
     spool.close().await;
 }
 
+/// `fsync = "always"` on a disk that stalls: once the queue is full and
+/// `WAITING_MAX` appends wait for room, new calls are refused (the waiting
+/// appends stay bounded), and every waiting event is still written, in
+/// order, when the disk moves again, though its callers went away.
+#[tokio::test(flavor = "current_thread")]
+// The lock stands for the stalled disk: only the writer thread waits on it.
+#[allow(clippy::await_holding_lock)]
+async fn with_fsync_always_a_stalled_disk_refuses_calls_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = policy(1 << 26, 1 << 26, WhenFull::Reject);
+    p.fsync = Fsync::Always;
+    let spool = Spool::open(dir.path(), p, &[]).unwrap();
+    let held = spool.log.hold.lock().unwrap();
+    let mut n = 0;
+    while n < 4 * QUEUE && spool.check_capacity().is_ok() {
+        drop(spool.append(line(n), Flush::Batch));
+        n += 1;
+    }
+    assert!(
+        (QUEUE + WAITING_MAX..=QUEUE + WAITING_MAX + writer::MAX_BATCH_EVENTS).contains(&n),
+        "calls admitted while the disk stalled: {n}"
+    );
+    assert!(matches!(spool.check_capacity(), Err(SpoolError::Behind(_))));
+    assert!(spool.refuses_calls());
+    assert!(!spool.has_room_for_refusals());
+    // The waiting appends run (and wait) before the disk moves again.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(held);
+    let started = std::time::Instant::now();
+    while spool.waiting.load(Ordering::Relaxed) > 0 || written_lines(dir.path()).len() < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not all written"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        written_lines(dir.path()),
+        (0..n).map(line).collect::<Vec<_>>()
+    );
+    assert_eq!(spool.stats.lost_events.get(), 0);
+    assert!(spool.check_capacity().is_ok());
+    spool.close().await;
+}
+
+/// Appends still waiting for room in the queue when the spool's runtime
+/// shuts down are counted lost, not dropped silently.
+#[test]
+fn appends_waiting_when_the_runtime_shuts_down_are_counted_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = policy(1 << 26, 1 << 26, WhenFull::Reject);
+    p.fsync = Fsync::Always;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let spool = rt.block_on(async { Spool::open(dir.path(), p, &[]).unwrap() });
+    let held = spool.log.hold.lock().unwrap();
+    let mut n = 0;
+    rt.block_on(async {
+        while spool.waiting.load(Ordering::Relaxed) < 10 {
+            drop(spool.append(line(n), Flush::Batch));
+            n += 1;
+        }
+    });
+    assert_eq!(spool.stats.lost_events.get(), 0);
+    drop(rt);
+    assert_eq!(spool.waiting.load(Ordering::Relaxed), 0);
+    assert_eq!(spool.stats.lost_events.get(), 10);
+    drop(held);
+    let started = std::time::Instant::now();
+    while written_lines(dir.path()).len() < n - 10 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "queued lines not written"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        written_lines(dir.path()),
+        (0..n - 10).map(line).collect::<Vec<_>>()
+    );
+}
+
 /// A failed write whose bytes cannot be cut back stops appends until the
 /// cut succeeds: a line written after the leftover would sit at a file
 /// offset other than its log position (readers would read from the wrong

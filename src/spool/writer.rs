@@ -25,7 +25,7 @@ use crate::limits::state::Note;
 /// draining them (it runs once a second), and following ends.
 const MAX_NOTES: usize = 1 << 22;
 
-const MAX_BATCH_EVENTS: usize = 1024;
+pub(super) const MAX_BATCH_EVENTS: usize = 1024;
 
 pub struct Log {
     dir: PathBuf,
@@ -45,6 +45,10 @@ pub struct Log {
     /// Tests: every cut back (`set_len`) fails.
     #[cfg(test)]
     pub fail_cuts: AtomicBool,
+    /// Tests: held, the group-commit thread stops before its next write, as
+    /// a stalled disk stops it.
+    #[cfg(test)]
+    pub hold: Mutex<()>,
 }
 
 struct State {
@@ -103,6 +107,8 @@ impl Log {
             fail_writes: AtomicBool::new(false),
             #[cfg(test)]
             fail_cuts: AtomicBool::new(false),
+            #[cfg(test)]
+            hold: Mutex::new(()),
         })
     }
 
@@ -344,6 +350,8 @@ pub fn run_group_commit(log: Arc<Log>, mut rx: mpsc::Receiver<Append>) {
         if rx.blocking_recv_many(&mut batch, MAX_BATCH_EVENTS) == 0 {
             break;
         }
+        #[cfg(test)]
+        let _held = log.hold.lock().unwrap();
         let closing = batch.iter().any(|a| a.ack.is_none() && a.line.is_empty());
         buf.clear();
         let mut ends = Vec::with_capacity(batch.len());
