@@ -85,7 +85,7 @@ async fn forward(
         .map_or_else(|| Uri::from_static("/"), Uri::from);
     strip_hop_by_hop(&mut parts.headers);
     let req = Request::from_parts(parts, Full::new(body));
-    match pool::send_to(req, scheme, authority, Duration::from_secs(5)).await {
+    match pool::send_to(req, scheme, authority, Duration::from_secs(5), &mut false).await {
         Ok((mut resp, conn)) => {
             strip_hop_by_hop(resp.headers_mut());
             resp.map(|inner| Released { inner, conn }.map_err(Into::into).boxed_unsync())

@@ -175,6 +175,35 @@ async fn client_abort_is_metered_as_client_aborted() {
     assert!((3..50).contains(&out), "{out}");
 }
 
+/// A client that goes away after its request went upstream, before the
+/// answer began: the provider may bill it, so the prompt is counted
+/// (estimated), not settled at nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_abort_before_the_answer_counts_the_prompt() {
+    let e = env();
+    let body = CHAT.replace("hi", &"lorem ipsum ".repeat(200));
+    let head = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: x\r\n\
+         authorization: Bearer {ACME_KEY}\r\nx-mock-first-byte-delay-ms: 5000\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let s = raw_connection(&e.proxy.addr, &head).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(s);
+    let ev = wait_events(e.dir.path(), "the aborted call's event", |ev| {
+        !ev.is_empty()
+    })
+    .await;
+    let d = &ev[0]["data"];
+    assert_eq!(d["outcome"], "client_aborted", "{d}");
+    assert_eq!(d["usage_source"], "estimated", "{d}");
+    assert_eq!(d["output_tokens"], 0, "{d}");
+    let input = d["input_tokens"].as_u64().unwrap();
+    assert!((400..=700).contains(&input), "{d}");
+    assert!(d["cost"].as_str().unwrap() != "0", "{d}");
+}
+
 fn bytes_count(hay: &[u8], needle: &[u8]) -> usize {
     hay.windows(needle.len()).filter(|w| *w == needle).count()
 }

@@ -77,6 +77,9 @@ pub struct CallState {
     pub started: Instant,
     pub first_byte: Option<Instant>,
     pub status: u16,
+    /// The request was handed to an upstream connection (set by
+    /// `pool::send_to`; back to `false` if it came back unsent).
+    pub dispatched: bool,
     pub request_id: Option<String>,
     pub meter: Option<ResponseMeter>,
     /// What admission granted (reservation, token charge); settled at the end.
@@ -104,6 +107,7 @@ impl Call {
                 started: Instant::now(),
                 first_byte: None,
                 status: 0,
+                dispatched: false,
                 request_id: None,
                 meter: None,
                 admission: None,
@@ -204,6 +208,16 @@ impl CallState {
             Some(u) if complete => UsagePlan::Known(u, UsageSource::Provider),
             partial if self.op.is_metered() && got_response && self.status < 400 => {
                 UsagePlan::Estimate(partial)
+            }
+            // The client went away after the request went upstream, before
+            // the answer began: the provider may bill the prompt (and what
+            // it generated), so the input at least is counted, estimated.
+            None if self.op.is_metered()
+                && self.dispatched
+                && self.status == 0
+                && end == End::ClientAborted =>
+            {
+                UsagePlan::Estimate(None)
             }
             _ => UsagePlan::Known(Usage::default(), UsageSource::None),
         }

@@ -226,7 +226,8 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             up_req,
             scheme,
             authority,
-            upstream.connect_timeout
+            upstream.connect_timeout,
+            &mut call.state().dispatched,
         ));
         std::future::poll_fn(|cx| match send.as_mut().poll(cx) {
             std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),

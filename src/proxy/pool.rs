@@ -276,12 +276,15 @@ pub fn origin_of(url: &Uri) -> Option<(&Scheme, &Authority)> {
 /// Sends `req` to `scheme://authority` on a pooled or new connection; its
 /// URI's path and query are the request target (HTTP/1.1 sends them in
 /// origin form with `Host`, HTTP/2 as `:scheme`, `:authority`, `:path`).
-/// For HTTP/1.1 the returned [`Returner`] goes with the body.
+/// For HTTP/1.1 the returned [`Returner`] goes with the body. `dispatched`
+/// is set while the request is with a connection, that is from when it is
+/// handed to one until it comes back unsent (to be tried on another).
 pub async fn send_to(
     mut req: Request<Body>,
     scheme: &Scheme,
     authority: &Authority,
     connect_timeout: Duration,
+    dispatched: &mut bool,
 ) -> Result<(Response<Incoming>, Option<Returner>), Error> {
     let path_and_query = req
         .uri()
@@ -352,6 +355,7 @@ pub async fn send_to(
                     *req.uri_mut() = Uri::from(path_and_query.clone());
                 }
                 req.headers_mut().insert(http::header::HOST, host);
+                *dispatched = true;
                 match tx.try_send_request(req).await {
                     Ok(resp) => {
                         let returner = Returner {
@@ -362,7 +366,10 @@ pub async fn send_to(
                         return Ok((resp, Some(returner)));
                     }
                     Err(mut e) => match e.take_message() {
-                        Some(r) if reused => req = r,
+                        Some(r) if reused => {
+                            *dispatched = false;
+                            req = r;
+                        }
                         _ => return Err(e.into_error().into()),
                     },
                 }
@@ -382,11 +389,13 @@ pub async fn send_to(
                 *req.uri_mut() = Uri::from_parts(parts)?;
                 // HTTP/2 carries the authority in `:authority`.
                 req.headers_mut().remove(http::header::HOST);
+                *dispatched = true;
                 match tx.try_send_request(req).await {
                     Ok(resp) => return Ok((resp, None)),
                     Err(mut e) => match e.take_message() {
                         Some(r) if reused => {
                             forget_closed_h2(scheme, authority);
+                            *dispatched = false;
                             req = r;
                         }
                         _ => return Err(e.into_error().into()),

@@ -19,7 +19,11 @@ async fn send(
 ) -> Result<(Response<hyper::body::Incoming>, Option<Returner>), Error> {
     let uri = req.uri().clone();
     let (scheme, authority) = super::origin_of(&uri).expect("an absolute URI");
-    send_to(req, scheme, authority, connect_timeout).await
+    let mut dispatched = false;
+    let r = send_to(req, scheme, authority, connect_timeout, &mut dispatched).await;
+    // An answer means the request went to a connection.
+    assert!(r.is_err() || dispatched);
+    r
 }
 
 /// Listens on 127.0.0.1, counts the connections it accepts and serves each
