@@ -1329,3 +1329,54 @@ async fn otlp_grpc_metrics_retry_does_not_resend_logs() {
 async fn otlp_http_metrics_retry_does_not_resend_logs() {
     otlp_metrics_retry_does_not_resend_logs("http").await;
 }
+
+/// A collector with a logs pipeline only refuses every metrics export
+/// (HTTP 404, gRPC UNIMPLEMENTED). The logs were taken and the metrics are
+/// derived from them: the batch counts as delivered, nothing is set aside
+/// as a dead letter, and neither export is sent again.
+async fn otlp_refused_metrics_do_not_stall_the_logs(protocol: &str) {
+    let (dir, _mock, rx, proxy) = otlp_served(protocol, 3, |rx| rx.refuse_metrics()).await;
+    let file = wait_events(dir.path(), "3 events", |ev| ev.len() >= 3).await;
+    wait_metric(
+        &proxy.admin,
+        r#"tollgate_sink_delivered_events_total{sink="otel"}"#,
+        |v| v >= 3.0,
+    )
+    .await;
+    // A retry would show up now (the first comes within 100 ms).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = records(&rx.logs());
+    let ids: HashSet<String> = logs
+        .iter()
+        .map(|r| attr_str(&r.attributes, "cloudevents.event_id").to_string())
+        .collect();
+    assert_eq!(logs.len(), 3, "logs sent again");
+    assert_eq!(ids, file.iter().map(id).collect::<HashSet<_>>());
+    assert_eq!(
+        rx.metrics().len(),
+        rx.logs().len(),
+        "a refused metrics export was retried"
+    );
+    let m = metrics_text(&proxy.admin).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"tollgate_sink_dead_lettered_events_total{sink="otel"}"#
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "{m}"
+    );
+    let dead = dir.path().join("data/deadletter/otel.jsonl");
+    assert!(!dead.exists(), "dead letters written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_grpc_refused_metrics_do_not_stall_the_logs() {
+    otlp_refused_metrics_do_not_stall_the_logs("grpc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_http_refused_metrics_do_not_stall_the_logs() {
+    otlp_refused_metrics_do_not_stall_the_logs("http").await;
+}

@@ -297,6 +297,9 @@ struct OtlpState {
     reject_logs: Option<(i64, String)>,
     /// Metrics exports still to answer with a retryable failure.
     fail_metrics: usize,
+    /// Answer metrics exports as a logs-only collector does (HTTP 404,
+    /// `grpc-status` 12 UNIMPLEMENTED); they are still recorded.
+    refuse_metrics: bool,
 }
 
 impl OtlpState {
@@ -416,6 +419,12 @@ impl OtlpReceiver {
         self.fail_metrics_next(usize::MAX);
     }
 
+    /// From now on, metrics exports are refused as by a collector with a
+    /// logs pipeline only (HTTP 404, `grpc-status` 12).
+    pub fn refuse_metrics(&self) {
+        self.state.lock().unwrap().refuse_metrics = true;
+    }
+
     /// The next `n` metrics exports fail as in [`OtlpReceiver::fail_metrics`].
     pub fn fail_metrics_next(&self, n: usize) {
         self.state.lock().unwrap().fail_metrics = n;
@@ -464,7 +473,9 @@ impl OtlpReceiver {
                     Ok(m) => {
                         record(true);
                         s.metrics.push(m);
-                        if s.failing_metrics() {
+                        if s.refuse_metrics {
+                            grpc_answer(None, 12, "unknown service")
+                        } else if s.failing_metrics() {
                             grpc_answer(None, 14, "unavailable")
                         } else {
                             grpc_answer(
@@ -517,6 +528,9 @@ impl OtlpReceiver {
             ok,
         });
         match answer {
+            Ok(_) if metrics_export && s.refuse_metrics => {
+                full(StatusCode::NOT_FOUND, "no metrics pipeline")
+            }
             Ok(_) if metrics_export && s.failing_metrics() => {
                 full(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
