@@ -1221,6 +1221,27 @@ async fn otlp_served(
     (dir, mock, rx, proxy)
 }
 
+/// Waits until `series` on the otel sink reaches `n`, then long enough for a
+/// retry to show up (the first comes within 100 ms).
+async fn settled_otel(proxy: &Proxy, series: &str, n: f64) {
+    wait_metric(&proxy.admin, &format!(r#"{series}{{sink="otel"}}"#), |v| {
+        v >= n
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// The receiver got every event of `file` in its logs, each once.
+fn assert_logged_once(rx: &OtlpReceiver, file: &[Value], what: &str) {
+    let ids: Vec<String> = records(&rx.logs())
+        .iter()
+        .map(|r| attr_str(&r.attributes, "cloudevents.event_id").to_string())
+        .collect();
+    assert_eq!(ids.len(), file.len(), "logs sent again {what}: {ids:?}");
+    let expected: HashSet<String> = file.iter().map(id).collect();
+    assert_eq!(ids.into_iter().collect::<HashSet<_>>(), expected);
+}
+
 /// A receiver that accepts an export but reports records rejected (OTLP
 /// `partial_success`): nothing is dropped silently and nothing is sent
 /// again, not even when the metrics export that follows fails. The answer
@@ -1249,15 +1270,8 @@ async fn otlp_partial_success_is_dead_lettered(protocol: &str, metrics_fail: boo
     let dead_events: Vec<Value> = dead.iter().map(|d| d["event"].clone()).collect();
     assert_same_events(&file, &dead_events, "dead-letter file");
     assert_no_duplicates(&dead_events, "dead-letter file");
-    wait_metric(
-        &proxy.admin,
-        r#"tollgate_sink_dead_lettered_events_total{sink="otel"}"#,
-        |v| v >= 3.0,
-    )
-    .await;
-    // Anything sent again would show up now (the first retry comes within
-    // 100 ms).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Anything sent again would show up now.
+    settled_otel(&proxy, "tollgate_sink_dead_lettered_events_total", 3.0).await;
     assert_eq!(
         records(&rx.logs()).len(),
         3,
@@ -1295,29 +1309,13 @@ async fn otlp_http_partial_success_is_dead_lettered_not_dropped() {
 async fn otlp_metrics_retry_does_not_resend_logs(protocol: &str) {
     let (dir, _mock, rx, proxy) = otlp_served(protocol, 3, |rx| rx.fail_metrics_next(2)).await;
     let file = wait_events(dir.path(), "3 events", |ev| ev.len() >= 3).await;
-    wait_metric(
-        &proxy.admin,
-        r#"tollgate_sink_delivered_events_total{sink="otel"}"#,
-        |v| v >= 3.0,
-    )
-    .await;
+    settled_otel(&proxy, "tollgate_sink_delivered_events_total", 3.0).await;
     assert!(
         rx.metrics().len() >= 3,
         "two failed metrics exports and one accepted, got {}",
         rx.metrics().len()
     );
-    let logs = records(&rx.logs());
-    let ids: Vec<String> = logs
-        .iter()
-        .map(|r| attr_str(&r.attributes, "cloudevents.event_id").to_string())
-        .collect();
-    assert_eq!(
-        ids.len(),
-        3,
-        "logs sent again with the metrics retry: {ids:?}"
-    );
-    let expected: HashSet<String> = file.iter().map(id).collect();
-    assert_eq!(ids.into_iter().collect::<HashSet<_>>(), expected);
+    assert_logged_once(&rx, &file, "with the metrics retry");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1337,21 +1335,8 @@ async fn otlp_http_metrics_retry_does_not_resend_logs() {
 async fn otlp_refused_metrics_do_not_stall_the_logs(protocol: &str) {
     let (dir, _mock, rx, proxy) = otlp_served(protocol, 3, |rx| rx.refuse_metrics()).await;
     let file = wait_events(dir.path(), "3 events", |ev| ev.len() >= 3).await;
-    wait_metric(
-        &proxy.admin,
-        r#"tollgate_sink_delivered_events_total{sink="otel"}"#,
-        |v| v >= 3.0,
-    )
-    .await;
-    // A retry would show up now (the first comes within 100 ms).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let logs = records(&rx.logs());
-    let ids: HashSet<String> = logs
-        .iter()
-        .map(|r| attr_str(&r.attributes, "cloudevents.event_id").to_string())
-        .collect();
-    assert_eq!(logs.len(), 3, "logs sent again");
-    assert_eq!(ids, file.iter().map(id).collect::<HashSet<_>>());
+    settled_otel(&proxy, "tollgate_sink_delivered_events_total", 3.0).await;
+    assert_logged_once(&rx, &file, "after refused metrics");
     assert_eq!(
         rx.metrics().len(),
         rx.logs().len(),
