@@ -209,11 +209,11 @@ async fn credit(
         Ok(b) => b,
         Err(r) => return r,
     };
-    if body.amount <= Decimal::ZERO {
+    if body.amount <= Decimal::ZERO || body.amount > crate::config::MAX_MONEY {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_amount",
-            "amount must be a positive decimal string",
+            "amount must be a positive decimal string, at most 1000000000000000",
         );
     }
     let now = OffsetDateTime::now_utc();

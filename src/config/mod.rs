@@ -227,6 +227,16 @@ impl Provider {
     }
 }
 
+/// The highest price accepted (per million tokens, or per call): a dollar a
+/// token. With it the cost of even `u64::MAX` tokens of every kind fits a
+/// `Decimal` (about 7.9e28) with room to spare.
+pub const MAX_PRICE: rust_decimal::Decimal =
+    rust_decimal::Decimal::from_parts(1_000_000, 0, 0, false, 0);
+
+/// The largest budget limit or credit accepted: 10^15 (a quadrillion).
+pub const MAX_MONEY: rust_decimal::Decimal =
+    rust_decimal::Decimal::from_parts(0xA4C6_8000, 0x0003_8D7E, 0, false, 0);
+
 /// The shortest upstream key (and start of one) searched for in responses:
 /// shorter ones are too likely to match by chance.
 pub const MIN_SEARCHED_KEY: usize = 8;

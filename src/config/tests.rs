@@ -202,6 +202,45 @@ fn prices_dated_snapshots_by_prefix() {
     }
 }
 
+/// Prices above a dollar a token and budgets above 10^15 are refused: the
+/// sums of money made from them must stay far from `Decimal`'s bound.
+#[test]
+fn prices_and_limits_past_their_bounds_are_refused() {
+    let cases = [
+        (
+            "input = \"2.00\"",
+            "input = \"1000000.01\"",
+            "models.gpt-4.1.input",
+        ),
+        (
+            "output = \"8.00\"",
+            "output = \"5e28\"",
+            "models.gpt-4.1.output",
+        ),
+        (
+            "price_per_call = \"0.002\"",
+            "price_per_call = \"2000000\"",
+            "upstreams[1].price_per_call",
+        ),
+        (
+            "limit = \"50.00\"",
+            "limit = \"1000000000000001\"",
+            "tenants[0].budget.limit",
+        ),
+    ];
+    for (from, to, key) in cases {
+        let e = parse(&GOOD.replace(from, to), "t.toml", &env).unwrap_err();
+        assert_eq!(e.key, key, "{e}");
+        assert!(e.reason.contains("at most"), "{e}");
+    }
+    let at_bounds = GOOD
+        .replace("input = \"2.00\"", "input = \"1000000\"")
+        .replace("limit = \"50.00\"", "limit = \"1000000000000000\"");
+    assert!(parse(&at_bounds, "t.toml", &env).is_ok());
+    assert_eq!(MAX_MONEY, Decimal::from(10u64.pow(15)));
+    assert_eq!(MAX_PRICE, Decimal::from(1_000_000));
+}
+
 #[test]
 fn negative_cache_prices_are_refused() {
     for field in ["cache_read_input", "cache_write_input"] {

@@ -221,11 +221,8 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
             ("cache_write_input", m.cache_write_input),
         ];
         for (field, v) in prices {
-            if v.is_some_and(|v| v.is_sign_negative()) {
-                return Err(invalid(
-                    format!("{key}.{field}"),
-                    "price must not be negative",
-                ));
+            if let Some(v) = v {
+                money(format!("{key}.{field}"), v, super::MAX_PRICE)?;
             }
         }
         models.insert(
@@ -283,14 +280,7 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
         }
         let budget = match &t.budget {
             Some(b) => Some(Budget {
-                limit: if b.limit.is_sign_negative() {
-                    return Err(invalid(
-                        format!("{key}.budget.limit"),
-                        "must not be negative",
-                    ));
-                } else {
-                    b.limit
-                },
+                limit: money(format!("{key}.budget.limit"), b.limit, super::MAX_MONEY)?,
                 window: match b.window.as_str() {
                     "day" => Window::Day,
                     "month" => Window::Month,
@@ -428,13 +418,11 @@ fn upstream(
         }
         None => None,
     };
-    let price_per_call = u.price_per_call.unwrap_or_default();
-    if price_per_call.is_sign_negative() {
-        return Err(invalid(
-            format!("{key}.price_per_call"),
-            "must not be negative",
-        ));
-    }
+    let price_per_call = money(
+        format!("{key}.price_per_call"),
+        u.price_per_call.unwrap_or_default(),
+        super::MAX_PRICE,
+    )?;
     if u.price_per_call.is_some() && provider != Provider::Generic {
         return Err(invalid(
             format!("{key}.price_per_call"),
@@ -677,6 +665,18 @@ fn sink_headers(
         out.push((name, Secret(value)));
     }
     Ok(out)
+}
+
+/// An amount of money (a price or a budget limit): not negative, at most
+/// `max`, so sums of them stay far from `Decimal`'s bounds.
+fn money(key: String, v: Decimal, max: Decimal) -> Result<Decimal, Invalid> {
+    if v.is_sign_negative() {
+        return Err(invalid(key, "must not be negative"));
+    }
+    if v > max {
+        return Err(invalid(key, format!("must be at most {max}")));
+    }
+    Ok(v)
 }
 
 /// A stable short digest of the price table, used as `price_version` when the

@@ -85,6 +85,17 @@ impl MemoryStore {
     }
 }
 
+/// `limit + credits - spent - reserved`. Saturating: money from config,
+/// credits and usage is bounded where it comes in, but a sum of many must
+/// not panic while the store's lock is held (it would poison the lock for
+/// every tenant).
+fn available(limit: Decimal, credits: Decimal, spent: Decimal, reserved: Decimal) -> Decimal {
+    limit
+        .saturating_add(credits)
+        .saturating_sub(spent)
+        .saturating_sub(reserved)
+}
+
 impl Inner {
     fn status(&self, tenant: &str, budget: &Budget, now: OffsetDateTime) -> BudgetStatus {
         let (spent, credits) = self
@@ -97,7 +108,7 @@ impl Inner {
             spent,
             reserved,
             credits,
-            remaining: (budget.limit + credits - spent - reserved).max(Decimal::ZERO),
+            remaining: available(budget.limit, credits, spent, reserved).max(Decimal::ZERO),
             window_start: window_start(budget.window, now),
         }
     }
@@ -113,18 +124,18 @@ impl BudgetStore for MemoryStore {
     ) -> Result<Reservation, BudgetExceeded> {
         let mut inner = self.inner.lock().unwrap();
         let s = inner.status(tenant, budget, now);
-        let available = budget.limit + s.credits - s.spent - s.reserved;
+        let available = available(budget.limit, s.credits, s.spent, s.reserved);
         if amount > available {
             return Err(BudgetExceeded {
                 needed: amount,
                 remaining: available.max(Decimal::ZERO),
-                limit: budget.limit + s.credits,
+                limit: budget.limit.saturating_add(s.credits),
             });
         }
         // Entries stay once made (one per tenant of the config): no key
         // allocated per call.
         match inner.reserved.get_mut(tenant) {
-            Some(held) => *held += amount,
+            Some(held) => *held = held.saturating_add(amount),
             None => {
                 inner.reserved.insert(tenant.to_string(), amount);
             }
@@ -138,7 +149,7 @@ impl BudgetStore for MemoryStore {
     fn settle(&self, r: Reservation, actual: Decimal, at: OffsetDateTime) {
         let mut inner = self.inner.lock().unwrap();
         if let Some(held) = inner.reserved.get_mut(&r.tenant) {
-            *held -= r.amount;
+            *held = held.saturating_sub(r.amount);
         }
         inner.ledger.spend(&r.tenant, actual, at);
     }
@@ -165,6 +176,29 @@ mod tests {
 
     fn d(s: &str) -> Decimal {
         s.parse().unwrap()
+    }
+
+    /// Sums of money near `Decimal`'s bound saturate instead of panicking
+    /// with the store's lock held (which poisoned it for every tenant).
+    #[test]
+    fn huge_sums_saturate_and_leave_the_store_usable() {
+        let store = MemoryStore::default();
+        let budget = Budget {
+            limit: crate::config::MAX_MONEY,
+            window: Window::Month,
+        };
+        let now = datetime!(2026-11-23 12:00 UTC);
+        for _ in 0..3 {
+            store.credit("t", Decimal::MAX, now);
+            store.record("t", Decimal::MAX, now);
+        }
+        let s = store.status("t", &budget, now);
+        assert_eq!((s.credits, s.spent), (Decimal::MAX, Decimal::MAX));
+        assert!(store.reserve("t", &budget, d("1"), now).is_err());
+        let r = store.reserve("u", &budget, d("1"), now).unwrap();
+        store.settle(r, Decimal::MAX, now);
+        assert_eq!(store.status("u", &budget, now).remaining, Decimal::ZERO);
+        assert!(store.reserve("v", &budget, d("1"), now).is_ok());
     }
 
     #[test]

@@ -162,7 +162,7 @@ impl TenantLedger {
                 self.days
                     .range(from..=to)
                     .fold((Decimal::ZERO, Decimal::ZERO), |(s, c), (_, d)| {
-                        (s + d.spent, c + d.credits)
+                        (s.saturating_add(d.spent), c.saturating_add(d.credits))
                     })
             }
         }
@@ -175,14 +175,17 @@ impl Ledger {
             return;
         }
         let t = self.tenant_mut(tenant);
-        t.days.entry(utc_date(at)).or_default().spent += amount;
-        t.total_spent += amount;
+        // Saturating, as every sum of money in the limits (see `budget`).
+        let day = t.days.entry(utc_date(at)).or_default();
+        day.spent = day.spent.saturating_add(amount);
+        t.total_spent = t.total_spent.saturating_add(amount);
     }
 
     pub fn credit(&mut self, tenant: &str, amount: Decimal, at: OffsetDateTime) {
         let t = self.tenant_mut(tenant);
-        t.days.entry(utc_date(at)).or_default().credits += amount;
-        t.total_credits += amount;
+        let day = t.days.entry(utc_date(at)).or_default();
+        day.credits = day.credits.saturating_add(amount);
+        t.total_credits = t.total_credits.saturating_add(amount);
     }
 
     pub fn tenant(&self, tenant: &str) -> Option<&TenantLedger> {

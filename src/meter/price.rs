@@ -14,6 +14,8 @@ pub fn cost(p: &ModelPrice, u: &Usage) -> Decimal {
         .input_tokens
         .saturating_sub(u.cache_read_input_tokens)
         .saturating_sub(u.cache_write_input_tokens);
+    // Prices are at most `MAX_PRICE` (config validation): even u64::MAX of
+    // every kind of token fits, so none of this can overflow.
     let total = Decimal::from(uncached) * p.input
         + Decimal::from(u.cache_read_input_tokens) * p.cache_read_input
         + Decimal::from(u.cache_write_input_tokens) * p.cache_write_input
@@ -48,6 +50,26 @@ mod tests {
         };
         // 9*0.15 + 3*0.075 + 40*0.60 = 1.35 + 0.225 + 24 = 25.575 per million
         assert_eq!(cost(&p, &u), d("0.000025575"));
+    }
+
+    #[test]
+    fn the_dearest_price_and_the_most_tokens_do_not_overflow() {
+        let max = crate::config::MAX_PRICE;
+        let p = ModelPrice {
+            input: max,
+            cache_read_input: max,
+            cache_write_input: max,
+            output: max,
+            max_output_tokens: u64::MAX,
+        };
+        let u = Usage {
+            input_tokens: u64::MAX,
+            cache_read_input_tokens: u64::MAX / 3,
+            cache_write_input_tokens: u64::MAX / 3,
+            output_tokens: u64::MAX,
+            reasoning_output_tokens: u64::MAX,
+        };
+        assert!(cost(&p, &u) > Decimal::from(u64::MAX));
     }
 
     #[test]
