@@ -609,7 +609,12 @@ impl ResponseMeter {
             self.text.extend_from_slice(data);
             self.text.push(b'\n');
         } else {
-            self.text_overflow += data.len() as u64;
+            // Past the cap only the length of the event's generated text is
+            // kept: the event itself is mostly framing (ids, model, a
+            // `"usage":null`), about 300 bytes for a one-token chunk, which
+            // counted at four bytes a token overcharged a long stream cut
+            // short by some 25 times.
+            self.text_overflow += text_len(data);
         }
     }
 
@@ -638,6 +643,19 @@ impl ResponseMeter {
             }
         }
         (out, self.text_overflow)
+    }
+}
+
+/// The bytes of generated text in one event's data (see [`collect_text`]);
+/// all of it when it is not JSON.
+fn text_len(data: &[u8]) -> u64 {
+    match serde_json::from_slice::<serde_json::Value>(data) {
+        Ok(v) => {
+            let mut out = String::new();
+            collect_text(&v, None, &mut out);
+            out.len() as u64
+        }
+        Err(_) => data.len() as u64,
     }
 }
 

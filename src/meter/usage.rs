@@ -58,7 +58,11 @@ impl RawUsage {
                 let read = self.cache_read_input_tokens.unwrap_or(0);
                 let write = self.cache_creation_input_tokens.unwrap_or(0);
                 Usage {
-                    input_tokens: self.input_tokens.unwrap_or(0) + read + write,
+                    input_tokens: self
+                        .input_tokens
+                        .unwrap_or(0)
+                        .saturating_add(read)
+                        .saturating_add(write),
                     cache_read_input_tokens: read,
                     cache_write_input_tokens: write,
                     output_tokens: self.output_tokens.unwrap_or(0),

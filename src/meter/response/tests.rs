@@ -548,3 +548,29 @@ fn a_json_body_cut_short_is_read_for_usage_or_estimated_from_what_came() {
     assert!(!m.complete);
     assert_eq!(m.generated_text().1, cut.len() as u64);
 }
+
+/// A long stream cut short, past the kept text's cap: the rest counts by
+/// its generated text, not by its events' bytes (about 300 a one-token
+/// chunk, which made 20,000 chunks some 550,000 tokens).
+#[test]
+fn a_long_stream_past_the_text_cap_counts_its_text_not_its_framing() {
+    let chunk = |i: usize| {
+        format!(
+            "data: {{\"id\":\"chatcmpl-AbC123\",\"object\":\"chat.completion.chunk\",\"created\":1732390000,\
+             \"model\":\"gpt-4o-mini-2024-07-18\",\"system_fingerprint\":\"fp_0ba0d124f1\",\"choices\":[{{\"index\":0,\
+             \"delta\":{{\"content\":\"{}\"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":null}}\n\n",
+            if i % 2 == 0 { "ab" } else { "cd" }
+        )
+    };
+    let n = 2 * MAX_TEXT_BYTES / chunk(0).len();
+    let mut m = ResponseMeter::new(Provider::OpenAi, Operation::Chat, Format::Sse, false);
+    for i in 0..n {
+        m.feed(Bytes::from(chunk(i)));
+    }
+    m.cut_short();
+    assert!(m.usage().is_none() && !m.complete);
+    let (text, overflow) = m.generated_text();
+    assert!(overflow > 0, "the cap was not reached");
+    // Two bytes of text a chunk, whether kept or past the cap.
+    assert_eq!(text.len() as u64 + overflow, 2 * n as u64);
+}
