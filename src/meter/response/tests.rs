@@ -559,7 +559,7 @@ fn a_long_stream_past_the_text_cap_counts_its_text_not_its_framing() {
             "data: {{\"id\":\"chatcmpl-AbC123\",\"object\":\"chat.completion.chunk\",\"created\":1732390000,\
              \"model\":\"gpt-4o-mini-2024-07-18\",\"system_fingerprint\":\"fp_0ba0d124f1\",\"choices\":[{{\"index\":0,\
              \"delta\":{{\"content\":\"{}\"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":null}}\n\n",
-            if i % 2 == 0 { "ab" } else { "cd" }
+            if i.is_multiple_of(2) { "ab" } else { "cd" }
         )
     };
     let n = 2 * MAX_TEXT_BYTES / chunk(0).len();
