@@ -344,6 +344,29 @@ fn connection_limit_and_timeouts_must_be_positive() {
         let e = parse(&src, "t.toml", &env).unwrap_err();
         assert_eq!(e.key, key, "{e}");
     }
+    // Upstream and sink timeouts too: a zero deadline failed every call
+    // (504, or 502 for the connect) or every delivery (retried forever);
+    // waits past a day would overflow the clock when added to it.
+    let anchors = [
+        ("api_key_env = \"OPENAI_API_KEY\"\n", "upstreams[0]"),
+        ("path = \"./events.jsonl\"\n", "sinks[0]"),
+        ("shutdown_grace", "server"),
+    ];
+    for (anchor, line, key) in [
+        (anchors[0], "timeout = \"0s\"", "timeout"),
+        (anchors[0], "connect_timeout = \"0s\"", "connect_timeout"),
+        (anchors[0], "timeout = \"2d\"", "timeout"),
+        (anchors[1], "timeout = \"0ms\"", "timeout"),
+        (anchors[1], "batch_max_wait = \"30d\"", "batch_max_wait"),
+    ] {
+        let (at, table) = anchor;
+        let src = GOOD.replace(at, &format!("{at}{line}\n"));
+        let e = parse(&src, "t.toml", &env).unwrap_err();
+        assert_eq!(e.key, format!("{table}.{key}"), "{e}");
+    }
+    let src = GOOD.replace("[server]\n", "[server]\nshutdown_grace = \"400000h\"\n");
+    let e = parse(&src, "t.toml", &env).unwrap_err();
+    assert_eq!(e.key, "server.shutdown_grace", "{e}");
     let p = parse(GOOD, "t.toml", &env).unwrap();
     assert_eq!(p.server.max_connections, 10_000);
     assert_eq!(p.server.request_body_timeout, Duration::from_secs(60));

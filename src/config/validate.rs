@@ -69,6 +69,21 @@ fn at_most(key: &str, d: Duration, max: Duration) -> Result<Duration, Invalid> {
     Ok(d)
 }
 
+/// The longest timeout, grace or wait accepted elsewhere: a deadline is the
+/// clock plus it, which must not overflow.
+const MAX_WAIT: Duration = Duration::from_secs(86_400);
+
+/// A timeout: more than 0 (a zero deadline fails every call or delivery at
+/// once) and at most [`MAX_WAIT`].
+fn timeout(key: &str, s: &str) -> Result<Duration, Invalid> {
+    positive_duration(key, s).and_then(|d| at_most(key, d, MAX_WAIT))
+}
+
+/// A wait that may be 0, at most [`MAX_WAIT`].
+fn wait(key: &str, s: &str) -> Result<Duration, Invalid> {
+    duration(key, s).and_then(|d| at_most(key, d, MAX_WAIT))
+}
+
 /// The largest `server.max_connections`.
 const MAX_CONNECTIONS: usize = 1_000_000;
 
@@ -125,11 +140,8 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
         data_dir: PathBuf::from(&s.data_dir),
         source: s.source.clone(),
         admin_token,
-        shutdown_grace: duration("server.shutdown_grace", &s.shutdown_grace)?,
-        request_body_timeout: positive_duration(
-            "server.request_body_timeout",
-            &s.request_body_timeout,
-        )?,
+        shutdown_grace: wait("server.shutdown_grace", &s.shutdown_grace)?,
+        request_body_timeout: timeout("server.request_body_timeout", &s.request_body_timeout)?,
         max_connections: s.max_connections,
         header_read_timeout: positive_duration(
             "server.header_read_timeout",
@@ -162,7 +174,7 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
         fsync: match sp.fsync.as_str() {
             "always" => Fsync::Always,
             "never" => Fsync::Never,
-            "interval" => Fsync::Interval(duration("spool.fsync_interval", &sp.fsync_interval)?),
+            "interval" => Fsync::Interval(wait("spool.fsync_interval", &sp.fsync_interval)?),
             other => {
                 return Err(invalid(
                     "spool.fsync",
@@ -459,8 +471,8 @@ fn upstream(
         credential,
         refuse_unmetered,
         key_finder,
-        timeout: duration(&format!("{key}.timeout"), &u.timeout)?,
-        connect_timeout: duration(&format!("{key}.connect_timeout"), &u.connect_timeout)?,
+        timeout: timeout(&format!("{key}.timeout"), &u.timeout)?,
+        connect_timeout: timeout(&format!("{key}.connect_timeout"), &u.connect_timeout)?,
         price_per_call,
     })
 }
@@ -503,12 +515,12 @@ fn sink(
         max_events: s.batch_max_events.unwrap_or(default_events).max(1),
         max_bytes: s.batch_max_bytes.unwrap_or(1 << 20).max(1024),
         max_wait: match &s.batch_max_wait {
-            Some(w) => duration(&format!("{key}.batch_max_wait"), w)?,
+            Some(w) => wait(&format!("{key}.batch_max_wait"), w)?,
             None => default_wait,
         },
     };
     let timeout = match &s.timeout {
-        Some(t) => duration(&format!("{key}.timeout"), t)?,
+        Some(t) => timeout(&format!("{key}.timeout"), t)?,
         None => Duration::from_secs(10),
     };
     let kind = match s.kind.as_str() {
