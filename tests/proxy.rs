@@ -1564,6 +1564,41 @@ async fn raw_upstream(content_type: &'static str, body: &'static [u8], cut: bool
     addr
 }
 
+/// An HTTP/1.0 upstream (Python's `http.server` by default) is answered
+/// to an HTTP/1.1 client in HTTP/1.1: its version passed on made the
+/// client's connection close after every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_upstream_answers_http11_clients_in_http11() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+                let answer = "HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\
+                              content-length: 2\r\n\r\n{}";
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut s, answer.as_bytes()).await;
+            });
+        }
+    });
+    let extra = format!(
+        r#"
+[[upstreams]]
+name = "old"
+prefix = "/old"
+url = "http://{upstream}"
+provider = "generic"
+"#
+    );
+    let e = env_with("", &extra);
+    let head =
+        format!("GET /old/status HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ACME_KEY}\r\n\r\n");
+    let mut s = raw_connection(&e.proxy.addr, &head).await;
+    let status = status_of(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 200"));
+}
+
 /// One chat call through an upstream `raw_upstream` answers (200 expected);
 /// returns its event's `data`.
 async fn event_through_raw(

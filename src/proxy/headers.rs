@@ -2,7 +2,7 @@
 //! proxy, client credentials and tollgate headers never reach the upstream,
 //! and the upstream's key is injected from config.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::Upstream;
 
@@ -163,6 +163,11 @@ pub fn bearer(v: &http::HeaderValue) -> Option<&str> {
 /// Prepares the upstream response's head for the client.
 pub fn client_response_head(parts: &mut http::response::Parts, upstream: &Upstream) {
     client_response_headers(&mut parts.headers, upstream);
+    // The client's connection has its own version: an HTTP/1.0 upstream's
+    // passed on made hyper answer an HTTP/1.1 client in HTTP/1.0, closing
+    // the connection after every call (hyper lowers it again for an
+    // HTTP/1.0 client, and HTTP/2 ignores it).
+    parts.version = http::Version::HTTP_11;
     // hyper passes an HTTP/1.1 reason phrase on as it came
     // (`401 invalid key sk-…`).
     let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
@@ -186,6 +191,66 @@ fn client_response_headers(h: &mut HeaderMap, upstream: &Upstream) {
     if let Some(key) = &upstream.key_finder {
         strip_containing(h, key, "header");
     }
+    if let Some(v) = h.get(header::LOCATION) {
+        match client_location(v.as_bytes(), upstream) {
+            Some(Some(mapped)) => {
+                h.insert(header::LOCATION, mapped);
+            }
+            Some(None) => {}
+            None => {
+                tracing::warn!(
+                    upstream = %upstream.name,
+                    "upstream response pointed outside the upstream (location): removed"
+                );
+                h.remove(header::LOCATION);
+            }
+        }
+    }
+}
+
+/// An upstream `Location` as the client must see it: under the upstream's
+/// origin and base path, mapped back under the route's prefix (as nginx's
+/// `proxy_redirect` does), `Some(Some(..))`; relative to the request (no
+/// scheme, no leading `/`), unchanged, `Some(None)`; anywhere else, `None`
+/// (removed). Passed on as it came, an SDK following the redirect (the
+/// OpenAI and Anthropic SDKs do) would leave the proxy and send the
+/// tenant's own key to the upstream or a third host.
+fn client_location(v: &[u8], upstream: &Upstream) -> Option<Option<HeaderValue>> {
+    let v = std::str::from_utf8(v).ok()?;
+    // RFC 3986 §3.1: a scheme is a letter, then letters, digits, `+-.`.
+    let scheme_end = v
+        .find(|c: char| !(c.is_ascii_alphanumeric() || "+-.".contains(c)))
+        .filter(|&i| i > 0 && v.as_bytes()[0].is_ascii_alphabetic() && v[i..].starts_with(':'));
+    let path = if let Some(i) = scheme_end {
+        let uri: http::Uri = v.parse().ok()?;
+        let same_origin = uri
+            .scheme_str()
+            .is_some_and(|s| s.eq_ignore_ascii_case(&v[..i]))
+            && uri.scheme() == upstream.url.scheme()
+            && uri
+                .authority()
+                .zip(upstream.url.authority())
+                .is_some_and(|(a, b)| a.as_str().eq_ignore_ascii_case(b.as_str()));
+        if !same_origin {
+            return None;
+        }
+        let authority = uri.authority()?.as_str();
+        &v[i + 3 + authority.len()..]
+    } else if v.starts_with("//") {
+        return None;
+    } else if v.starts_with('/') {
+        v
+    } else {
+        // A path relative to the request, which stays under the prefix.
+        return Some(None);
+    };
+    let base = upstream.url.path().trim_end_matches('/');
+    let rest = path.strip_prefix(base)?;
+    if !(rest.is_empty() || rest.starts_with(['/', '?', '#'])) {
+        return None;
+    }
+    let mapped = format!("{}{}", upstream.prefix, rest);
+    Some(Some(HeaderValue::from_str(&mapped).ok()?))
 }
 
 /// Removes every header (or trailer: `what`) with a value that contains the key.
@@ -204,6 +269,40 @@ pub(super) fn strip_containing(h: &mut HeaderMap, key: &memchr::memmem::Finder<'
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn locations_map_back_under_the_prefix_or_are_removed() {
+        let mut upstream = Upstream::with_key("sk-UPSTREAM-0123456789");
+        upstream.url = "https://api.example.com/v1".parse().unwrap();
+        for (from, to) in [
+            // Under the upstream's origin and base path: back under the prefix.
+            (
+                "https://api.example.com/v1/files/f1",
+                Some("/openai/files/f1"),
+            ),
+            ("https://API.example.com/v1?x=1", Some("/openai?x=1")),
+            ("/v1/files/f1?p=2", Some("/openai/files/f1?p=2")),
+            ("/v1", Some("/openai")),
+            // Relative to the request: unchanged (still under the prefix).
+            ("files/f1", Some("files/f1")),
+            ("../files", Some("../files")),
+            // Anywhere else: removed.
+            ("https://evil.example.net/v1/x", None),
+            ("http://api.example.com/v1/x", None),
+            ("https://api.example.com:8443/v1/x", None),
+            ("https://api.example.com/v2/x", None),
+            ("https://api.example.com/v1x", None),
+            ("/v2/x", None),
+            ("//evil.example.net/v1/x", None),
+            ("javascript:alert(1)", None),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::LOCATION, from.parse().unwrap());
+            client_response_headers(&mut h, &upstream);
+            let got = h.get(header::LOCATION).map(|v| v.to_str().unwrap());
+            assert_eq!(got, to, "{from}");
+        }
+    }
 
     #[test]
     fn strips_connection_named_headers() {
