@@ -28,6 +28,20 @@ fn env_with(server_extra: &str, extra: &str) -> Env {
     Env { dir, mock, proxy }
 }
 
+/// [`env`] plus an upstream `name` at `http://{addr}` under `/{name}`.
+fn env_with_upstream(name: &str, addr: &str, provider: &str) -> Env {
+    let extra = format!(
+        r#"
+[[upstreams]]
+name = "{name}"
+prefix = "/{name}"
+url = "http://{addr}"
+provider = "{provider}"
+"#
+    );
+    env_with("", &extra)
+}
+
 fn env() -> Env {
     env_with("", "")
 }
@@ -1582,16 +1596,7 @@ async fn an_http10_upstream_answers_http11_clients_in_http11() {
             });
         }
     });
-    let extra = format!(
-        r#"
-[[upstreams]]
-name = "old"
-prefix = "/old"
-url = "http://{upstream}"
-provider = "generic"
-"#
-    );
-    let e = env_with("", &extra);
+    let e = env_with_upstream("old", &upstream.to_string(), "generic");
     let head =
         format!("GET /old/status HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ACME_KEY}\r\n\r\n");
     let mut s = raw_connection(&e.proxy.addr, &head).await;
@@ -1608,16 +1613,7 @@ async fn event_through_raw(
     request: &str,
 ) -> serde_json::Value {
     let upstream = raw_upstream(content_type, answer, cut).await;
-    let extra = format!(
-        r#"
-[[upstreams]]
-name = "raw"
-prefix = "/raw"
-url = "http://{upstream}"
-provider = "openai"
-"#
-    );
-    let e = env_with("", &extra);
+    let e = env_with_upstream("raw", &upstream.to_string(), "openai");
     let auth = format!("Bearer {ACME_KEY}");
     let r = send(
         "POST",
