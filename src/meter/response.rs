@@ -554,7 +554,7 @@ impl ResponseMeter {
                     return;
                 };
                 if let Some(r) = env.response {
-                    if r.model.is_some() {
+                    if r.model.as_deref().is_some_and(|m| !m.is_empty()) {
                         self.response_model = r.model;
                     }
                     if r.usage.is_some() {
@@ -583,7 +583,7 @@ impl ResponseMeter {
                     Some(m) => (m.model, m.usage),
                     None => (env.model, env.usage),
                 };
-                if model.is_some() {
+                if model.as_deref().is_some_and(|m| !m.is_empty()) {
                     self.response_model = model;
                 }
                 if let Some(u) = usage {
@@ -670,11 +670,14 @@ fn has_blank_line(b: &[u8]) -> bool {
     })
 }
 
-/// A `model` member's string (`None` when absent, null or not a string).
+/// A `model` member's string (`None` when absent, null, empty or not a
+/// string: Azure's first chunk, carrying only `prompt_filter_results`, says
+/// `"model":""`, which kept the stream's real model out of the event).
 fn model_of(raw: Option<&[u8]>) -> Option<String> {
     serde_json::from_slice::<Option<String>>(raw?)
         .ok()
         .flatten()
+        .filter(|m| !m.is_empty())
 }
 
 /// A `usage` member: plain integers are read directly, anything else goes

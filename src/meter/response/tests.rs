@@ -574,3 +574,20 @@ fn a_long_stream_past_the_text_cap_counts_its_text_not_its_framing() {
     // Two bytes of text a chunk, whether kept or past the cap.
     assert_eq!(text.len() as u64 + overflow, 2 * n as u64);
 }
+
+/// An empty `model` (Azure's first chunk, with only its content filter
+/// results) is no model: the stream's real one is recorded.
+#[test]
+fn an_empty_model_is_no_model() {
+    let body = concat!(
+        "data: {\"choices\":[],\"created\":0,\"id\":\"\",\"model\":\"\",\"object\":\"\",\"prompt_filter_results\":[]}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1,\"total_tokens\":6}}\n\n",
+        "data: [DONE]\n\n",
+    );
+    let mut m = ResponseMeter::new(Provider::OpenAi, Operation::Chat, Format::Sse, false);
+    m.feed(Bytes::from_static(body.as_bytes()));
+    m.finish();
+    assert_eq!(m.response_model.as_deref(), Some("gpt-4o-2024-08-06"));
+    assert!(m.complete);
+}
