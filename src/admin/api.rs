@@ -270,6 +270,26 @@ fn quantity(v: Option<&serde_json::Value>) -> Option<Decimal> {
     }
 }
 
+/// A pending outcome key, confirmed when dropped (see `Ledger::begin_key`).
+struct KeyHold<'a> {
+    app: &'a App,
+    tenant: &'a str,
+    key: Option<&'a str>,
+    at: OffsetDateTime,
+}
+
+impl Drop for KeyHold<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            let (tenant, at) = (self.tenant, self.at);
+            self.app
+                .limits
+                .budgets
+                .with(|l| l.confirm_key(tenant, key, at));
+        }
+    }
+}
+
 async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Response<Body> {
     let body: OutcomeReq = match read_json(req).await {
         Ok(b) => b,
@@ -309,9 +329,18 @@ async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Res
         match app
             .limits
             .budgets
-            .with(|l| l.remember_key(&body.tenant, key, now))
+            .with(|l| l.begin_key(&body.tenant, key))
         {
             Remembered::Duplicate => return ok(json!({"duplicate": true, "id": key})),
+            // Not a duplicate yet: the first may still fail (503), and a
+            // client told "duplicate" would not retry.
+            Remembered::Pending => {
+                return error(
+                    StatusCode::CONFLICT,
+                    "idempotency_key_in_use",
+                    "an outcome with this id is being recorded; retry",
+                )
+            }
             Remembered::Fresh { forgot: 0 } => {}
             Remembered::Fresh { forgot } => tracing::warn!(
                 forgot,
@@ -339,8 +368,17 @@ async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Res
         key,
         at: crate::event::event_instant(now),
     });
+    // Confirmed however this ends but a failed append: dropped at the
+    // await (the admin server stopping), the line is queued and will be
+    // written, so the key must not stay pending.
+    let mut hold = KeyHold {
+        app,
+        tenant: &body.tenant,
+        key: body.id.as_deref(),
+        at: now,
+    };
     if let Err(e) = record(app, event.to_line(), note).await {
-        if let Some(key) = &body.id {
+        if let Some(key) = hold.key.take() {
             app.limits.budgets.with(|l| l.forget_key(&body.tenant, key));
         }
         tracing::error!(error = %e, "outcome not recorded: spool append failed");
@@ -350,6 +388,7 @@ async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Res
             "spool unavailable",
         );
     }
+    drop(hold);
     respond(
         StatusCode::CREATED,
         json!({"duplicate": false, "event_id": event.id}),

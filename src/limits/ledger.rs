@@ -58,9 +58,14 @@ pub struct OutcomeKeys(HashMap<u128, i64>);
 pub enum Remembered {
     /// Already known: the outcome is a duplicate.
     Duplicate,
+    /// Taken by an outcome still being recorded (see [`Ledger::begin_key`]).
+    Pending,
     /// New; `forgot` older keys were forgotten to keep the count capped.
     Fresh { forgot: usize },
 }
+
+/// The first-seen time of a key whose outcome is still being recorded.
+const PENDING: i64 = i64::MAX;
 
 impl OutcomeKeys {
     fn digest(tenant_and_key: &[&[u8]]) -> u128 {
@@ -78,6 +83,9 @@ impl OutcomeKeys {
 
     fn insert(&mut self, d: u128, at: i64) -> Remembered {
         match self.0.entry(d) {
+            std::collections::hash_map::Entry::Occupied(o) if *o.get() == PENDING => {
+                return Remembered::Pending
+            }
             std::collections::hash_map::Entry::Occupied(_) => return Remembered::Duplicate,
             std::collections::hash_map::Entry::Vacant(v) => v.insert(at),
         };
@@ -208,6 +216,23 @@ impl Ledger {
             .insert(OutcomeKeys::of(tenant, key), at.unix_timestamp())
     }
 
+    /// [`Ledger::remember_key`] for an outcome about to be recorded: the key
+    /// is held as pending (a concurrent request with it is told so, not that
+    /// it is a duplicate: the first may still fail) until
+    /// [`Ledger::confirm_key`], or [`Ledger::forget_key`] if the outcome was
+    /// not recorded. Pending keys are the newest, never forgotten first.
+    pub fn begin_key(&mut self, tenant: &str, key: &str) -> Remembered {
+        self.outcome_keys
+            .insert(OutcomeKeys::of(tenant, key), PENDING)
+    }
+
+    /// The outcome of a pending key was recorded at `at`.
+    pub fn confirm_key(&mut self, tenant: &str, key: &str, at: OffsetDateTime) {
+        if let Some(t) = self.outcome_keys.0.get_mut(&OutcomeKeys::of(tenant, key)) {
+            *t = at.unix_timestamp();
+        }
+    }
+
     pub fn knows_key(&self, tenant: &str, key: &str) -> bool {
         self.outcome_keys
             .0
@@ -241,6 +266,28 @@ mod tests {
 
     fn d(s: &str) -> Decimal {
         s.parse().unwrap()
+    }
+
+    /// A key being recorded is pending, not a duplicate: the first request
+    /// may still fail, and a client told "duplicate" would not retry.
+    #[test]
+    fn a_pending_key_is_not_a_duplicate_until_confirmed() {
+        let mut l = Ledger::default();
+        let at = datetime!(2026-11-23 12:00 UTC);
+        assert_eq!(l.begin_key("t", "k"), Remembered::Fresh { forgot: 0 });
+        assert_eq!(l.begin_key("t", "k"), Remembered::Pending);
+        // The first failed: forgotten, the retry is fresh.
+        l.forget_key("t", "k");
+        assert_eq!(l.begin_key("t", "k"), Remembered::Fresh { forgot: 0 });
+        l.confirm_key("t", "k", at);
+        assert_eq!(l.begin_key("t", "k"), Remembered::Duplicate);
+        // Confirmed keys age out as remembered ones do.
+        l.prune(at + time::Duration::days(KEEP_KEYS_DAYS + 1));
+        assert!(!l.knows_key("t", "k"));
+        // A pending key is never pruned.
+        l.begin_key("t", "p");
+        l.prune(at + time::Duration::days(KEEP_KEYS_DAYS + 1));
+        assert_eq!(l.begin_key("t", "p"), Remembered::Pending);
     }
 
     #[test]
