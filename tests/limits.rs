@@ -288,6 +288,56 @@ async fn spend_survives_kill9_while_drop_oldest_drops_after_idling() {
     spend_survives_kill9_while_drop_oldest_drops(Duration::from_secs(11)).await;
 }
 
+/// A call whose body was still arriving when a reload changed the tenant's
+/// rate limit is admitted under the new limit, in the same bucket as the
+/// calls after the reload. Admitted under the old one, it rebuilt the
+/// tenant's limiters (a fresh burst) and the next call rebuilt them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_begun_before_a_reload_is_limited_by_the_new_limits() {
+    let env = setup("rate_limit = { requests_per_minute = 2 }");
+    let proxy = start(&env);
+    let body = r#"{"model":"gpt-4o-mini","messages":[]}"#;
+    let head = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: x\r\n\
+         authorization: Bearer {ACME_KEY}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut slow = tokio::net::TcpStream::connect(&proxy.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut slow, head.as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = std::fs::read_to_string(&env.cfg).unwrap();
+    std::fs::write(
+        &env.cfg,
+        text.replace("requests_per_minute = 2", "requests_per_minute = 3"),
+    )
+    .unwrap();
+    let m = format!("http://{}/metrics", proxy.admin);
+    let t = std::time::Instant::now();
+    while !send("GET", &m, &[], "")
+        .await
+        .text()
+        .contains(r#"tollgate_config_reloads_total{result="ok"} 1"#)
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "no reload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(chat(&proxy.addr, ACME_KEY, body, &[]).await.status, 200);
+    tokio::io::AsyncWriteExt::write_all(&mut slow, body.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = [0u8; 12];
+    tokio::io::AsyncReadExt::read_exact(&mut slow, &mut answer)
+        .await
+        .unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    // Three a minute, in one bucket: one more, then refused.
+    assert_eq!(chat(&proxy.addr, ACME_KEY, body, &[]).await.status, 200);
+    assert_eq!(chat(&proxy.addr, ACME_KEY, body, &[]).await.status, 429);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_per_minute_reject_the_third_call_with_retry_after() {
     let env = setup("rate_limit = { requests_per_minute = 2 }");

@@ -183,6 +183,17 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         return reject(call, ProxyError::SpoolUnavailable, upstream.provider).await;
     }
 
+    // The tenant's limits as configured now, not when the call began: a
+    // reload during the body read (up to `request_body_timeout`) left such
+    // calls admitted under the old limits, and each switch between the two
+    // rebuilt the tenant's rate limiters with a fresh burst.
+    let tenant = app
+        .policy
+        .load()
+        .tenants
+        .get(&tenant.id)
+        .cloned()
+        .unwrap_or(tenant);
     let state = call.state();
     let ask = Ask {
         policy: &policy,
