@@ -130,7 +130,7 @@ pub fn tenant_json(app: &App, t: &Tenant, now: OffsetDateTime) -> serde_json::Va
                 "spent": s.spent.normalize().to_string(),
                 "reserved": s.reserved.normalize().to_string(),
                 "remaining": s.remaining.normalize().to_string(),
-                "limit": (b.limit + s.credits).normalize().to_string(),
+                "limit": b.limit.saturating_add(s.credits).normalize().to_string(),
                 "credits": s.credits.normalize().to_string(),
                 "window": b.window.as_str(),
                 "window_start": s.window_start.map(format_time),

@@ -191,8 +191,11 @@ fn client_response_headers(h: &mut HeaderMap, upstream: &Upstream) {
     if let Some(key) = &upstream.key_finder {
         strip_containing(h, key, "header");
     }
-    if let Some(v) = h.get(header::LOCATION) {
-        match client_location(v.as_bytes(), upstream) {
+    let mut locations = h.get_all(header::LOCATION).iter();
+    if let Some(v) = locations.next() {
+        // More than one is ambiguous (clients join or pick): none is kept.
+        let one = locations.next().is_none();
+        match client_location(v.as_bytes(), upstream).filter(|_| one) {
             Some(Some(mapped)) => {
                 h.insert(header::LOCATION, mapped);
             }
@@ -208,6 +211,15 @@ fn client_response_headers(h: &mut HeaderMap, upstream: &Upstream) {
     }
 }
 
+/// A URI's port, or its scheme's default (80, 443).
+fn port_or_default(uri: &http::Uri) -> Option<u16> {
+    uri.port_u16().or(match uri.scheme_str() {
+        Some(s) if s.eq_ignore_ascii_case("https") => Some(443),
+        Some(s) if s.eq_ignore_ascii_case("http") => Some(80),
+        _ => None,
+    })
+}
+
 /// An upstream `Location` as the client must see it: under the upstream's
 /// origin and base path, mapped back under the route's prefix (as nginx's
 /// `proxy_redirect` does), `Some(Some(..))`; relative to the request (no
@@ -217,6 +229,12 @@ fn client_response_headers(h: &mut HeaderMap, upstream: &Upstream) {
 /// tenant's own key to the upstream or a third host.
 fn client_location(v: &[u8], upstream: &Upstream) -> Option<Option<HeaderValue>> {
     let v = std::str::from_utf8(v).ok()?;
+    // WHATWG URL parsers (browsers, Node's fetch) read `\` as `/` and drop
+    // tabs and leading spaces: `\\evil.example/x` or `\t//evil.example/x`
+    // would pass as relative here and resolve to another host there.
+    if v.starts_with(' ') || v.bytes().any(|b| b == b'\\' || b.is_ascii_control()) {
+        return None;
+    }
     // RFC 3986 §3.1: a scheme is a letter, then letters, digits, `+-.`.
     let scheme_end = v
         .find(|c: char| !(c.is_ascii_alphanumeric() || "+-.".contains(c)))
@@ -228,9 +246,11 @@ fn client_location(v: &[u8], upstream: &Upstream) -> Option<Option<HeaderValue>>
             .is_some_and(|s| s.eq_ignore_ascii_case(&v[..i]))
             && uri.scheme() == upstream.url.scheme()
             && uri
-                .authority()
-                .zip(upstream.url.authority())
-                .is_some_and(|(a, b)| a.as_str().eq_ignore_ascii_case(b.as_str()));
+                .host()
+                .zip(upstream.url.host())
+                .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b))
+            && port_or_default(&uri) == port_or_default(&upstream.url)
+            && uri.authority().is_some_and(|a| !a.as_str().contains('@'));
         if !same_origin {
             return None;
         }
@@ -290,6 +310,13 @@ mod tests {
             ("https://evil.example.net/v1/x", None),
             ("http://api.example.com/v1/x", None),
             ("https://api.example.com:8443/v1/x", None),
+            ("https://api.example.com:443/v1/x", Some("/openai/x")),
+            ("https://user@api.example.com/v1/x", None),
+            ("\\\\evil.example.net/x", None),
+            ("\\/evil.example.net/x", None),
+            ("/\\evil.example.net/x", None),
+            ("\t//evil.example.net/x", None),
+            (" //evil.example.net/x", None),
             ("https://api.example.com/v2/x", None),
             ("https://api.example.com/v1x", None),
             ("/v2/x", None),
@@ -300,8 +327,17 @@ mod tests {
             h.insert(header::LOCATION, from.parse().unwrap());
             client_response_headers(&mut h, &upstream);
             let got = h.get(header::LOCATION).map(|v| v.to_str().unwrap());
-            assert_eq!(got, to, "{from}");
+            assert_eq!(got, to, "{from:?}");
         }
+        // Two are ambiguous: neither stays.
+        let mut h = HeaderMap::new();
+        h.append(header::LOCATION, "files/f1".parse().unwrap());
+        h.append(
+            header::LOCATION,
+            "https://evil.example.net/".parse().unwrap(),
+        );
+        client_response_headers(&mut h, &upstream);
+        assert!(!h.contains_key(header::LOCATION), "{h:?}");
     }
 
     #[test]

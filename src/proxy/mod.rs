@@ -187,13 +187,16 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     // reload during the body read (up to `request_body_timeout`) left such
     // calls admitted under the old limits, and each switch between the two
     // rebuilt the tenant's rate limiters with a fresh burst.
-    let tenant = app
-        .policy
-        .load()
-        .tenants
-        .get(&tenant.id)
-        .cloned()
-        .unwrap_or(tenant);
+    // A reload that removed the tenant, or its key, refuses the call.
+    let current = app.policy.load_full();
+    let tenant = if Arc::ptr_eq(&current, &policy) {
+        tenant
+    } else {
+        match authenticate(&current, &parts.headers) {
+            Some(t) if t.id == tenant.id => t.clone(),
+            _ => return reject(call, ProxyError::Unauthenticated, upstream.provider).await,
+        }
+    };
     let state = call.state();
     let ask = Ask {
         policy: &policy,

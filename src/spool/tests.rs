@@ -423,6 +423,21 @@ async fn with_fsync_always_a_failed_sync_fails_the_append() {
     spool.close().await;
 }
 
+/// Appends line 0 and waits until the group-commit thread has taken it and
+/// stopped at `hold` (held by the caller): the queue behind it then fills
+/// in order, whenever the writer thread gets to run.
+fn stall_writer(spool: &Spool) {
+    drop(spool.append(line(0), Flush::Batch));
+    let started = std::time::Instant::now();
+    while spool.log.taken.load(Ordering::Relaxed) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "writer never took line 0"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// `fsync = "always"` on a disk that stalls: once the queue is full and
 /// `WAITING_MAX` appends wait for room, new calls are refused (the waiting
 /// appends stay bounded), and every waiting event is still written, in
@@ -436,14 +451,17 @@ async fn with_fsync_always_a_stalled_disk_refuses_calls_and_loses_nothing() {
     p.fsync = Fsync::Always;
     let spool = Spool::open(dir.path(), p, &[]).unwrap();
     let held = spool.log.hold.lock().unwrap();
-    let mut n = 0;
+    stall_writer(&spool);
+    let mut n = 1;
     while n < 4 * QUEUE && spool.check_capacity().is_ok() {
         drop(spool.append(line(n), Flush::Batch));
         n += 1;
     }
-    assert!(
-        (QUEUE + WAITING_MAX..=QUEUE + WAITING_MAX + writer::MAX_BATCH_EVENTS).contains(&n),
-        "calls admitted while the disk stalled: {n}"
+    // Line 0 with the writer, a full queue, WAITING_MAX waiting.
+    assert_eq!(
+        n,
+        1 + QUEUE + WAITING_MAX,
+        "calls admitted while the disk stalled"
     );
     assert!(matches!(spool.check_capacity(), Err(SpoolError::Behind(_))));
     assert!(spool.refuses_calls());
@@ -481,7 +499,8 @@ fn appends_waiting_when_the_runtime_shuts_down_are_counted_lost() {
         .unwrap();
     let spool = rt.block_on(async { Spool::open(dir.path(), p, &[]).unwrap() });
     let held = spool.log.hold.lock().unwrap();
-    let mut n = 0;
+    rt.block_on(async { stall_writer(&spool) });
+    let mut n = 1;
     rt.block_on(async {
         while spool.waiting.load(Ordering::Relaxed) < 10 {
             drop(spool.append(line(n), Flush::Batch));

@@ -49,6 +49,9 @@ pub struct Log {
     /// a stalled disk stops it.
     #[cfg(test)]
     pub hold: Mutex<()>,
+    /// Tests: batches the group-commit thread has taken off its queue.
+    #[cfg(test)]
+    pub taken: std::sync::atomic::AtomicUsize,
 }
 
 struct State {
@@ -109,6 +112,8 @@ impl Log {
             fail_cuts: AtomicBool::new(false),
             #[cfg(test)]
             hold: Mutex::new(()),
+            #[cfg(test)]
+            taken: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -350,6 +355,8 @@ pub fn run_group_commit(log: Arc<Log>, mut rx: mpsc::Receiver<Append>) {
         if rx.blocking_recv_many(&mut batch, MAX_BATCH_EVENTS) == 0 {
             break;
         }
+        #[cfg(test)]
+        log.taken.fetch_add(1, Ordering::Relaxed);
         #[cfg(test)]
         let _held = log.hold.lock().unwrap();
         let closing = batch.iter().any(|a| a.ack.is_none() && a.line.is_empty());
