@@ -1524,14 +1524,30 @@ async fn connections_past_the_limit_wait_until_one_closes() {
 /// without the last chunk (the answer all there, its framing cut); else
 /// with a `content-length`, ending cleanly.
 async fn raw_upstream(content_type: &'static str, body: &'static [u8], cut: bool) -> String {
+    let mut out = format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\n").into_bytes();
+    if cut {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+        out.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+        out.extend_from_slice(body);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+        out.extend_from_slice(body);
+    }
+    raw_upstream_answering(Bytes::from(out)).await
+}
+
+/// An upstream that reads each request whole (head and a small body),
+/// writes `answer` as it is, and closes the connection soon after.
+async fn raw_upstream_answering(answer: Bytes) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move {
         loop {
             let (mut s, _) = listener.accept().await.unwrap();
+            let answer = answer.clone();
             tokio::spawn(async move {
-                // Read the request head and its body (a small one).
                 let mut buf = vec![0u8; 64 << 10];
                 let mut got = 0;
                 loop {
@@ -1555,23 +1571,10 @@ async fn raw_upstream(content_type: &'static str, body: &'static [u8], cut: bool
                         }
                     }
                 }
-                let mut out =
-                    format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\n").into_bytes();
-                if cut {
-                    out.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
-                    out.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
-                    out.extend_from_slice(body);
-                    out.extend_from_slice(b"\r\n");
-                } else {
-                    out.extend_from_slice(
-                        format!("content-length: {}\r\n\r\n", body.len()).as_bytes(),
-                    );
-                    out.extend_from_slice(body);
-                }
-                let _ = s.write_all(&out).await;
+                let _ = s.write_all(&answer).await;
                 let _ = s.flush().await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                // Gone without `0\r\n\r\n`.
+                // Gone without a chunked body's `0\r\n\r\n`.
             });
         }
     });
@@ -1583,20 +1586,11 @@ async fn raw_upstream(content_type: &'static str, body: &'static [u8], cut: bool
 /// client's connection close after every call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http10_upstream_answers_http11_clients_in_http11() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 << 10];
-                let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
-                let answer = "HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\
-                              content-length: 2\r\n\r\n{}";
-                let _ = tokio::io::AsyncWriteExt::write_all(&mut s, answer.as_bytes()).await;
-            });
-        }
-    });
-    let e = env_with_upstream("old", &upstream.to_string(), "generic");
+    let upstream = raw_upstream_answering(Bytes::from_static(
+        b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+    ))
+    .await;
+    let e = env_with_upstream("old", &upstream, "generic");
     let head =
         format!("GET /old/status HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ACME_KEY}\r\n\r\n");
     let mut s = raw_connection(&e.proxy.addr, &head).await;
@@ -1613,7 +1607,7 @@ async fn event_through_raw(
     request: &str,
 ) -> serde_json::Value {
     let upstream = raw_upstream(content_type, answer, cut).await;
-    let e = env_with_upstream("raw", &upstream.to_string(), "openai");
+    let e = env_with_upstream("raw", &upstream, "openai");
     let auth = format!("Bearer {ACME_KEY}");
     let r = send(
         "POST",

@@ -210,10 +210,11 @@ async fn credit(
         Err(r) => return r,
     };
     if body.amount <= Decimal::ZERO || body.amount > crate::config::MAX_MONEY {
+        let max = crate::config::MAX_MONEY;
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_amount",
-            "amount must be a positive decimal string, at most 1000000000000000",
+            &format!("amount must be a positive decimal string, at most {max}"),
         );
     }
     let now = OffsetDateTime::now_utc();

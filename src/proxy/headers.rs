@@ -241,10 +241,7 @@ fn client_location(v: &[u8], upstream: &Upstream) -> Option<Option<HeaderValue>>
         .filter(|&i| i > 0 && v.as_bytes()[0].is_ascii_alphabetic() && v[i..].starts_with(':'));
     let path = if let Some(i) = scheme_end {
         let uri: http::Uri = v.parse().ok()?;
-        let same_origin = uri
-            .scheme_str()
-            .is_some_and(|s| s.eq_ignore_ascii_case(&v[..i]))
-            && uri.scheme() == upstream.url.scheme()
+        let same_origin = uri.scheme() == upstream.url.scheme()
             && uri
                 .host()
                 .zip(upstream.url.host())

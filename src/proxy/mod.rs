@@ -188,14 +188,20 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     // calls admitted under the old limits, and each switch between the two
     // rebuilt the tenant's rate limiters with a fresh burst.
     // A reload that removed the tenant, or its key, refuses the call.
-    let current = app.policy.load_full();
-    let tenant = if Arc::ptr_eq(&current, &policy) {
-        tenant
-    } else {
-        match authenticate(&current, &parts.headers) {
-            Some(t) if t.id == tenant.id => t.clone(),
-            _ => return reject(call, ProxyError::Unauthenticated, upstream.provider).await,
+    // A short-lived guard, not a clone: no reference count is touched on
+    // the usual path, and none is held past this block.
+    let still = {
+        let current = app.policy.load();
+        if Arc::ptr_eq(&current, &policy) {
+            Some(tenant)
+        } else {
+            authenticate(&current, &parts.headers)
+                .filter(|t| t.id == tenant.id)
+                .cloned()
         }
+    };
+    let Some(tenant) = still else {
+        return reject(call, ProxyError::Unauthenticated, upstream.provider).await;
     };
     let state = call.state();
     let ask = Ask {
