@@ -185,12 +185,19 @@ fn jemalloc_is_built_with_the_projects_options() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        text.contains("opt.tcache_gc_incr_bytes: 1048576"),
-        "jemalloc options: {}",
-        text.lines()
-            .filter(|l| l.contains("opt.tcache_gc") || l.contains("malloc_conf"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    for option in [
+        "opt.tcache_gc_incr_bytes: 1048576",
+        "opt.narenas: 2",
+        "opt.dirty_decay_ms: 1000 (arenas.dirty_decay_ms: 1000)",
+        "opt.muzzy_decay_ms: 0 (arenas.muzzy_decay_ms: 0)",
+    ] {
+        assert!(
+            text.lines().any(|l| l.trim() == option),
+            "jemalloc options lack {option:?}: {}",
+            text.lines()
+                .filter(|l| l.contains("opt.") || l.contains("malloc_conf"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
 }
