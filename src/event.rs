@@ -121,6 +121,10 @@ pub struct CreditData {
     pub amount: Decimal,
     pub currency: String,
     pub reason: String,
+    /// The admin call's idempotency key: a retried top-up with the same
+    /// key is applied once.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// An event's `data` as it is written into the line. The default goes

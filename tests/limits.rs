@@ -396,6 +396,67 @@ async fn tokens_per_minute_charge_the_estimate_then_the_output() {
     assert!(r.headers.contains_key("retry-after"));
 }
 
+/// A top-up retried with its `id` (its answer was lost) is credited once,
+/// also after a kill -9 before and after the budget snapshot took it; the
+/// same id on an outcome is not a duplicate of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_are_idempotent_on_their_id() {
+    let env = setup("budget = { limit = \"1\", window = \"total\" }");
+    let mut proxy = start(&env);
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let body = r#"{"amount":"2.5","reason":"invoice 7","id":"topup-7"}"#;
+    let credit = |admin: String, body: &'static str| {
+        let auth = auth.clone();
+        async move {
+            let url = format!("http://{admin}/v1/tenants/acme/credits");
+            send("POST", &url, &[("authorization", &auth)], body).await
+        }
+    };
+    let r = credit(proxy.admin.clone(), body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["duplicate"], false);
+    assert_eq!(r.json()["limit"], "3.5");
+    let r = credit(proxy.admin.clone(), body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["duplicate"], true);
+    assert_eq!(r.json()["id"], "topup-7");
+    assert_eq!(r.json()["limit"], "3.5", "credited twice");
+    // Another id credits; a bad one is refused.
+    let r = credit(proxy.admin.clone(), r#"{"amount":"1","id":"topup-8"}"#).await;
+    assert_eq!(r.json()["limit"], "4.5");
+    let r = credit(proxy.admin.clone(), r#"{"amount":"1","id":""}"#).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "invalid_id");
+    // The same id names an outcome of its own.
+    let r = send(
+        "POST",
+        &format!("http://{}/v1/events", proxy.admin),
+        &[("authorization", &auth)],
+        r#"{"tenant":"acme","type":"invoice.paid","id":"topup-7"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    // Killed before the snapshot (replayed from the spool), then after it.
+    for wait in [Duration::ZERO, Duration::from_millis(1500)] {
+        tokio::time::sleep(wait).await;
+        proxy.proc.kill9();
+        proxy = start(&env);
+        let r = credit(proxy.admin.clone(), body).await;
+        assert_eq!(r.json()["duplicate"], true, "{}", r.text());
+        assert_eq!(r.json()["limit"], "4.5");
+    }
+    let ev = wait_events(env.dir.path(), "credits", |ev| {
+        ev.iter().filter(|e| e["type"] == "credit").count() >= 2
+    })
+    .await;
+    let credits: Vec<_> = ev.iter().filter(|e| e["type"] == "credit").collect();
+    assert_eq!(credits.len(), 2, "{credits:#?}");
+    assert_eq!(credits[0]["data"]["idempotency_key"], "topup-7");
+    assert_eq!(credits[0]["data"]["amount"], "2.5");
+    assert_eq!(credits[1]["data"]["idempotency_key"], "topup-8");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcome_events_are_idempotent_on_the_app_key() {
     let env = setup("");

@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 use crate::config::{Policy, Tenant};
 use crate::event::{format_time, CreditData, Event, OutcomeData, SCHEMA_VERSION};
 use crate::limits::budget::BudgetStore;
-use crate::limits::ledger::{Remembered, MAX_OUTCOME_KEYS};
+use crate::limits::ledger::{KeyKind, Remembered, MAX_OUTCOME_KEYS};
 use crate::server::{full, Body};
 use crate::App;
 
@@ -194,6 +194,10 @@ struct CreditReq {
     amount: Decimal,
     #[serde(default)]
     reason: String,
+    /// An idempotency key: a retry with it (say after a lost answer) is
+    /// answered as a duplicate instead of crediting again.
+    #[serde(default)]
+    id: Option<String>,
 }
 
 async fn credit(
@@ -217,22 +221,48 @@ async fn credit(
             &format!("amount must be a positive decimal string, at most {max}"),
         );
     }
+    if let Some(denied) = check_key(body.id.as_deref()) {
+        return denied;
+    }
     let now = OffsetDateTime::now_utc();
+    if let Some(key) = &body.id {
+        if let Some(answer) = begin_key(app, KeyKind::Credit, id, key) {
+            return match answer {
+                Ok(()) => {
+                    let mut v = tenant_json(app, tenant, now);
+                    v["duplicate"] = json!(true);
+                    v["id"] = json!(key);
+                    ok(v)
+                }
+                Err(r) => r,
+            };
+        }
+    }
     let data = CreditData {
         schema_version: SCHEMA_VERSION.into(),
         tenant: id.to_string(),
         amount: body.amount.normalize(),
         currency: "USD".into(),
         reason: body.reason,
+        idempotency_key: body.id.clone(),
     };
     let event = Event::at(now, &policy.server.source, "credit", id, &data);
     let note = crate::limits::state::Note::Credit {
         tenant: id.to_string(),
         amount: data.amount,
         at: crate::event::event_instant(now),
+        key: body.id.clone(),
+    };
+    let mut hold = KeyHold {
+        app,
+        kind: KeyKind::Credit,
+        tenant: id,
+        key: body.id.as_deref(),
+        at: now,
     };
     // Durable first: the credit exists once its event is in the spool.
     if let Err(e) = record(app, event.to_line(), Some(note)).await {
+        hold.forget();
         tracing::error!(error = %e, tenant = %id, "credit not recorded: spool append failed");
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -241,9 +271,54 @@ async fn credit(
         );
     }
     app.limits.budgets.credit(id, body.amount, now);
+    drop(hold);
     let mut v = tenant_json(app, tenant, now);
+    v["duplicate"] = json!(false);
     v["event_id"] = json!(event.id);
     ok(v)
+}
+
+/// Refuses an idempotency key that is empty or too long (each is held in
+/// memory and in the ledger snapshot for 7 days).
+fn check_key(key: Option<&str>) -> Option<Response<Body>> {
+    key.is_some_and(|k| k.is_empty() || k.len() > MAX_OUTCOME_FIELD)
+        .then(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "invalid_id",
+                "id must be 1 to 256 bytes",
+            )
+        })
+}
+
+/// Takes an idempotency key as pending. `None`: fresh, go on (and confirm
+/// or forget it, see [`KeyHold`]); `Some(Ok)`: a duplicate of a recorded
+/// call; `Some(Err)`: the answer to give (409 while the first is still
+/// being recorded: it may yet fail, and a client told "duplicate" would
+/// not retry).
+fn begin_key(
+    app: &App,
+    kind: KeyKind,
+    tenant: &str,
+    key: &str,
+) -> Option<Result<(), Response<Body>>> {
+    match app.limits.budgets.with(|l| l.begin_key(kind, tenant, key)) {
+        Remembered::Duplicate => Some(Ok(())),
+        Remembered::Pending => Some(Err(error(
+            StatusCode::CONFLICT,
+            "idempotency_key_in_use",
+            "a call with this id is being recorded; retry",
+        ))),
+        Remembered::Fresh { forgot: 0 } => None,
+        Remembered::Fresh { forgot } => {
+            tracing::warn!(
+                forgot,
+                max = MAX_OUTCOME_KEYS,
+                "idempotency keys: more than the most remembered; the oldest forgotten (a retry with one of them counts again)"
+            );
+            None
+        }
+    }
 }
 
 /// The longest outcome `type` and idempotency key, in bytes.
@@ -271,22 +346,39 @@ fn quantity(v: Option<&serde_json::Value>) -> Option<Decimal> {
     }
 }
 
-/// A pending outcome key, confirmed when dropped (see `Ledger::begin_key`).
+/// A pending idempotency key, confirmed when dropped (see
+/// `Ledger::begin_key`) unless [`KeyHold::forget`] was called: dropped at
+/// an await (the admin server stopping), the call's line is queued and
+/// will be written, so the key must not stay pending.
 struct KeyHold<'a> {
     app: &'a App,
+    kind: KeyKind,
     tenant: &'a str,
     key: Option<&'a str>,
     at: OffsetDateTime,
 }
 
-impl Drop for KeyHold<'_> {
-    fn drop(&mut self) {
-        if let Some(key) = self.key {
-            let (tenant, at) = (self.tenant, self.at);
+impl KeyHold<'_> {
+    /// The call was not recorded: its key is free again.
+    fn forget(&mut self) {
+        if let Some(key) = self.key.take() {
+            let (kind, tenant) = (self.kind, self.tenant);
             self.app
                 .limits
                 .budgets
-                .with(|l| l.confirm_key(tenant, key, at));
+                .with(|l| l.forget_key(kind, tenant, key));
+        }
+    }
+}
+
+impl Drop for KeyHold<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            let (kind, tenant, at) = (self.kind, self.tenant, self.at);
+            self.app
+                .limits
+                .budgets
+                .with(|l| l.confirm_key(kind, tenant, key, at));
         }
     }
 }
@@ -306,17 +398,8 @@ async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Res
             "type must be 1 to 256 bytes",
         );
     }
-    if body
-        .id
-        .as_ref()
-        .is_some_and(|k| k.is_empty() || k.len() > MAX_OUTCOME_FIELD)
-    {
-        // Each key is held in memory and in the ledger snapshot for 7 days.
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_id",
-            "id must be 1 to 256 bytes",
-        );
+    if let Some(denied) = check_key(body.id.as_deref()) {
+        return denied;
     }
     let Some(quantity) = quantity(body.quantity.as_ref()) else {
         return error(
@@ -327,27 +410,8 @@ async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Res
     };
     let now = OffsetDateTime::now_utc();
     if let Some(key) = &body.id {
-        match app
-            .limits
-            .budgets
-            .with(|l| l.begin_key(&body.tenant, key))
-        {
-            Remembered::Duplicate => return ok(json!({"duplicate": true, "id": key})),
-            // Not a duplicate yet: the first may still fail (503), and a
-            // client told "duplicate" would not retry.
-            Remembered::Pending => {
-                return error(
-                    StatusCode::CONFLICT,
-                    "idempotency_key_in_use",
-                    "an outcome with this id is being recorded; retry",
-                )
-            }
-            Remembered::Fresh { forgot: 0 } => {}
-            Remembered::Fresh { forgot } => tracing::warn!(
-                forgot,
-                max = MAX_OUTCOME_KEYS,
-                "outcome idempotency keys: more than the most remembered; the oldest forgotten (a retry with one of them counts again)"
-            ),
+        if let Some(answer) = begin_key(app, KeyKind::Outcome, &body.tenant, key) {
+            return answer.map_or_else(|r| r, |()| ok(json!({"duplicate": true, "id": key})));
         }
     }
     let data = OutcomeData {
@@ -369,19 +433,15 @@ async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Res
         key,
         at: crate::event::event_instant(now),
     });
-    // Confirmed however this ends but a failed append: dropped at the
-    // await (the admin server stopping), the line is queued and will be
-    // written, so the key must not stay pending.
     let mut hold = KeyHold {
         app,
+        kind: KeyKind::Outcome,
         tenant: &body.tenant,
         key: body.id.as_deref(),
         at: now,
     };
     if let Err(e) = record(app, event.to_line(), note).await {
-        if let Some(key) = hold.key.take() {
-            app.limits.budgets.with(|l| l.forget_key(&body.tenant, key));
-        }
+        hold.forget();
         tracing::error!(error = %e, "outcome not recorded: spool append failed");
         return error(
             StatusCode::SERVICE_UNAVAILABLE,

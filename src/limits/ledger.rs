@@ -45,8 +45,17 @@ pub struct Ledger {
     outcome_keys: OutcomeKeys,
 }
 
-/// Outcome idempotency keys, each held as a 128-bit digest of
-/// `tenant\0key` with the unix second it was first seen: a fixed size
+/// Which call an idempotency key belongs to: the same key may name an
+/// outcome and a credit of one tenant without either hiding the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Outcome,
+    Credit,
+}
+
+/// Idempotency keys (outcome events' and credits'), each held as a 128-bit
+/// digest of `tenant\0key` (a credit's with a 0xFF byte before it, which no
+/// UTF-8 tenant id starts with) with the unix second it was first seen: a fixed size
 /// whatever the key's length, and no key text kept. At most
 /// [`MAX_OUTCOME_KEYS`]. In the snapshot, 32 hex digits each; snapshots
 /// from before the digests (`tenant\0key` itself) are read as well.
@@ -77,8 +86,12 @@ impl OutcomeKeys {
         u128::from_be_bytes(d[..16].try_into().expect("32 bytes"))
     }
 
-    fn of(tenant: &str, key: &str) -> u128 {
-        OutcomeKeys::digest(&[tenant.as_bytes(), b"\0", key.as_bytes()])
+    fn of(kind: KeyKind, tenant: &str, key: &str) -> u128 {
+        let (tenant, key) = (tenant.as_bytes(), key.as_bytes());
+        match kind {
+            KeyKind::Outcome => OutcomeKeys::digest(&[tenant, b"\0", key]),
+            KeyKind::Credit => OutcomeKeys::digest(&[b"\xff", tenant, b"\0", key]),
+        }
     }
 
     fn insert(&mut self, d: u128, at: i64) -> Remembered {
@@ -211,9 +224,15 @@ impl Ledger {
 
     /// Records an outcome key (forgetting the oldest past
     /// [`MAX_OUTCOME_KEYS`]).
-    pub fn remember_key(&mut self, tenant: &str, key: &str, at: OffsetDateTime) -> Remembered {
+    pub fn remember_key(
+        &mut self,
+        kind: KeyKind,
+        tenant: &str,
+        key: &str,
+        at: OffsetDateTime,
+    ) -> Remembered {
         self.outcome_keys
-            .insert(OutcomeKeys::of(tenant, key), at.unix_timestamp())
+            .insert(OutcomeKeys::of(kind, tenant, key), at.unix_timestamp())
     }
 
     /// [`Ledger::remember_key`] for an outcome about to be recorded: the key
@@ -221,27 +240,33 @@ impl Ledger {
     /// it is a duplicate: the first may still fail) until
     /// [`Ledger::confirm_key`], or [`Ledger::forget_key`] if the outcome was
     /// not recorded. Pending keys are the newest, never forgotten first.
-    pub fn begin_key(&mut self, tenant: &str, key: &str) -> Remembered {
+    pub fn begin_key(&mut self, kind: KeyKind, tenant: &str, key: &str) -> Remembered {
         self.outcome_keys
-            .insert(OutcomeKeys::of(tenant, key), PENDING)
+            .insert(OutcomeKeys::of(kind, tenant, key), PENDING)
     }
 
     /// The outcome of a pending key was recorded at `at`.
-    pub fn confirm_key(&mut self, tenant: &str, key: &str, at: OffsetDateTime) {
-        if let Some(t) = self.outcome_keys.0.get_mut(&OutcomeKeys::of(tenant, key)) {
+    pub fn confirm_key(&mut self, kind: KeyKind, tenant: &str, key: &str, at: OffsetDateTime) {
+        if let Some(t) = self
+            .outcome_keys
+            .0
+            .get_mut(&OutcomeKeys::of(kind, tenant, key))
+        {
             *t = at.unix_timestamp();
         }
     }
 
-    pub fn knows_key(&self, tenant: &str, key: &str) -> bool {
+    pub fn knows_key(&self, kind: KeyKind, tenant: &str, key: &str) -> bool {
         self.outcome_keys
             .0
-            .contains_key(&OutcomeKeys::of(tenant, key))
+            .contains_key(&OutcomeKeys::of(kind, tenant, key))
     }
 
     /// Forgets a key whose outcome was not recorded after all.
-    pub fn forget_key(&mut self, tenant: &str, key: &str) {
-        self.outcome_keys.0.remove(&OutcomeKeys::of(tenant, key));
+    pub fn forget_key(&mut self, kind: KeyKind, tenant: &str, key: &str) {
+        self.outcome_keys
+            .0
+            .remove(&OutcomeKeys::of(kind, tenant, key));
     }
 
     /// Drops days and keys too old to matter.
@@ -274,20 +299,53 @@ mod tests {
     fn a_pending_key_is_not_a_duplicate_until_confirmed() {
         let mut l = Ledger::default();
         let at = datetime!(2026-11-23 12:00 UTC);
-        assert_eq!(l.begin_key("t", "k"), Remembered::Fresh { forgot: 0 });
-        assert_eq!(l.begin_key("t", "k"), Remembered::Pending);
+        assert_eq!(
+            l.begin_key(KeyKind::Outcome, "t", "k"),
+            Remembered::Fresh { forgot: 0 }
+        );
+        assert_eq!(l.begin_key(KeyKind::Outcome, "t", "k"), Remembered::Pending);
         // The first failed: forgotten, the retry is fresh.
-        l.forget_key("t", "k");
-        assert_eq!(l.begin_key("t", "k"), Remembered::Fresh { forgot: 0 });
-        l.confirm_key("t", "k", at);
-        assert_eq!(l.begin_key("t", "k"), Remembered::Duplicate);
+        l.forget_key(KeyKind::Outcome, "t", "k");
+        assert_eq!(
+            l.begin_key(KeyKind::Outcome, "t", "k"),
+            Remembered::Fresh { forgot: 0 }
+        );
+        l.confirm_key(KeyKind::Outcome, "t", "k", at);
+        assert_eq!(
+            l.begin_key(KeyKind::Outcome, "t", "k"),
+            Remembered::Duplicate
+        );
         // Confirmed keys age out as remembered ones do.
         l.prune(at + time::Duration::days(KEEP_KEYS_DAYS + 1));
-        assert!(!l.knows_key("t", "k"));
+        assert!(!l.knows_key(KeyKind::Outcome, "t", "k"));
         // A pending key is never pruned.
-        l.begin_key("t", "p");
+        l.begin_key(KeyKind::Outcome, "t", "p");
         l.prune(at + time::Duration::days(KEEP_KEYS_DAYS + 1));
-        assert_eq!(l.begin_key("t", "p"), Remembered::Pending);
+        assert_eq!(l.begin_key(KeyKind::Outcome, "t", "p"), Remembered::Pending);
+    }
+
+    /// One key can name an outcome and a credit of a tenant: neither is a
+    /// duplicate of the other.
+    #[test]
+    fn outcome_and_credit_keys_are_apart() {
+        let mut l = Ledger::default();
+        let at = datetime!(2026-11-23 12:00 UTC);
+        l.remember_key(KeyKind::Outcome, "t", "k", at);
+        assert!(!l.knows_key(KeyKind::Credit, "t", "k"));
+        assert_eq!(
+            l.remember_key(KeyKind::Credit, "t", "k", at),
+            Remembered::Fresh { forgot: 0 }
+        );
+        assert_eq!(
+            l.remember_key(KeyKind::Credit, "t", "k", at),
+            Remembered::Duplicate
+        );
+        l.forget_key(KeyKind::Outcome, "t", "k");
+        assert!(l.knows_key(KeyKind::Credit, "t", "k"));
+        // Kept through a snapshot as the outcome keys are.
+        let back: Ledger = serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
+        assert!(back.knows_key(KeyKind::Credit, "t", "k"));
+        assert!(!back.knows_key(KeyKind::Outcome, "t", "k"));
     }
 
     #[test]
@@ -330,19 +388,19 @@ mod tests {
         l.spend("a", d("1"), datetime!(2026-01-01 00:00 UTC));
         l.spend("a", d("1"), datetime!(2026-03-01 00:00 UTC));
         assert_eq!(
-            l.remember_key("a", "k", datetime!(2026-03-01 00:00 UTC)),
+            l.remember_key(KeyKind::Outcome, "a", "k", datetime!(2026-03-01 00:00 UTC)),
             Remembered::Fresh { forgot: 0 }
         );
         assert_eq!(
-            l.remember_key("a", "k", datetime!(2026-03-01 00:01 UTC)),
+            l.remember_key(KeyKind::Outcome, "a", "k", datetime!(2026-03-01 00:01 UTC)),
             Remembered::Duplicate
         );
         l.prune(datetime!(2026-03-02 00:00 UTC));
         assert_eq!(l.tenant("a").unwrap().days.len(), 1);
         assert_eq!(l.tenant("a").unwrap().total_spent, d("2"));
-        assert!(l.knows_key("a", "k"));
+        assert!(l.knows_key(KeyKind::Outcome, "a", "k"));
         l.prune(datetime!(2026-03-20 00:00 UTC));
-        assert!(!l.knows_key("a", "k"));
+        assert!(!l.knows_key(KeyKind::Outcome, "a", "k"));
     }
 
     #[test]
@@ -352,7 +410,7 @@ mod tests {
         let at = |i: usize| t0 + time::Duration::seconds(i as i64);
         for i in 0..MAX_OUTCOME_KEYS {
             assert_eq!(
-                l.remember_key("a", &i.to_string(), at(i)),
+                l.remember_key(KeyKind::Outcome, "a", &i.to_string(), at(i)),
                 Remembered::Fresh { forgot: 0 }
             );
         }
@@ -360,17 +418,17 @@ mod tests {
         // Down to seven eighths of the cap: the eighth plus the one added.
         let forgot = MAX_OUTCOME_KEYS / 8 + 1;
         assert_eq!(
-            l.remember_key("a", &newest, at(MAX_OUTCOME_KEYS)),
+            l.remember_key(KeyKind::Outcome, "a", &newest, at(MAX_OUTCOME_KEYS)),
             Remembered::Fresh { forgot }
         );
         assert_eq!(l.outcome_keys.0.len(), MAX_OUTCOME_KEYS + 1 - forgot);
         // Exactly the oldest went: the first-seen times decide.
-        assert!(!l.knows_key("a", "0"));
-        assert!(!l.knows_key("a", &(forgot - 1).to_string()));
-        assert!(l.knows_key("a", &forgot.to_string()));
-        assert!(l.knows_key("a", &newest));
+        assert!(!l.knows_key(KeyKind::Outcome, "a", "0"));
+        assert!(!l.knows_key(KeyKind::Outcome, "a", &(forgot - 1).to_string()));
+        assert!(l.knows_key(KeyKind::Outcome, "a", &forgot.to_string()));
+        assert!(l.knows_key(KeyKind::Outcome, "a", &newest));
         // Keys are per tenant.
-        assert!(!l.knows_key("b", &newest));
+        assert!(!l.knows_key(KeyKind::Outcome, "b", &newest));
     }
 
     #[test]
@@ -393,7 +451,7 @@ mod tests {
     fn snapshots_hold_digests_and_old_ones_still_load() {
         let mut l = Ledger::default();
         let at = datetime!(2026-03-01 00:00 UTC);
-        l.remember_key("acme", "order-1", at);
+        l.remember_key(KeyKind::Outcome, "acme", "order-1", at);
         let json = serde_json::to_string(&l).unwrap();
         assert!(!json.contains("order-1"), "{json}");
         let back: Ledger = serde_json::from_str(&json).unwrap();
@@ -401,7 +459,7 @@ mod tests {
         // A snapshot from before the digests kept `tenant\0key` itself.
         let old = r#"{"tenants":{},"outcome_keys":{"acme\u0000order-1":1772323200}}"#;
         let old: Ledger = serde_json::from_str(old).unwrap();
-        assert!(old.knows_key("acme", "order-1"));
+        assert!(old.knows_key(KeyKind::Outcome, "acme", "order-1"));
         assert_eq!(old, l);
         // One from before the cap, over it: the oldest are forgotten at load.
         let many: serde_json::Map<String, serde_json::Value> = (0..MAX_OUTCOME_KEYS + 10)
@@ -410,7 +468,10 @@ mod tests {
         let many = serde_json::json!({"tenants": {}, "outcome_keys": many}).to_string();
         let many: Ledger = serde_json::from_str(&many).unwrap();
         assert_eq!(many.outcome_keys.0.len(), MAX_OUTCOME_KEYS);
-        assert!(!many.knows_key("acme", "k9") && many.knows_key("acme", "k10"));
+        assert!(
+            !many.knows_key(KeyKind::Outcome, "acme", "k9")
+                && many.knows_key(KeyKind::Outcome, "acme", "k10")
+        );
         let bad = r#"{"tenants":{},"outcome_keys":{"xyz":1}}"#;
         let err = serde_json::from_str::<Ledger>(bad).unwrap_err().to_string();
         assert!(err.contains("32 hex digits"), "{err}");

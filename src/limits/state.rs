@@ -25,7 +25,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use super::ledger::Ledger;
+use super::ledger::{KeyKind, Ledger};
 use crate::spool::{Spool, SpoolError};
 
 /// The spool cursor of the state keeper.
@@ -122,6 +122,8 @@ pub enum Note {
         tenant: String,
         amount: Decimal,
         at: OffsetDateTime,
+        /// The credit's idempotency key, if the admin call gave one.
+        key: Option<String>,
     },
     Key {
         tenant: String,
@@ -135,9 +137,19 @@ impl Note {
     pub fn apply(&self, ledger: &mut Ledger) {
         match self {
             Note::Spend { tenant, amount, at } => ledger.spend(tenant, *amount, *at),
-            Note::Credit { tenant, amount, at } => ledger.credit(tenant, *amount, *at),
+            Note::Credit {
+                tenant,
+                amount,
+                at,
+                key,
+            } => {
+                ledger.credit(tenant, *amount, *at);
+                if let Some(key) = key {
+                    ledger.remember_key(KeyKind::Credit, tenant, key, *at);
+                }
+            }
             Note::Key { tenant, key, at } => {
-                ledger.remember_key(tenant, key, *at);
+                ledger.remember_key(KeyKind::Outcome, tenant, key, *at);
             }
         }
     }
@@ -163,10 +175,13 @@ pub fn apply(ledger: &mut Ledger, line: &[u8]) {
             if let Some(amount) = d.amount {
                 ledger.credit(&d.tenant, amount, at);
             }
+            if let Some(k) = d.idempotency_key {
+                ledger.remember_key(KeyKind::Credit, &d.tenant, &k, at);
+            }
         }
         "outcome" => {
             if let Some(k) = d.idempotency_key {
-                ledger.remember_key(&d.tenant, &k, at);
+                ledger.remember_key(KeyKind::Outcome, &d.tenant, &k, at);
             }
         }
         _ => {}
@@ -258,6 +273,25 @@ mod tests {
     use super::*;
     use crate::config::{Fsync, SpoolPolicy, WhenFull};
     use crate::spool::Flush;
+
+    /// Replaying the spool restores a credit's amount and its key, and an
+    /// outcome's key, each under its own kind.
+    #[test]
+    fn replay_restores_credit_and_outcome_keys() {
+        let mut ledger = Ledger::default();
+        let credit = r#"{"type":"credit","time":"2026-11-23T20:00:00.123Z","data":{"tenant":"acme","amount":"25","currency":"USD","reason":"","idempotency_key":"topup-1"}}"#;
+        let outcome = r#"{"type":"outcome","time":"2026-11-23T20:00:01Z","data":{"tenant":"acme","name":"x","quantity":"1","idempotency_key":"o-1"}}"#;
+        apply(&mut ledger, credit.as_bytes());
+        apply(&mut ledger, outcome.as_bytes());
+        assert_eq!(
+            ledger.tenant("acme").unwrap().total_credits,
+            Decimal::from(25)
+        );
+        assert!(ledger.knows_key(KeyKind::Credit, "acme", "topup-1"));
+        assert!(!ledger.knows_key(KeyKind::Outcome, "acme", "topup-1"));
+        assert!(ledger.knows_key(KeyKind::Outcome, "acme", "o-1"));
+        assert!(!ledger.knows_key(KeyKind::Credit, "acme", "o-1"));
+    }
 
     fn spend_line(cost: &str) -> Vec<u8> {
         format!(
