@@ -396,6 +396,57 @@ async fn tokens_per_minute_charge_the_estimate_then_the_output() {
     assert!(r.headers.contains_key("retry-after"));
 }
 
+/// A budgeted OpenAI request that names no output cap goes upstream with
+/// the cap its reservation assumed (the model's `max_output_tokens`), so a
+/// model whose real limit is higher cannot generate past the reservation.
+/// A request's own cap, and tenants without a budget, are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budgeted_request_without_an_output_cap_gets_the_reserved_one() {
+    let env = setup("budget = { limit = \"100\", window = \"total\" }");
+    let text = std::fs::read_to_string(&env.cfg).unwrap().replacen(
+        "max_output_tokens = 16384",
+        "max_output_tokens = 5",
+        1,
+    );
+    std::fs::write(&env.cfg, text).unwrap();
+    let proxy = start(&env);
+    let long = [("x-mock-output-tokens", "90")];
+    let output = |r: Resp| {
+        assert_eq!(r.status, 200, "{}", r.text());
+        let rid = request_id(&r);
+        let dir = env.dir.path().to_path_buf();
+        async move { event_for(&dir, &rid).await["data"]["output_tokens"].clone() }
+    };
+    let plain = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let r = chat(&proxy.addr, ACME_KEY, plain, &long).await;
+    assert_eq!(output(r).await, 5, "the reservation's cap was not sent");
+    let stream =
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let r = chat(&proxy.addr, ACME_KEY, stream, &long).await;
+    assert_eq!(output(r).await, 5);
+    let own =
+        r#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
+    let r = chat(&proxy.addr, ACME_KEY, own, &long).await;
+    assert_eq!(output(r).await, 50);
+    let auth = format!("Bearer {ACME_KEY}");
+    let mut h = vec![
+        ("content-type", "application/json"),
+        ("authorization", auth.as_str()),
+    ];
+    h.extend_from_slice(&long);
+    let r = send(
+        "POST",
+        &format!("http://{}/openai/v1/responses", proxy.addr),
+        &h,
+        r#"{"model":"gpt-4o-mini","input":"hi"}"#,
+    )
+    .await;
+    assert_eq!(output(r).await, 5);
+    // No budget, nothing reserved: the request goes as it came.
+    let r = chat(&proxy.addr, GLOBEX_KEY, plain, &long).await;
+    assert_eq!(output(r).await, 90);
+}
+
 /// A top-up retried with its `id` (its answer was lost) is credited once,
 /// also after a kill -9 before and after the budget snapshot took it; the
 /// same id on an outcome is not a duplicate of it.

@@ -188,6 +188,23 @@ async fn counted_input(ask: &Ask<'_>) -> Option<u64> {
     .await
 }
 
+/// The output cap (for one choice) a budget reservation assumed for a call
+/// whose request names none, on a route whose request can carry one (see
+/// [`crate::meter::request::output_cap_field`]): the model's
+/// `max_output_tokens`. The proxy adds it to such a request, so the
+/// upstream cannot generate past what was reserved. A request model with no
+/// price of its own reserved as the dearest model; its response may be
+/// priced as any configured model, so it is capped at the smallest of
+/// theirs, which keeps every model's cost within its own worst case.
+pub fn reserved_output_cap(policy: &Policy, op: Operation, model: Option<&str>) -> Option<u64> {
+    crate::meter::request::output_cap_field(op)?;
+    let model = model.unwrap_or("");
+    match policy.price(model, model) {
+        Some(p) => Some(p.max_output_tokens),
+        None => policy.models.values().map(|p| p.max_output_tokens).min(),
+    }
+}
+
 /// Worst-case cost of a call with `input` tokens.
 fn worst_case(ask: &Ask<'_>, input: u64) -> Decimal {
     if ask.upstream.provider == Provider::Generic {

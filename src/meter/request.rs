@@ -252,24 +252,10 @@ impl RequestInfo {
 /// case (no `stream_options` at all) splices bytes instead of re-serialising.
 pub fn inject_include_usage(body: &Bytes) -> Result<Bytes, MalformedJson> {
     if super::needles::STREAM_OPTIONS.find(body).is_none() {
-        // `RequestInfo::parse` accepted the body, so it is one JSON object.
-        let close = body
-            .iter()
-            .rposition(|&b| b == b'}')
-            .expect("a JSON object ends in '}'");
-        let empty = body[..close]
-            .iter()
-            .rev()
-            .find(|b| !b.is_ascii_whitespace())
-            == Some(&b'{');
-        let mut out = Vec::with_capacity(body.len() + 48);
-        out.extend_from_slice(&body[..close]);
-        if !empty {
-            out.push(b',');
-        }
-        out.extend_from_slice(br#""stream_options":{"include_usage":true}"#);
-        out.extend_from_slice(&body[close..]);
-        return Ok(Bytes::from(out));
+        return Ok(append_member(
+            body,
+            br#""stream_options":{"include_usage":true}"#,
+        ));
     }
     let mut v: serde_json::Value = serde_json::from_slice(body)?;
     if let Some(obj) = v.as_object_mut() {
@@ -287,6 +273,58 @@ pub fn inject_include_usage(body: &Bytes) -> Result<Bytes, MalformedJson> {
         }
     }
     Ok(Bytes::from(serde_json::to_vec(&v)?))
+}
+
+/// The request's output cap field on an OpenAI route: chat's
+/// `max_completion_tokens` (which reasoning models require, and which
+/// counts their reasoning, as `output_tokens` does), legacy completions'
+/// `max_tokens`, the Responses API's `max_output_tokens`.
+pub fn output_cap_field(op: Operation) -> Option<&'static str> {
+    match op {
+        Operation::Chat => Some("max_completion_tokens"),
+        Operation::Completions => Some("max_tokens"),
+        Operation::Responses => Some("max_output_tokens"),
+        _ => None,
+    }
+}
+
+/// Returns the body with `field: cap` added: a request that named no
+/// output cap gets the one its budget reservation assumed. Spliced when the
+/// field's name is nowhere in the body (the usual case); otherwise (say
+/// `"max_tokens": null`) set on the parsed object, so it is never a
+/// duplicate key.
+pub fn add_output_cap(body: &Bytes, field: &str, cap: u64) -> Result<Bytes, MalformedJson> {
+    let quoted = format!("\"{field}\"");
+    if memchr::memmem::find(body, quoted.as_bytes()).is_none() {
+        return Ok(append_member(body, format!("{quoted}:{cap}").as_bytes()));
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(body)?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert(field.into(), cap.into());
+    }
+    Ok(Bytes::from(serde_json::to_vec(&v)?))
+}
+
+/// Adds `member` (`"name":value`) as the last member of the body's object.
+/// `RequestInfo::parse` accepted the body, so it is one JSON object.
+fn append_member(body: &Bytes, member: &[u8]) -> Bytes {
+    let close = body
+        .iter()
+        .rposition(|&b| b == b'}')
+        .expect("a JSON object ends in '}'");
+    let empty = body[..close]
+        .iter()
+        .rev()
+        .find(|b| !b.is_ascii_whitespace())
+        == Some(&b'{');
+    let mut out = Vec::with_capacity(body.len() + member.len() + 1);
+    out.extend_from_slice(&body[..close]);
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(member);
+    out.extend_from_slice(&body[close..]);
+    Bytes::from(out)
 }
 
 /// The text of a request that the model reads, for token estimation, plus the
@@ -576,6 +614,34 @@ mod tests {
         assert!(
             RequestInfo::parse(br#" ["gpt-4o-mini",true,null,null,null,null,null,null]"#).is_err()
         );
+    }
+
+    #[test]
+    fn adds_an_output_cap_once() {
+        let parse = |b: Bytes| serde_json::from_slice::<serde_json::Value>(&b).unwrap();
+        let b = Bytes::from_static(br#"{"model":"m","messages":[]}"#);
+        let out = add_output_cap(&b, "max_completion_tokens", 16384).unwrap();
+        assert_eq!(
+            &out[..],
+            br#"{"model":"m","messages":[],"max_completion_tokens":16384}"#
+        );
+        assert_eq!(
+            RequestInfo::parse(&out).unwrap().max_output_tokens,
+            Some(16384)
+        );
+        // Present as null: set, not added a second time.
+        let b = Bytes::from_static(br#"{"prompt":"x","max_tokens":null}"#);
+        let out = add_output_cap(&b, "max_tokens", 7).unwrap();
+        assert_eq!(
+            parse(out),
+            serde_json::json!({"prompt": "x", "max_tokens": 7})
+        );
+        // The name inside a string only: still one key.
+        let b = Bytes::from_static(br#"{"input":"say \"max_output_tokens\""}"#);
+        let out = add_output_cap(&b, "max_output_tokens", 9).unwrap();
+        assert_eq!(parse(out)["max_output_tokens"], 9);
+        let out = add_output_cap(&Bytes::from_static(b"{ }"), "max_tokens", 1).unwrap();
+        assert_eq!(&out[..], br#"{ "max_tokens":1}"#);
     }
 
     #[test]
