@@ -253,16 +253,14 @@ async fn credit(
         at: crate::event::event_instant(now),
         key: body.id.clone(),
     };
-    let mut hold = KeyHold {
-        app,
-        kind: KeyKind::Credit,
-        tenant: id,
-        key: body.id.as_deref(),
-        at: now,
-    };
     // Durable first: the credit exists once its event is in the spool.
-    if let Err(e) = record(app, event.to_line(), Some(note)).await {
-        hold.forget();
+    let key = body
+        .id
+        .clone()
+        .map(|k| (KeyKind::Credit, id.to_string(), k));
+    let (tid, amount) = (id.to_string(), body.amount);
+    let raise = move |app: &App| app.limits.budgets.credit(&tid, amount, now);
+    if let Err(e) = record_settled(app, event.to_line(), Some(note), key, now, raise).await {
         tracing::error!(error = %e, tenant = %id, "credit not recorded: spool append failed");
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -270,8 +268,6 @@ async fn credit(
             "spool unavailable",
         );
     }
-    app.limits.budgets.credit(id, body.amount, now);
-    drop(hold);
     let mut v = tenant_json(app, tenant, now);
     v["duplicate"] = json!(false);
     v["event_id"] = json!(event.id);
@@ -292,7 +288,7 @@ fn check_key(key: Option<&str>) -> Option<Response<Body>> {
 }
 
 /// Takes an idempotency key as pending. `None`: fresh, go on (and confirm
-/// or forget it, see [`KeyHold`]); `Some(Ok)`: a duplicate of a recorded
+/// or forget it, see [`record_settled`]); `Some(Ok)`: a duplicate of a recorded
 /// call; `Some(Err)`: the answer to give (409 while the first is still
 /// being recorded: it may yet fail, and a client told "duplicate" would
 /// not retry).
@@ -307,7 +303,10 @@ fn begin_key(
         Remembered::Pending => Some(Err(error(
             StatusCode::CONFLICT,
             "idempotency_key_in_use",
-            "a call with this id is being recorded; retry",
+            match kind {
+                KeyKind::Outcome => "an outcome with this id is being recorded; retry",
+                KeyKind::Credit => "a credit with this id is being recorded; retry",
+            },
         ))),
         Remembered::Fresh { forgot: 0 } => None,
         Remembered::Fresh { forgot } => {
@@ -346,41 +345,37 @@ fn quantity(v: Option<&serde_json::Value>) -> Option<Decimal> {
     }
 }
 
-/// A pending idempotency key, confirmed when dropped (see
-/// `Ledger::begin_key`) unless [`KeyHold::forget`] was called: dropped at
-/// an await (the admin server stopping), the call's line is queued and
-/// will be written, so the key must not stay pending.
-struct KeyHold<'a> {
-    app: &'a App,
-    kind: KeyKind,
-    tenant: &'a str,
-    key: Option<&'a str>,
+/// Appends an admin event, then settles what hangs on it: `then` (a
+/// credit raises the balance) once the event is in the spool, and the
+/// idempotency key (`kind`, tenant, key), from pending to remembered, or
+/// freed if the append failed. In a task of its own: a handler dropped at
+/// this await (the client gone, the admin server stopping) left the line
+/// queued, to be written, but the balance not raised, so a retry with the
+/// key was told "duplicate" for a credit the running process never made.
+async fn record_settled(
+    app: &Arc<App>,
+    line: Vec<u8>,
+    note: Option<crate::limits::state::Note>,
+    key: Option<(KeyKind, String, String)>,
     at: OffsetDateTime,
-}
-
-impl KeyHold<'_> {
-    /// The call was not recorded: its key is free again.
-    fn forget(&mut self) {
-        if let Some(key) = self.key.take() {
-            let (kind, tenant) = (self.kind, self.tenant);
-            self.app
-                .limits
-                .budgets
-                .with(|l| l.forget_key(kind, tenant, key));
+    then: impl FnOnce(&App) + Send + 'static,
+) -> Result<u64, crate::spool::SpoolError> {
+    let app = app.clone();
+    let task = tokio::spawn(async move {
+        let written = record(&app, line, note).await;
+        if written.is_ok() {
+            then(&app);
         }
-    }
-}
-
-impl Drop for KeyHold<'_> {
-    fn drop(&mut self) {
-        if let Some(key) = self.key {
-            let (kind, tenant, at) = (self.kind, self.tenant, self.at);
-            self.app
-                .limits
-                .budgets
-                .with(|l| l.confirm_key(kind, tenant, key, at));
+        if let Some((kind, tenant, key)) = key {
+            app.limits.budgets.with(|l| match &written {
+                Ok(_) => l.confirm_key(kind, &tenant, &key, at),
+                Err(_) => l.forget_key(kind, &tenant, &key),
+            });
         }
-    }
+        written
+    });
+    task.await
+        .unwrap_or_else(|e| Err(crate::spool::SpoolError::Io(std::io::Error::other(e))))
 }
 
 async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Response<Body> {
@@ -433,15 +428,11 @@ async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Res
         key,
         at: crate::event::event_instant(now),
     });
-    let mut hold = KeyHold {
-        app,
-        kind: KeyKind::Outcome,
-        tenant: &body.tenant,
-        key: body.id.as_deref(),
-        at: now,
-    };
-    if let Err(e) = record(app, event.to_line(), note).await {
-        hold.forget();
+    let key = body
+        .id
+        .clone()
+        .map(|k| (KeyKind::Outcome, body.tenant.clone(), k));
+    if let Err(e) = record_settled(app, event.to_line(), note, key, now, |_| {}).await {
         tracing::error!(error = %e, "outcome not recorded: spool append failed");
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -449,9 +440,84 @@ async fn outcome(app: &Arc<App>, policy: &Policy, req: Request<Incoming>) -> Res
             "spool unavailable",
         );
     }
-    drop(hold);
     respond(
         StatusCode::CREATED,
         json!({"duplicate": false, "event_id": event.id}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    fn app(dir: &std::path::Path) -> Arc<App> {
+        let src = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+             [[upstreams]]\nname = \"openai\"\nprefix = \"/openai\"\nurl = \"http://127.0.0.1:9\"\nprovider = \"openai\"\n\
+             [[tenants]]\nid = \"acme\"\nkeys = [\"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"]\n\
+             budget = {{ limit = \"1\", window = \"total\" }}\n",
+            dir.display()
+        );
+        let policy = crate::config::parse(&src, "t.toml", &|_| None).unwrap();
+        let spool =
+            crate::spool::Spool::open(&dir.join("spool"), policy.spool.clone(), &[]).unwrap();
+        Arc::new(App {
+            policy: arc_swap::ArcSwap::from_pointee(policy),
+            spool: spool.clone(),
+            metrics: Arc::new(crate::metrics::Metrics::with_events_lost(
+                spool.stats.lost_events.clone(),
+            )),
+            clients: Default::default(),
+            limits: crate::limits::Limits::new(Default::default()),
+            draining: AtomicBool::new(false),
+            inflight: Default::default(),
+            rt: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// A credit whose handler is dropped at the append (the admin client
+    /// gave up, the server stopping) still raises the balance and confirms
+    /// its key once the line is written: before, the key was confirmed on
+    /// drop and the balance never raised, so the client's retry was told
+    /// "duplicate" for a credit the running process never made.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_credit_dropped_at_the_append_still_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let now = OffsetDateTime::now_utc();
+        let key = |app: &App| {
+            app.limits
+                .budgets
+                .with(|l| l.begin_key(KeyKind::Credit, "acme", "k"))
+        };
+        assert_eq!(key(&app), Remembered::Fresh { forgot: 0 });
+        let note = crate::limits::state::Note::Credit {
+            tenant: "acme".into(),
+            amount: Decimal::TWO,
+            at: now,
+            key: Some("k".into()),
+        };
+        let settle = record_settled(
+            &app,
+            b"{\"type\":\"credit\"}\n".to_vec(),
+            Some(note),
+            Some((KeyKind::Credit, "acme".into(), "k".into())),
+            now,
+            move |app: &App| app.limits.budgets.credit("acme", Decimal::TWO, now),
+        );
+        // Polled once (the append is queued), then dropped.
+        assert!(futures_util::poll!(Box::pin(settle)).is_pending());
+        let budget = app.policy.load().tenants["acme"].budget.clone().unwrap();
+        let started = std::time::Instant::now();
+        while app.limits.budgets.status("acme", &budget, now).credits != Decimal::TWO {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "never credited"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(key(&app), Remembered::Duplicate);
+        app.spool.close().await;
+    }
 }
