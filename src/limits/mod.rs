@@ -17,7 +17,7 @@ use bytes::Bytes;
 use rust_decimal::Decimal;
 use time::OffsetDateTime;
 
-use crate::config::{Policy, Provider, Tenant, Upstream};
+use crate::config::{ModelPrice, Policy, Provider, Tenant, Upstream};
 use crate::meter::{tokens, Operation, RequestInfo};
 use budget::{BudgetExceeded, BudgetStore, MemoryStore, Reservation};
 use rate::{RateLimited, RateLimits, Remaining, TokenCharge};
@@ -35,6 +35,12 @@ pub struct Admission {
     reservation: Option<Reservation>,
     charge: Option<TokenCharge>,
     pub remaining: Remaining,
+    /// The output cap (one choice) the budget reservation assumed for a
+    /// request that names none, on a route whose request can carry one
+    /// (see [`crate::meter::request::output_cap_field`]). The proxy adds it
+    /// to an OpenAI request, so the upstream cannot generate past what was
+    /// reserved.
+    pub output_cap: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -81,7 +87,9 @@ impl Limits {
             // Context the provider adds from its own store, on top of
             // whatever bounds or counts the body.
             let stored = stored_context(&ask);
-            let bound = worst_case(&ask, input_bound(&ask) + stored);
+            let price = request_price(&ask);
+            let cost_of = |input| worst_case(&ask, price, input);
+            let bound = cost_of(input_bound(&ask) + stored);
             let reservation = match self.budgets.reserve(&ask.tenant.id, budget, bound, now) {
                 Ok(r) => r,
                 Err(first) => {
@@ -89,20 +97,21 @@ impl Limits {
                     // not fit (an exhausted tenant retrying a large body
                     // cost a tokenizer pass, up to 0.3 s of CPU, each time).
                     // (A count is at least its framing, 3 tokens.)
-                    if worst_case(&ask, stored + 3) > first.remaining {
+                    if cost_of(stored + 3) > first.remaining {
                         return Err(Refusal::Budget(first));
                     }
                     // The byte bound is too coarse to admit: count tokens.
                     let Some(counted) = counted_input(&ask).await else {
                         return Err(Refusal::Budget(first));
                     };
-                    let amount = worst_case(&ask, counted + stored);
+                    let amount = cost_of(counted + stored);
                     self.budgets
                         .reserve(&ask.tenant.id, budget, amount, now)
                         .map_err(Refusal::Budget)?
                 }
             };
             admission.reservation = Some(reservation);
+            admission.output_cap = output_cap(&ask, price);
         }
         Ok(admission)
     }
@@ -188,25 +197,39 @@ async fn counted_input(ask: &Ask<'_>) -> Option<u64> {
     .await
 }
 
-/// The output cap (for one choice) a budget reservation assumed for a call
-/// whose request names none, on a route whose request can carry one (see
-/// [`crate::meter::request::output_cap_field`]): the model's
-/// `max_output_tokens`. The proxy adds it to such a request, so the
-/// upstream cannot generate past what was reserved. A request model with no
-/// price of its own reserved as the dearest model; its response may be
-/// priced as any configured model, so it is capped at the smallest of
-/// theirs, which keeps every model's cost within its own worst case.
-pub fn reserved_output_cap(policy: &Policy, op: Operation, model: Option<&str>) -> Option<u64> {
-    crate::meter::request::output_cap_field(op)?;
-    let model = model.unwrap_or("");
-    match policy.price(model, model) {
+/// The output cap a reservation assumed for a request that names none, on
+/// a route whose request can carry one: the model's `max_output_tokens`. A
+/// request model with no price of its own reserved as the dearest model;
+/// its response may be priced as any configured model, so it is capped at
+/// the smallest of theirs, which keeps every model's cost within its own
+/// worst case.
+fn output_cap(ask: &Ask<'_>, price: Option<&ModelPrice>) -> Option<u64> {
+    if ask.info.max_output_tokens.is_some()
+        || crate::meter::request::output_cap_field(ask.op).is_none()
+    {
+        return None;
+    }
+    match price {
         Some(p) => Some(p.max_output_tokens),
-        None => policy.models.values().map(|p| p.max_output_tokens).min(),
+        None => ask
+            .policy
+            .models
+            .values()
+            .map(|p| p.max_output_tokens)
+            .min(),
     }
 }
 
-/// Worst-case cost of a call with `input` tokens.
-fn worst_case(ask: &Ask<'_>, input: u64) -> Decimal {
+/// The request model's price, exactly or as a dated snapshot of a
+/// configured name; looked up once an admission.
+fn request_price<'p>(ask: &Ask<'p>) -> Option<&'p ModelPrice> {
+    let model = ask.info.model.as_deref().unwrap_or("");
+    ask.policy.price(model, model)
+}
+
+/// Worst-case cost of a call with `input` tokens; `price`: the request
+/// model's ([`request_price`]).
+fn worst_case(ask: &Ask<'_>, price: Option<&ModelPrice>, input: u64) -> Decimal {
     if ask.upstream.provider == Provider::Generic {
         return ask.upstream.price_per_call;
     }
@@ -219,8 +242,7 @@ fn worst_case(ask: &Ask<'_>, input: u64) -> Decimal {
     if !ask.op.is_metered() {
         return Decimal::ZERO;
     }
-    let model = ask.info.model.as_deref().unwrap_or("");
-    match ask.policy.price(model, model) {
+    match price {
         Some(p) => worst_case_at(ask, p, input),
         None => ask
             .policy
@@ -233,7 +255,7 @@ fn worst_case(ask: &Ask<'_>, input: u64) -> Decimal {
 }
 
 /// The worst case of a call priced as `p`.
-fn worst_case_at(ask: &Ask<'_>, p: &crate::config::ModelPrice, input: u64) -> Decimal {
+fn worst_case_at(ask: &Ask<'_>, p: &ModelPrice, input: u64) -> Decimal {
     let output = match ask.op {
         Operation::Embeddings => 0,
         _ => ask

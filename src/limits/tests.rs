@@ -46,6 +46,12 @@ fn usd(input: u64, output: u64) -> Decimal {
         / MILLION
 }
 
+/// The worst case as admission computes it, the request model's price
+/// looked up.
+fn worst_case(a: &Ask<'_>, input: u64) -> Decimal {
+    super::worst_case(a, request_price(a), input)
+}
+
 #[test]
 fn output_is_the_request_cap_else_the_model_default_times_the_choices() {
     let p = policy("1");
@@ -71,16 +77,22 @@ fn output_is_the_request_cap_else_the_model_default_times_the_choices() {
     }
 }
 
+/// The test config plus a dearer dated model (2.50 / 10, at most 2,000
+/// output tokens).
+fn with_dated_gpt4o() -> Policy {
+    let config = CONFIG.replace("LIMIT", "1").replace(
+        "[pricing]",
+        "[models.\"gpt-4o-2024-08-06\"]\ninput = \"2.50\"\noutput = \"10\"\nmax_output_tokens = 2000\n\n[pricing]",
+    );
+    crate::config::parse(&config, "t.toml", &|_| None).unwrap()
+}
+
 /// A request model with no price of its own may still be answered as a
 /// priced one (an alias answered as a dated snapshot), and settling prices
 /// the response model: it reserves as the dearest configured model.
 #[test]
 fn an_unpriced_request_model_reserves_as_the_dearest_configured_model() {
-    let config = CONFIG.replace("LIMIT", "1").replace(
-        "[pricing]",
-        "[models.\"gpt-4o-2024-08-06\"]\ninput = \"2.50\"\noutput = \"10\"\nmax_output_tokens = 2000\n\n[pricing]",
-    );
-    let p = crate::config::parse(&config, "t.toml", &|_| None).unwrap();
+    let p = with_dated_gpt4o();
     let dearest =
         (Decimal::from(100) * Decimal::new(250, 2) + Decimal::from(2000) * Decimal::TEN) / MILLION;
     for model in ["gpt-4o", "o1-pro", "chatgpt-4o-latest"] {
@@ -106,6 +118,45 @@ fn an_unpriced_request_model_reserves_as_the_dearest_configured_model() {
         |a| worst_case(a, 0),
     );
     assert_eq!(got, Decimal::from(10) * Decimal::TEN / MILLION);
+}
+
+/// The output cap sent with a request that names none: the model's; an
+/// unpriced model's is the smallest configured (so whichever model prices
+/// the response stays within its own worst case); none where the request
+/// names one, or where the route has no cap field.
+#[test]
+fn the_output_cap_sent_is_the_one_reserved() {
+    let p = with_dated_gpt4o();
+    let cap = |body: &str, op| {
+        with_ask(&p, body, |a| {
+            let a = Ask { op, ..*a };
+            output_cap(&a, request_price(&a))
+        })
+    };
+    let chat = Operation::Chat;
+    assert_eq!(
+        cap(r#"{"model":"gpt-4o-2024-08-06","messages":[]}"#, chat),
+        Some(2000)
+    );
+    assert_eq!(cap(r#"{"model":"gpt-4o","messages":[]}"#, chat), Some(1000));
+    assert_eq!(
+        cap(r#"{"model":"gpt-4o","max_tokens":9,"messages":[]}"#, chat),
+        None
+    );
+    assert_eq!(
+        cap(
+            r#"{"model":"gpt-4o-mini","input":"x"}"#,
+            Operation::Responses
+        ),
+        Some(1000)
+    );
+    assert_eq!(
+        cap(
+            r#"{"model":"gpt-4o-mini","input":"x"}"#,
+            Operation::Embeddings
+        ),
+        None
+    );
 }
 
 #[test]

@@ -21,6 +21,9 @@ needles! {
     FILE_ID_KEY = b"\"file_id\"";
     FILE_URL_KEY = b"\"file_url\"";
     IMAGE_URL_KEY = b"\"image_url\"";
+    MAX_COMPLETION_TOKENS_KEY = b"\"max_completion_tokens\"";
+    MAX_TOKENS_KEY = b"\"max_tokens\"";
+    MAX_OUTPUT_TOKENS_KEY = b"\"max_output_tokens\"";
 }
 
 /// Where `finder`'s needle starts in `haystack`, left to right, without

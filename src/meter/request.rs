@@ -4,6 +4,7 @@
 //! `stream_options.include_usage` must be injected.
 
 use bytes::Bytes;
+use memchr::memmem::Finder;
 use serde::Deserialize;
 
 use crate::config::Provider;
@@ -275,32 +276,42 @@ pub fn inject_include_usage(body: &Bytes) -> Result<Bytes, MalformedJson> {
     Ok(Bytes::from(serde_json::to_vec(&v)?))
 }
 
-/// The request's output cap field on an OpenAI route: chat's
-/// `max_completion_tokens` (which reasoning models require, and which
-/// counts their reasoning, as `output_tokens` does), legacy completions'
-/// `max_tokens`, the Responses API's `max_output_tokens`.
-pub fn output_cap_field(op: Operation) -> Option<&'static str> {
+/// The request's output cap field on an OpenAI route, quoted, as a finder:
+/// chat's `max_completion_tokens` (which reasoning models require, and
+/// which counts their reasoning, as `output_tokens` does), legacy
+/// completions' `max_tokens`, the Responses API's `max_output_tokens`.
+pub fn output_cap_field(op: Operation) -> Option<&'static Finder<'static>> {
+    use super::needles::{MAX_COMPLETION_TOKENS_KEY, MAX_OUTPUT_TOKENS_KEY, MAX_TOKENS_KEY};
     match op {
-        Operation::Chat => Some("max_completion_tokens"),
-        Operation::Completions => Some("max_tokens"),
-        Operation::Responses => Some("max_output_tokens"),
+        Operation::Chat => Some(&MAX_COMPLETION_TOKENS_KEY),
+        Operation::Completions => Some(&MAX_TOKENS_KEY),
+        Operation::Responses => Some(&MAX_OUTPUT_TOKENS_KEY),
         _ => None,
     }
 }
 
-/// Returns the body with `field: cap` added: a request that named no
-/// output cap gets the one its budget reservation assumed. Spliced when the
-/// field's name is nowhere in the body (the usual case); otherwise (say
-/// `"max_tokens": null`) set on the parsed object, so it is never a
-/// duplicate key.
-pub fn add_output_cap(body: &Bytes, field: &str, cap: u64) -> Result<Bytes, MalformedJson> {
-    let quoted = format!("\"{field}\"");
-    if memchr::memmem::find(body, quoted.as_bytes()).is_none() {
-        return Ok(append_member(body, format!("{quoted}:{cap}").as_bytes()));
+/// Returns the body with `field: cap` added (`field`: from
+/// [`output_cap_field`]): a request that named no output cap gets the one
+/// its budget reservation assumed. Spliced when the field's name is nowhere
+/// in the body (the usual case); otherwise (say `"max_tokens": null`) set
+/// on the parsed object, so it is never a duplicate key.
+pub fn add_output_cap(
+    body: &Bytes,
+    field: &Finder<'static>,
+    cap: u64,
+) -> Result<Bytes, MalformedJson> {
+    let quoted = field.needle();
+    if field.find(body).is_none() {
+        let mut member = Vec::with_capacity(quoted.len() + 21);
+        member.extend_from_slice(quoted);
+        member.push(b':');
+        member.extend_from_slice(itoa::Buffer::new().format(cap).as_bytes());
+        return Ok(append_member(body, &member));
     }
+    let name = std::str::from_utf8(&quoted[1..quoted.len() - 1]).expect("an ASCII name");
     let mut v: serde_json::Value = serde_json::from_slice(body)?;
     if let Some(obj) = v.as_object_mut() {
-        obj.insert(field.into(), cap.into());
+        obj.insert(name.into(), cap.into());
     }
     Ok(Bytes::from(serde_json::to_vec(&v)?))
 }
@@ -620,7 +631,8 @@ mod tests {
     fn adds_an_output_cap_once() {
         let parse = |b: Bytes| serde_json::from_slice::<serde_json::Value>(&b).unwrap();
         let b = Bytes::from_static(br#"{"model":"m","messages":[]}"#);
-        let out = add_output_cap(&b, "max_completion_tokens", 16384).unwrap();
+        let field = |op| output_cap_field(op).unwrap();
+        let out = add_output_cap(&b, field(Operation::Chat), 16384).unwrap();
         assert_eq!(
             &out[..],
             br#"{"model":"m","messages":[],"max_completion_tokens":16384}"#
@@ -631,16 +643,21 @@ mod tests {
         );
         // Present as null: set, not added a second time.
         let b = Bytes::from_static(br#"{"prompt":"x","max_tokens":null}"#);
-        let out = add_output_cap(&b, "max_tokens", 7).unwrap();
+        let out = add_output_cap(&b, field(Operation::Completions), 7).unwrap();
         assert_eq!(
             parse(out),
             serde_json::json!({"prompt": "x", "max_tokens": 7})
         );
         // The name inside a string only: still one key.
         let b = Bytes::from_static(br#"{"input":"say \"max_output_tokens\""}"#);
-        let out = add_output_cap(&b, "max_output_tokens", 9).unwrap();
+        let out = add_output_cap(&b, field(Operation::Responses), 9).unwrap();
         assert_eq!(parse(out)["max_output_tokens"], 9);
-        let out = add_output_cap(&Bytes::from_static(b"{ }"), "max_tokens", 1).unwrap();
+        let out = add_output_cap(
+            &Bytes::from_static(b"{ }"),
+            field(Operation::Completions),
+            1,
+        )
+        .unwrap();
         assert_eq!(&out[..], br#"{ "max_tokens":1}"#);
     }
 

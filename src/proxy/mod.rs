@@ -222,24 +222,18 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         }
     }
 
-    // A budgeted OpenAI request that names no output cap gets the one its
+    // An OpenAI request that names no output cap gets the one its budget
     // reservation assumed: otherwise the upstream may generate past it (a
     // model's real limit is often above `max_output_tokens`), and
     // concurrent calls could spend past the limit.
-    if tenant.budget.is_some() && upstream.provider == Provider::OpenAi {
-        let info = &call.state().request;
-        let cap = info
-            .max_output_tokens
-            .is_none()
-            .then(|| crate::limits::reserved_output_cap(&policy, op, info.model.as_deref()))
-            .flatten();
-        if let (Some(cap), Some(field)) = (cap, meter::request::output_cap_field(op)) {
-            match meter::request::add_output_cap(&body, field, cap) {
-                Ok(b) => body = b,
-                Err(e) => {
-                    let e = ProxyError::MalformedJson(e.to_string());
-                    return reject(call, e, upstream.provider).await;
-                }
+    let cap = call.state().admission.as_ref().and_then(|a| a.output_cap);
+    if let (Some(cap), Provider::OpenAi) = (cap, upstream.provider) {
+        let field = meter::request::output_cap_field(op).expect("set only where there is one");
+        match meter::request::add_output_cap(&body, field, cap) {
+            Ok(b) => body = b,
+            Err(e) => {
+                let e = ProxyError::MalformedJson(e.to_string());
+                return reject(call, e, upstream.provider).await;
             }
         }
     }

@@ -59,10 +59,11 @@ pub(crate) fn retry_http_status(status: u16) -> bool {
 /// A gRPC status to retry: OTLP's retryable ones (CANCELLED,
 /// DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, OUT_OF_RANGE,
 /// UNAVAILABLE, DATA_LOSS), and, as for HTTP, those that refuse the sender
-/// rather than the batch (NOT_FOUND, PERMISSION_DENIED, UNIMPLEMENTED,
-/// UNAUTHENTICATED).
+/// rather than the batch (PERMISSION_DENIED, UNAUTHENTICATED). Not
+/// NOT_FOUND and UNIMPLEMENTED: from an OTLP receiver they say it has no
+/// service for the signal (a logs-only collector asked for metrics).
 pub(crate) fn retry_grpc_status(code: u32) -> bool {
-    matches!(code, 1 | 4 | 5 | 7 | 8 | 10 | 11 | 12 | 14 | 15 | 16)
+    matches!(code, 1 | 4 | 7 | 8 | 10 | 11 | 14 | 15 | 16)
 }
 
 /// A batch the receiver took (or that was set aside in a dead-letter file).
@@ -391,11 +392,11 @@ mod tests {
             assert!(!retry_http_status(s), "{s}");
         }
         // UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE…
-        for c in [1, 4, 5, 7, 8, 10, 11, 12, 14, 15, 16] {
+        for c in [1, 4, 7, 8, 10, 11, 14, 15, 16] {
             assert!(retry_grpc_status(c), "{c}");
         }
-        // INVALID_ARGUMENT, FAILED_PRECONDITION…
-        for c in [2, 3, 6, 9, 13] {
+        // INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNIMPLEMENTED…
+        for c in [2, 3, 5, 6, 9, 12, 13] {
             assert!(!retry_grpc_status(c), "{c}");
         }
     }

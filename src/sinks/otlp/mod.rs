@@ -203,9 +203,7 @@ impl OtlpSink {
                     .unwrap_or("");
                 match code {
                     Some(0) => partial_success(kind, grpc_message(&body)),
-                    // NOT_FOUND and UNIMPLEMENTED: a signal the receiver
-                    // has no service for, not retried.
-                    Some(c) if !matches!(c, 5 | 12) && super::retry_grpc_status(c) => {
+                    Some(c) if super::retry_grpc_status(c) => {
                         Answer::Retry(format!("grpc-status {c}: {message}"))
                     }
                     Some(c) => Answer::Refused(format!("grpc-status {c}: {message}")),
