@@ -73,6 +73,7 @@ fn event_serialisation(c: &mut Criterion) {
             input_tokens: 1200,
             cache_read_input_tokens: 1024,
             cache_write_input_tokens: 0,
+            cache_write_1h_input_tokens: 0,
             output_tokens: 350,
             reasoning_output_tokens: 64,
         },

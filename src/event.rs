@@ -17,6 +17,11 @@ pub struct Usage {
     pub input_tokens: u64,
     pub cache_read_input_tokens: u64,
     pub cache_write_input_tokens: u64,
+    /// Of the cache writes, those kept an hour (Anthropic's `ttl: "1h"`),
+    /// priced at `cache_write_1h_input`. Absent from events written before
+    /// it existed: 0.
+    #[serde(default)]
+    pub cache_write_1h_input_tokens: u64,
     pub output_tokens: u64,
     pub reasoning_output_tokens: u64,
 }
@@ -179,6 +184,10 @@ impl EventData for CallData {
             (
                 b",\"cache_write_input_tokens\":",
                 u.cache_write_input_tokens,
+            ),
+            (
+                b",\"cache_write_1h_input_tokens\":",
+                u.cache_write_1h_input_tokens,
             ),
             (b",\"output_tokens\":", u.output_tokens),
             (b",\"reasoning_output_tokens\":", u.reasoning_output_tokens),
@@ -423,6 +432,7 @@ mod tests {
                 input_tokens: 1,
                 cache_read_input_tokens: 0,
                 cache_write_input_tokens: 12_345_678_901,
+                cache_write_1h_input_tokens: 12_345,
                 output_tokens: u64::MAX,
                 reasoning_output_tokens: 7,
             },

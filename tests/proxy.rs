@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use rust_decimal::Decimal;
 
 const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
 const CHAT_STREAM: &str =
@@ -237,6 +238,7 @@ async fn anthropic_stream_and_json_follow_the_token_rule() {
                 ("anthropic-version", "2023-06-01"),
                 ("x-mock-cached-tokens", "7"),
                 ("x-mock-cache-write-tokens", "5"),
+                ("x-mock-cache-write-1h-tokens", "2"),
                 ("x-mock-output-tokens", "9"),
             ],
             body,
@@ -257,10 +259,20 @@ async fn anthropic_stream_and_json_follow_the_token_rule() {
         );
         assert_eq!(d["cache_read_input_tokens"], 7);
         assert_eq!(d["cache_write_input_tokens"], 5);
+        assert_eq!(d["cache_write_1h_input_tokens"], 2);
         assert_eq!(d["output_tokens"], 9);
         assert_eq!(d["usage_source"], "provider");
         assert_eq!(d["provider"], "anthropic");
         assert_eq!(d["operation"], "messages");
+        // The hour-long writes at their own rate (6), the others at 3.75.
+        let uncached = d["input_tokens"].as_u64().unwrap() - 7 - 5;
+        let per_million = Decimal::from(uncached) * Decimal::from(3)
+            + Decimal::from(7) * Decimal::new(30, 2)
+            + Decimal::from(3) * Decimal::new(375, 2)
+            + Decimal::from(2) * Decimal::from(6)
+            + Decimal::from(9) * Decimal::from(15);
+        let cost: Decimal = d["cost"].as_str().unwrap().parse().unwrap();
+        assert_eq!(cost, per_million / Decimal::from(1_000_000), "{d}");
     }
 }
 

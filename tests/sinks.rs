@@ -1044,6 +1044,10 @@ fn check_otlp(file: &[Value], otel: &OtlpReceiver, tenant_attributes: bool, grpc
                 "gen_ai.usage.reasoning.output_tokens",
                 "reasoning_output_tokens",
             ),
+            (
+                "tollgate.usage.cache_creation_1h.input_tokens",
+                "cache_write_1h_input_tokens",
+            ),
         ] {
             assert_eq!(attr_int(a, key), u(e, field), "{key} of {e}");
         }

@@ -291,6 +291,9 @@ pub struct ModelPrice {
     pub input: Decimal,
     pub cache_read_input: Decimal,
     pub cache_write_input: Decimal,
+    /// Cache writes kept an hour (Anthropic's `ttl: "1h"`); defaults to
+    /// `cache_write_input`.
+    pub cache_write_1h_input: Decimal,
     pub output: Decimal,
     pub max_output_tokens: u64,
 }

@@ -207,6 +207,8 @@ pub struct RawModel {
     pub cache_read_input: Option<Decimal>,
     #[serde(default)]
     pub cache_write_input: Option<Decimal>,
+    #[serde(default)]
+    pub cache_write_1h_input: Option<Decimal>,
     pub output: Decimal,
     #[serde(default = "default_max_output_tokens")]
     pub max_output_tokens: u64,

@@ -243,7 +243,11 @@ fn prices_and_limits_past_their_bounds_are_refused() {
 
 #[test]
 fn negative_cache_prices_are_refused() {
-    for field in ["cache_read_input", "cache_write_input"] {
+    for field in [
+        "cache_read_input",
+        "cache_write_input",
+        "cache_write_1h_input",
+    ] {
         let src = GOOD.replace(
             "output = \"8.00\"",
             &format!("output = \"8.00\"\n{field} = \"-0.5\""),
@@ -372,4 +376,30 @@ fn connection_limit_and_timeouts_must_be_positive() {
     assert_eq!(p.server.request_body_timeout, Duration::from_secs(60));
     assert_eq!(p.server.header_read_timeout, Duration::from_secs(30));
     assert_eq!(p.server.write_timeout, Duration::from_secs(60));
+}
+
+/// `cache_write_1h_input` defaults to `cache_write_input` (then to
+/// `input`), and a table that does not set it keeps the price version it
+/// had before the key existed; setting it changes the version.
+#[test]
+fn hour_long_cache_writes_default_to_the_cache_write_price() {
+    let with = |extra: &str| {
+        let src = GOOD.replace("output = \"8.00\"", &format!("output = \"8.00\"\n{extra}"));
+        parse(&src, "t.toml", &env).unwrap()
+    };
+    let m = |p: &Policy| p.models["gpt-4.1"].clone();
+    let bare = with("");
+    assert_eq!(m(&bare).cache_write_1h_input, Decimal::from(2));
+    let five = with("cache_write_input = \"2.50\"");
+    assert_eq!(m(&five).cache_write_1h_input, Decimal::new(250, 2));
+    let hour = with("cache_write_input = \"2.50\"\ncache_write_1h_input = \"4\"");
+    assert_eq!(m(&hour).cache_write_1h_input, Decimal::from(4));
+    assert_eq!(m(&hour).cache_write_input, Decimal::new(250, 2));
+    // The digest this table had before the key existed.
+    assert_eq!(bare.price_version, "sha256:05c48ae79b34");
+    assert_ne!(hour.price_version, five.price_version);
+    assert_eq!(
+        hour.price_version,
+        with("cache_write_1h_input = \"4\"\ncache_write_input = \"2.5\"").price_version
+    );
 }

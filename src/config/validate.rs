@@ -231,6 +231,7 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
             ("output", Some(m.output)),
             ("cache_read_input", m.cache_read_input),
             ("cache_write_input", m.cache_write_input),
+            ("cache_write_1h_input", m.cache_write_1h_input),
         ];
         for (field, v) in prices {
             if let Some(v) = v {
@@ -243,6 +244,10 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
                 input: m.input,
                 cache_read_input: m.cache_read_input.unwrap_or(m.input),
                 cache_write_input: m.cache_write_input.unwrap_or(m.input),
+                cache_write_1h_input: m
+                    .cache_write_1h_input
+                    .or(m.cache_write_input)
+                    .unwrap_or(m.input),
                 output: m.output,
                 max_output_tokens: m.max_output_tokens,
             },
@@ -704,6 +709,13 @@ fn price_digest(raw: &RawConfig) -> String {
             Some(m.output),
         ] {
             h.update(v.map(|d| d.normalize().to_string()).unwrap_or_default());
+            h.update(b"|");
+        }
+        // Hashed only when set, so a config without it keeps the version
+        // it had before the key existed (no decimal has an `h`).
+        if let Some(v) = m.cache_write_1h_input {
+            h.update(b"1h=");
+            h.update(v.normalize().to_string());
             h.update(b"|");
         }
     }

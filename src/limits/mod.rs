@@ -264,7 +264,11 @@ fn worst_case_at(ask: &Ask<'_>, p: &ModelPrice, input: u64) -> Decimal {
             .unwrap_or(p.max_output_tokens)
             .saturating_mul(ask.info.choices.max(1)),
     };
-    let input_rate = p.input.max(p.cache_read_input).max(p.cache_write_input);
+    let input_rate = p
+        .input
+        .max(p.cache_read_input)
+        .max(p.cache_write_input)
+        .max(p.cache_write_1h_input);
     (Decimal::from(input) * input_rate + Decimal::from(output) * p.output) / MILLION
 }
 

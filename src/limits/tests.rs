@@ -262,3 +262,31 @@ async fn a_call_the_byte_bound_refuses_is_admitted_on_its_token_count() {
         Err(Refusal::Budget(_))
     ));
 }
+
+/// Input can be all cache writes, and a cache write kept an hour can be
+/// the dearest input rate (Anthropic: 2x input against 1.25x for five
+/// minutes): the reservation prices every input token at the dearest.
+#[test]
+fn input_is_reserved_at_the_dearest_input_rate() {
+    let config = CONFIG.replace("LIMIT", "1").replace(
+        "max_output_tokens = 1000",
+        "max_output_tokens = 1000\ncache_write_input = \"0.1875\"\ncache_write_1h_input = \"0.30\"",
+    );
+    let p = crate::config::parse(&config, "t.toml", &|_| None).unwrap();
+    let body = r#"{"model":"gpt-4o-mini","messages":[]}"#;
+    let got = with_ask(&p, body, |a| worst_case(a, 100));
+    let want = (Decimal::from(100) * Decimal::new(30, 2)
+        + Decimal::from(1000) * Decimal::new(60, 2))
+        / MILLION;
+    assert_eq!(got, want);
+    // Settling 100 input tokens all written for an hour fits in it.
+    let price = &p.models["gpt-4o-mini"];
+    let u = crate::event::Usage {
+        input_tokens: 100,
+        cache_write_input_tokens: 100,
+        cache_write_1h_input_tokens: 100,
+        output_tokens: 1000,
+        ..Default::default()
+    };
+    assert_eq!(crate::meter::price::cost(price, &u), want);
+}

@@ -502,23 +502,51 @@ fn count(json: &[u8], at: usize) -> Option<(Option<u64>, usize)> {
     (digits > 0 && !matches!(json.get(end), Some(b'.' | b'e' | b'E'))).then_some((Some(n), end))
 }
 
-/// A `*_details` object (or `null`) at `at`, and the index past it.
-fn details(json: &[u8], at: usize) -> Option<(Option<super::usage::Details>, usize)> {
+/// An object of counts (or `null`) at `at`, and the index past it: `slot`
+/// names where each member goes; members it does not name are skipped.
+fn counts<T: Default>(
+    json: &[u8],
+    at: usize,
+    slot: impl for<'a> Fn(&'a mut T, &[u8]) -> Option<&'a mut Option<u64>>,
+) -> Option<(Option<T>, usize)> {
     if json[at..].starts_with(b"null") {
         return Some((None, at + 4));
     }
-    let mut d = super::usage::Details::default();
+    let mut t = T::default();
     let end = members(json, at, |key, start| {
-        let field = match key {
-            b"cached_tokens" => &mut d.cached_tokens,
-            b"reasoning_tokens" => &mut d.reasoning_tokens,
-            _ => return value_end(json, start),
+        let Some(field) = slot(&mut t, key) else {
+            return value_end(json, start);
         };
         let (n, end) = count(json, start)?;
         *field = n;
         Some(end)
     })?;
-    Some((Some(d), end))
+    Some((Some(t), end))
+}
+
+/// A `*_details` object (or `null`) at `at`, and the index past it.
+fn details(json: &[u8], at: usize) -> Option<(Option<super::usage::Details>, usize)> {
+    fn slot<'a>(d: &'a mut super::usage::Details, key: &[u8]) -> Option<&'a mut Option<u64>> {
+        match key {
+            b"cached_tokens" => Some(&mut d.cached_tokens),
+            b"reasoning_tokens" => Some(&mut d.reasoning_tokens),
+            _ => None,
+        }
+    }
+    counts(json, at, slot)
+}
+
+/// Anthropic's `cache_creation` object (or `null`) at `at`, and the index
+/// past it.
+fn cache_creation(json: &[u8], at: usize) -> Option<(Option<super::usage::CacheCreation>, usize)> {
+    fn slot<'a>(c: &'a mut super::usage::CacheCreation, key: &[u8]) -> Option<&'a mut Option<u64>> {
+        match key {
+            b"ephemeral_5m_input_tokens" => Some(&mut c.ephemeral_5m_input_tokens),
+            b"ephemeral_1h_input_tokens" => Some(&mut c.ephemeral_1h_input_tokens),
+            _ => None,
+        }
+    }
+    counts(json, at, slot)
 }
 
 /// A usage object read in one pass, member by member (plain integers, the
@@ -535,6 +563,11 @@ pub fn raw_usage(u: &[u8]) -> Option<super::usage::RawUsage> {
             b"output_tokens" => &mut r.output_tokens,
             b"cache_creation_input_tokens" => &mut r.cache_creation_input_tokens,
             b"cache_read_input_tokens" => &mut r.cache_read_input_tokens,
+            b"cache_creation" => {
+                let (c, end) = cache_creation(u, start)?;
+                r.cache_creation = c;
+                return Some(end);
+            }
             _ => {
                 let slot = match key {
                     b"prompt_tokens_details" => &mut r.prompt_tokens_details,
@@ -567,6 +600,12 @@ mod usage_tests {
             r#"{"cached_tokens": 5, "audio_tokens": 0}"#,
             r#"{ "reasoning_tokens":2,"x":{"cached_tokens":[9]},"cached_tokens":null }"#,
         ];
+        let creations = [
+            "null",
+            "{}",
+            r#"{"ephemeral_5m_input_tokens": 5, "ephemeral_1h_input_tokens": 9}"#,
+            r#"{ "ephemeral_1h_input_tokens":null,"x":{"ephemeral_5m_input_tokens":[9]},"ephemeral_5m_input_tokens":0 }"#,
+        ];
         let keys = [
             "prompt_tokens",
             "completion_tokens",
@@ -574,6 +613,7 @@ mod usage_tests {
             "output_tokens",
             "cache_creation_input_tokens",
             "cache_read_input_tokens",
+            "cache_creation",
             "total_tokens",
             "prompt_tokens_details",
             "completion_tokens_details",
@@ -590,6 +630,8 @@ mod usage_tests {
                 .map(|k| {
                     let v = if k.ends_with("_details") {
                         details[rng.usize(..details.len())]
+                    } else if *k == "cache_creation" {
+                        creations[rng.usize(..creations.len())]
                     } else if *k == "server_tool_use" {
                         r#"{"web_search_requests": 1, "s": "}\""}"#
                     } else {

@@ -442,6 +442,7 @@ async fn estimate(s: &CallState, partial: Option<Usage>) -> Usage {
         },
         cache_read_input_tokens: p.cache_read_input_tokens,
         cache_write_input_tokens: p.cache_write_input_tokens,
+        cache_write_1h_input_tokens: p.cache_write_1h_input_tokens,
         output_tokens: p.output_tokens.max(est.1),
         reasoning_output_tokens: p.reasoning_output_tokens,
     }

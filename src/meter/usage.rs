@@ -11,6 +11,13 @@ pub struct Details {
     pub reasoning_tokens: Option<u64>,
 }
 
+/// Anthropic's `cache_creation`: the cache writes by how long they are kept.
+#[derive(Debug, Default, Deserialize)]
+pub struct CacheCreation {
+    pub ephemeral_5m_input_tokens: Option<u64>,
+    pub ephemeral_1h_input_tokens: Option<u64>,
+}
+
 /// Every usage field any supported API reports; each provider fills some.
 #[derive(Debug, Default, Deserialize)]
 pub struct RawUsage {
@@ -27,6 +34,7 @@ pub struct RawUsage {
     // Anthropic
     pub cache_creation_input_tokens: Option<u64>,
     pub cache_read_input_tokens: Option<u64>,
+    pub cache_creation: Option<CacheCreation>,
 }
 
 impl RawUsage {
@@ -46,7 +54,8 @@ impl RawUsage {
             input_tokens_details,
             output_tokens_details,
             cache_creation_input_tokens,
-            cache_read_input_tokens
+            cache_read_input_tokens,
+            cache_creation
         );
     }
 
@@ -57,6 +66,14 @@ impl RawUsage {
             Provider::Anthropic => {
                 let read = self.cache_read_input_tokens.unwrap_or(0);
                 let write = self.cache_creation_input_tokens.unwrap_or(0);
+                // A subset of the writes (`cache_creation_input_tokens` is
+                // the sum of both lifetimes); never more than they are.
+                let write_1h = self
+                    .cache_creation
+                    .as_ref()
+                    .and_then(|c| c.ephemeral_1h_input_tokens)
+                    .unwrap_or(0)
+                    .min(write);
                 Usage {
                     input_tokens: self
                         .input_tokens
@@ -65,6 +82,7 @@ impl RawUsage {
                         .saturating_add(write),
                     cache_read_input_tokens: read,
                     cache_write_input_tokens: write,
+                    cache_write_1h_input_tokens: write_1h,
                     output_tokens: self.output_tokens.unwrap_or(0),
                     reasoning_output_tokens: 0,
                 }
@@ -80,6 +98,7 @@ impl RawUsage {
                     .or(details(&self.input_tokens_details, |d| d.cached_tokens))
                     .unwrap_or(0),
                     cache_write_input_tokens: 0,
+                    cache_write_1h_input_tokens: 0,
                     output_tokens: self.completion_tokens.or(self.output_tokens).unwrap_or(0),
                     reasoning_output_tokens: details(&self.completion_tokens_details, |d| {
                         d.reasoning_tokens

@@ -64,8 +64,8 @@ fn usage_json(t: &Tokens, output: u64) -> Value {
         "input_tokens": t.uncached_input,
         "cache_creation_input_tokens": t.cache_write,
         "cache_read_input_tokens": t.cache_read,
-        "cache_creation": {"ephemeral_5m_input_tokens": t.cache_write,
-            "ephemeral_1h_input_tokens": 0},
+        "cache_creation": {"ephemeral_5m_input_tokens": t.cache_write - t.cache_write_1h,
+            "ephemeral_1h_input_tokens": t.cache_write_1h},
         "output_tokens": output,
         "service_tier": "standard",
     })

@@ -33,6 +33,8 @@ pub(crate) struct Controls {
     pub(crate) gzip: bool,
     cached: u64,
     cache_write: u64,
+    /// Of `cache_write`, the part kept an hour.
+    cache_write_1h: u64,
     reasoning: u64,
     output: Option<u64>,
 }
@@ -62,6 +64,7 @@ impl Controls {
                 .is_some_and(|v| matches!(v.as_bytes(), b"1" | b"true")),
             cached: num("x-mock-cached-tokens").unwrap_or(0),
             cache_write: num("x-mock-cache-write-tokens").unwrap_or(0),
+            cache_write_1h: num("x-mock-cache-write-1h-tokens").unwrap_or(0),
             reasoning: num("x-mock-reasoning-tokens").unwrap_or(0),
             output: num("x-mock-output-tokens"),
         }
@@ -85,6 +88,11 @@ impl Controls {
             uncached_input: (body_len as u64).div_ceil(4),
             cache_read: self.cached,
             cache_write: if openai { 0 } else { self.cache_write },
+            cache_write_1h: if openai {
+                0
+            } else {
+                self.cache_write_1h.min(self.cache_write)
+            },
             output,
             reasoning,
             hit_max: output < wanted,
@@ -99,6 +107,8 @@ pub(crate) struct Tokens {
     pub(crate) uncached_input: u64,
     pub(crate) cache_read: u64,
     pub(crate) cache_write: u64,
+    /// Of `cache_write`, the part kept an hour.
+    pub(crate) cache_write_1h: u64,
     /// All output, reasoning included.
     pub(crate) output: u64,
     pub(crate) reasoning: u64,
@@ -126,6 +136,7 @@ impl Tokens {
             input_tokens: self.total_input(),
             cache_read_input_tokens: self.cache_read,
             cache_write_input_tokens: self.cache_write,
+            cache_write_1h_input_tokens: self.cache_write_1h,
             output_tokens: self.output,
             reasoning_output_tokens: self.reasoning,
         }
@@ -138,6 +149,7 @@ pub(crate) struct Usage {
     pub(crate) input_tokens: u64,
     pub(crate) cache_read_input_tokens: u64,
     pub(crate) cache_write_input_tokens: u64,
+    pub(crate) cache_write_1h_input_tokens: u64,
     pub(crate) output_tokens: u64,
     pub(crate) reasoning_output_tokens: u64,
 }

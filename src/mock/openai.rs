@@ -48,6 +48,7 @@ pub(crate) fn handle(op: Op, req: &Value, mut t: Tokens, no_usage: bool, n: u64)
         t = Tokens {
             cache_read: 0,
             cache_write: 0,
+            cache_write_1h: 0,
             output: 0,
             reasoning: 0,
             ..t

@@ -136,7 +136,8 @@ async fn chat_stream_with_include_usage_ends_with_usage_then_done() {
 
     let log = send(&mock, "GET", "/__mock/requests", &[], "").await.json();
     let expected = json!({"input_tokens": input_tokens(body) + 3, "cache_read_input_tokens": 3,
-        "cache_write_input_tokens": 0, "output_tokens": 5, "reasoning_output_tokens": 2});
+        "cache_write_input_tokens": 0, "cache_write_1h_input_tokens": 0, "output_tokens": 5,
+        "reasoning_output_tokens": 2});
     assert_eq!(log[0]["usage"], expected);
     assert_eq!(log[0]["request_id"], "req_1");
 }
@@ -170,6 +171,7 @@ async fn anthropic_stream_event_order_and_usage() {
     let headers = [
         ("x-mock-cached-tokens", "7"),
         ("x-mock-cache-write-tokens", "11"),
+        ("x-mock-cache-write-1h-tokens", "4"),
     ];
     let a = send(&mock, "POST", "/v1/messages", &headers, body).await;
     assert_eq!(a.status, StatusCode::OK);
@@ -197,6 +199,8 @@ async fn anthropic_stream_event_order_and_usage() {
     assert_eq!(u["input_tokens"], input_tokens(body));
     assert_eq!(u["cache_read_input_tokens"], 7);
     assert_eq!(u["cache_creation_input_tokens"], 11);
+    assert_eq!(u["cache_creation"]["ephemeral_5m_input_tokens"], 7);
+    assert_eq!(u["cache_creation"]["ephemeral_1h_input_tokens"], 4);
     assert_eq!(u["output_tokens"], 1);
     assert_eq!(start["message"]["model"], "claude-sonnet-4-5");
     let delta: Value = serde_json::from_str(&events[7].1).unwrap();
@@ -205,6 +209,7 @@ async fn anthropic_stream_event_order_and_usage() {
     let log = send(&mock, "GET", "/__mock/requests", &[], "").await.json();
     assert_eq!(log[0]["usage"]["input_tokens"], input_tokens(body) + 18);
     assert_eq!(log[0]["usage"]["cache_write_input_tokens"], 11);
+    assert_eq!(log[0]["usage"]["cache_write_1h_input_tokens"], 4);
 }
 
 #[tokio::test]

@@ -176,6 +176,7 @@ max_output_tokens = 16384
 input = "3"
 cache_read_input = "0.30"
 cache_write_input = "3.75"
+cache_write_1h_input = "6"
 output = "15"
 
 [[tenants]]

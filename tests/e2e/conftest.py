@@ -56,6 +56,7 @@ PRICES: dict[str, dict[str, str]] = {
         "input": "3",
         "cache_read_input": "0.30",
         "cache_write_input": "3.75",
+        "cache_write_1h_input": "6",
         "output": "15",
     },
 }
@@ -109,12 +110,16 @@ def expected_cost(model: str, ev_or_usage: dict[str, Any]) -> Decimal:
     inp = Decimal(p["input"])
     cr = Decimal(p.get("cache_read_input", p["input"]))
     cw = Decimal(p.get("cache_write_input", p["input"]))
+    cw1h = Decimal(p.get("cache_write_1h_input", cw))
     out = Decimal(p["output"])
     i = d["input_tokens"]
     r = d["cache_read_input_tokens"]
     w = d["cache_write_input_tokens"]
+    w1h = d["cache_write_1h_input_tokens"]
     o = d["output_tokens"]
-    return ((i - r - w) * inp + r * cr + w * cw + o * out) / Decimal(1_000_000)
+    return ((i - r - w) * inp + r * cr + (w - w1h) * cw + w1h * cw1h + o * out) / Decimal(
+        1_000_000
+    )
 
 
 # ---------------------------------------------------------------- processes

@@ -11,6 +11,7 @@ TOKEN_FIELDS = (
     "input_tokens",
     "cache_read_input_tokens",
     "cache_write_input_tokens",
+    "cache_write_1h_input_tokens",
     "output_tokens",
     "reasoning_output_tokens",
 )

@@ -13,8 +13,14 @@ MSGS = [{"role": "user", "content": "Say hello."}]
 CACHE_HEADERS = {
     "x-mock-cached-tokens": "5",
     "x-mock-cache-write-tokens": "7",
+    "x-mock-cache-write-1h-tokens": "3",
     "x-mock-output-tokens": "9",
 }
+
+
+def write_1h(usage) -> int:
+    """The cache writes kept an hour, as the SDK reads them."""
+    return (usage.cache_creation.ephemeral_1h_input_tokens or 0) if usage.cache_creation else 0
 
 
 def expect_usage(ev, usage) -> None:
@@ -25,6 +31,7 @@ def expect_usage(ev, usage) -> None:
         input_tokens=usage.input_tokens + cache_read + cache_write,
         cache_read_input_tokens=cache_read,
         cache_write_input_tokens=cache_write,
+        cache_write_1h_input_tokens=write_1h(usage),
         output_tokens=usage.output_tokens,
         reasoning_output_tokens=0,
     )
@@ -43,6 +50,7 @@ def test_messages_non_streamed_with_cache(stack):
     assert msg.content[0].text == " hello" * 9
     u = msg.usage
     assert (u.cache_read_input_tokens, u.cache_creation_input_tokens, u.output_tokens) == (5, 7, 9)
+    assert write_1h(u) == 3
 
     ev = stack.event_for(rid)
     assert_call(ev, upstream="anthropic", provider="anthropic", operation="messages",
@@ -110,6 +118,7 @@ def test_messages_create_stream_true(stack):
         input_tokens=start_usage.input_tokens + cache_read + cache_write,
         cache_read_input_tokens=cache_read,
         cache_write_input_tokens=cache_write,
+        cache_write_1h_input_tokens=write_1h(start_usage),
         output_tokens=out,
         reasoning_output_tokens=0,
     )

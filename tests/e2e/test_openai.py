@@ -100,6 +100,7 @@ def test_event_envelope_and_fields(stack):
         "input_tokens": int,
         "cache_read_input_tokens": int,
         "cache_write_input_tokens": int,
+        "cache_write_1h_input_tokens": int,
         "output_tokens": int,
         "reasoning_output_tokens": int,
         "calls": int,

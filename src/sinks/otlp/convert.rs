@@ -160,6 +160,11 @@ fn call_attributes(d: &CallData) -> Vec<KeyValue> {
             "gen_ai.usage.reasoning.output_tokens",
             u.reasoning_output_tokens,
         ),
+        // No GenAI convention splits cache writes by lifetime.
+        i(
+            "tollgate.usage.cache_creation_1h.input_tokens",
+            u.cache_write_1h_input_tokens,
+        ),
         s("tollgate.cost", &d.cost.to_string()),
         s("tollgate.currency", &d.currency),
         s("tollgate.outcome", d.outcome.as_str()),
