@@ -158,6 +158,45 @@ pub fn tail_member<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     }
 }
 
+/// Of an object of which `json` holds only the start: where the value of
+/// the top-level member `key` starts, when that value runs on past the end
+/// of `json` (the one member too large to keep). `None` when it ends
+/// within `json`, or the walk meets the end or anything it cannot read
+/// before it.
+pub fn open_member(json: &[u8], key: &[u8]) -> Option<usize> {
+    let mut open = None;
+    members(json, 0, |k, start| {
+        let end = value_end(json, start);
+        if k == key {
+            open = end.is_none().then_some(start);
+            return None;
+        }
+        end
+    });
+    open
+}
+
+/// Of an object of which `json` holds only the end: the end of the one
+/// object value whose start is not in `json`, up to and including its
+/// closing brace, found by walking back over the whole members after it.
+/// `None` when the walk meets anything else first.
+pub fn open_value_tail(json: &[u8]) -> Option<&[u8]> {
+    let close = rskip_ws(json, json.len()).checked_sub(1)?;
+    if json[close] != b'}' {
+        return None;
+    }
+    let mut end = rskip_ws(json, close);
+    loop {
+        let Some((_, _, before)) = member_before(json, end, 0) else {
+            return (end > 1 && json[end - 1] == b'}').then(|| &json[..end]);
+        };
+        if before == 0 || json[before] != b',' {
+            return None;
+        }
+        end = rskip_ws(json, before);
+    }
+}
+
 /// The member whose value ends just before `end` (nothing at or before
 /// `floor` is read): its key, where its value starts, and the index of what
 /// precedes it (a `,`, or the object's opening brace).
@@ -317,7 +356,33 @@ fn value_end(json: &[u8], i: usize) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::{head_member, tail_member, top_level};
+    use super::{head_member, open_member, open_value_tail, tail_member, top_level};
+
+    /// The two ends of an object whose one large member was cut out: the
+    /// member the head runs out in, and the end of that member's value
+    /// (after the whole members that follow it) in the tail.
+    #[test]
+    fn the_open_member_from_both_ends() {
+        let body = br#"{"type":"t","response":{"model":"m","output":["xxxxxxxx"],"usage":{"a":1}},"n":7}"#;
+        let head = &body[..50];
+        let at = open_member(head, b"response").unwrap();
+        assert!(head[at..].starts_with(br#"{"model""#));
+        assert_eq!(head_member(&head[at..], b"model"), Some(&br#""m""#[..]));
+        // Whole in the head, or not there: not open.
+        assert_eq!(open_member(body, b"response"), None);
+        assert_eq!(open_member(head, b"type"), None);
+        assert_eq!(open_member(head, b"other"), None);
+        let tail = &body[45..];
+        let inner = open_value_tail(tail).unwrap();
+        assert!(inner.ends_with(br#""usage":{"a":1}}"#));
+        assert_eq!(tail_member(inner, b"usage"), Some(&br#"{"a":1}"#[..]));
+        // A whole object has no open value; nor does a tail that ends in
+        // anything but an object, or whose open value is not one.
+        assert_eq!(open_value_tail(br#"{"a":1,"b":{"c":2}}"#), None);
+        assert_eq!(open_value_tail(br#"x"],"n":7]"#), None);
+        assert_eq!(open_value_tail(br#"xxx","n":7}"#), None);
+        assert_eq!(open_value_tail(br#"}"#), None);
+    }
 
     #[test]
     fn members_from_one_end_only() {

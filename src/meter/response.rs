@@ -315,8 +315,8 @@ impl ResponseMeter {
             }
             Format::Sse if !self.strip_usage => {
                 let mut sse = std::mem::take(&mut self.sse);
-                sse.feed(&frame, &mut |name, data| {
-                    self.on_event(name, data);
+                sse.feed(&frame, &mut |name, data, clipped| {
+                    self.on_event(name, data, clipped);
                 });
                 self.sse = sse;
                 frame
@@ -467,8 +467,8 @@ impl ResponseMeter {
             let event = input.split_to(end);
             let mut usage_only = false;
             let mut sse = std::mem::take(&mut self.sse);
-            sse.feed(&event, &mut |name, data| {
-                usage_only |= self.on_event(name, data);
+            sse.feed(&event, &mut |name, data, clipped| {
+                usage_only |= self.on_event(name, data, clipped);
             });
             self.sse = sse;
             if !usage_only {
@@ -493,21 +493,55 @@ impl ResponseMeter {
         self.strip_usage = false;
         let held = self.pending.split().freeze();
         let mut sse = std::mem::take(&mut self.sse);
-        sse.feed(&held, &mut |name, data| {
-            self.on_event(name, data);
+        sse.feed(&held, &mut |name, data, clipped| {
+            self.on_event(name, data, clipped);
         });
         self.sse = sse;
         held
     }
 
     /// Handles one SSE event; returns true for an OpenAI usage-only chunk.
-    fn on_event(&mut self, name: &[u8], data: &[u8]) -> bool {
-        match (self.provider, self.op) {
-            (Provider::OpenAi, Operation::Responses) => self.on_responses_event(name, data),
-            (Provider::Anthropic, _) => self.on_anthropic_event(name, data),
+    /// An event past the size cap comes as its first bytes and its last
+    /// (`clipped`): only the Responses API's final events are read from
+    /// those.
+    fn on_event(&mut self, name: &[u8], data: &[u8], clipped: Option<&[u8]>) -> bool {
+        match (self.provider, self.op, clipped) {
+            (Provider::OpenAi, Operation::Responses, None) => self.on_responses_event(name, data),
+            (Provider::OpenAi, Operation::Responses, Some(tail)) => {
+                self.on_clipped_responses_event(name, data, tail)
+            }
+            (_, _, Some(_)) => {}
+            (Provider::Anthropic, _, None) => self.on_anthropic_event(name, data),
             _ => return self.on_openai_chunk(data),
         }
         false
+    }
+
+    /// A Responses API final event past the size cap (output items such as
+    /// generated images inline): its `response` is the member too large to
+    /// keep, so the model is read from the head's start of it and the usage
+    /// from the tail's end of it, member by member, never by searching the
+    /// text for them.
+    fn on_clipped_responses_event(&mut self, name: &[u8], head: &[u8], tail: &[u8]) {
+        let name = if name.is_empty() { type_of(head) } else { name };
+        if !matches!(
+            name,
+            b"response.completed" | b"response.incomplete" | b"response.failed"
+        ) {
+            return;
+        }
+        use super::json_scan::{head_member, open_member, open_value_tail, tail_member};
+        let Some(at) = open_member(head, b"response") else {
+            return;
+        };
+        if let Some(m) = model_of(head_member(&head[at..], b"model")) {
+            self.response_model = Some(m);
+        }
+        if let Some(u) = usage_of(open_value_tail(tail).and_then(|r| tail_member(r, b"usage"))) {
+            self.raw_usage = Some(u);
+        }
+        self.complete = true;
+        self.stream_error |= name == b"response.failed";
     }
 
     fn on_openai_chunk(&mut self, data: &[u8]) -> bool {

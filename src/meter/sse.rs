@@ -9,6 +9,16 @@
 /// Longest line or event data we keep; longer ones are dropped and counted.
 pub const MAX_EVENT_BYTES: usize = 8 << 20;
 
+/// Of an event past `MAX_EVENT_BYTES`, the first bytes of its data and the
+/// last ones are kept: a Responses API stream's final event can carry
+/// images (base64) past the cap, with the model near its start and the
+/// usage near its end.
+pub const CLIP_HEAD_BYTES: usize = 64 << 10;
+pub const CLIP_TAIL_BYTES: usize = 1 << 20;
+
+/// An event's data, as `on_event` gets it.
+pub type OnEvent<'a> = dyn FnMut(&[u8], &[u8], Option<&[u8]>) + 'a;
+
 #[derive(Default)]
 pub struct SseDecoder {
     /// The partial line carried over from the previous frame.
@@ -23,12 +33,77 @@ pub struct SseDecoder {
     /// The current line or event passed `MAX_EVENT_BYTES`.
     overflow: bool,
     pub overflowed_events: u64,
+    /// The event past the cap: its data's first and last bytes.
+    clip: Option<Clip>,
+}
+
+/// Bytes `from..to` (cut to what there is) of `pieces` laid end to end.
+fn range(pieces: &[&[u8]], from: usize, to: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for p in pieces {
+        let (lo, hi) = (from.clamp(at, at + p.len()), to.clamp(at, at + p.len()));
+        out.extend_from_slice(&p[lo - at..hi - at]);
+        at += p.len();
+    }
+    out
+}
+
+#[derive(Default)]
+struct Clip {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+    /// Its line ended: later lines of the event are not kept.
+    done: bool,
+}
+
+impl Clip {
+    /// The line (or data) that went past the cap, in two pieces; `None`
+    /// when it is not event data.
+    fn start(pieces: &[&[u8]], line: bool) -> Option<Clip> {
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        let skip = if line {
+            let field = range(pieces, 0, 6);
+            let rest = field.strip_prefix(b"data:")?;
+            5 + usize::from(rest.first() == Some(&b' '))
+        } else {
+            0
+        };
+        let mut tail = range(pieces, len.saturating_sub(CLIP_TAIL_BYTES).max(skip), len);
+        tail.reserve_exact(2 * CLIP_TAIL_BYTES - tail.len());
+        Some(Clip {
+            head: range(pieces, skip, skip + CLIP_HEAD_BYTES),
+            tail,
+            done: false,
+        })
+    }
+
+    /// Appends to the tail, which never holds more than twice
+    /// `CLIP_TAIL_BYTES` (a copy of the last ones now and then, not a copy
+    /// per frame).
+    fn more(&mut self, bytes: &[u8]) {
+        if self.done {
+            return;
+        }
+        let bytes = &bytes[bytes.len().saturating_sub(CLIP_TAIL_BYTES)..];
+        if self.tail.len() + bytes.len() > 2 * CLIP_TAIL_BYTES {
+            let cut = self.tail.len() + bytes.len() - CLIP_TAIL_BYTES;
+            self.tail.drain(..cut.min(self.tail.len()));
+        }
+        self.tail.extend_from_slice(bytes);
+    }
+
+    fn tail(&self) -> &[u8] {
+        &self.tail[self.tail.len().saturating_sub(CLIP_TAIL_BYTES)..]
+    }
 }
 
 impl SseDecoder {
-    /// Feeds one frame; calls `on_event(event_name, data)` for each complete
-    /// event in it.
-    pub fn feed(&mut self, mut chunk: &[u8], on_event: &mut dyn FnMut(&[u8], &[u8])) {
+    /// Feeds one frame; calls `on_event(event_name, data, None)` for each
+    /// complete event in it, and `on_event(event_name, head, Some(tail))`
+    /// for one past `MAX_EVENT_BYTES` (its data's first `CLIP_HEAD_BYTES`
+    /// and last `CLIP_TAIL_BYTES`).
+    pub fn feed(&mut self, mut chunk: &[u8], on_event: &mut OnEvent<'_>) {
         if self.after_cr && chunk.first() == Some(&b'\n') {
             chunk = &chunk[1..];
         }
@@ -70,7 +145,7 @@ impl SseDecoder {
         &mut self,
         chunk: &[u8],
         eol: usize,
-        on_event: &mut dyn FnMut(&[u8], &[u8]),
+        on_event: &mut OnEvent<'_>,
     ) -> Option<usize> {
         if !self.line.is_empty() || self.has_data || self.overflow {
             return None;
@@ -85,27 +160,36 @@ impl SseDecoder {
         if value.len() + 1 > MAX_EVENT_BYTES {
             return None;
         }
-        on_event(&self.event, value);
+        on_event(&self.event, value, None);
         self.event.clear();
         Some(end)
     }
 
     fn push_partial(&mut self, bytes: &[u8]) {
-        if self.line.len() + bytes.len() > MAX_EVENT_BYTES {
+        if self.overflow {
+            if let Some(c) = &mut self.clip {
+                c.more(bytes);
+            }
+        } else if self.line.len() + bytes.len() > MAX_EVENT_BYTES {
             self.overflow = true;
+            self.clip = Clip::start(&[&self.line, bytes], true);
             self.line.clear();
-        } else if !self.overflow {
+        } else {
             self.line.extend_from_slice(bytes);
         }
     }
 
-    fn end_line(&mut self, tail: &[u8], on_event: &mut dyn FnMut(&[u8], &[u8])) {
+    fn end_line(&mut self, tail: &[u8], on_event: &mut OnEvent<'_>) {
         if self.line.is_empty() {
             self.process_line(tail, on_event);
         } else {
             let mut line = std::mem::take(&mut self.line);
             if line.len() + tail.len() > MAX_EVENT_BYTES {
                 self.overflow = true;
+                self.clip = Clip::start(&[&line, tail], true);
+                if let Some(c) = &mut self.clip {
+                    c.done = true;
+                }
             } else {
                 line.extend_from_slice(tail);
                 self.process_line(&line, on_event);
@@ -115,12 +199,15 @@ impl SseDecoder {
         }
     }
 
-    fn process_line(&mut self, line: &[u8], on_event: &mut dyn FnMut(&[u8], &[u8])) {
+    fn process_line(&mut self, line: &[u8], on_event: &mut OnEvent<'_>) {
         if line.is_empty() {
             if self.overflow {
                 self.overflowed_events += 1;
+                if let Some(c) = self.clip.take() {
+                    on_event(&self.event, &c.head, Some(c.tail()));
+                }
             } else if self.has_data {
-                on_event(&self.event, &self.data);
+                on_event(&self.event, &self.data, None);
             }
             self.overflow = false;
             self.has_data = false;
@@ -128,7 +215,15 @@ impl SseDecoder {
             self.data.clear();
             return;
         }
-        if self.overflow || line[0] == b':' {
+        if self.overflow {
+            // The end of the line that went past the cap.
+            if let Some(c) = &mut self.clip {
+                c.more(line);
+                c.done = true;
+            }
+            return;
+        }
+        if line[0] == b':' {
             return;
         }
         let (field, value) = match memchr::memchr(b':', line) {
@@ -142,6 +237,11 @@ impl SseDecoder {
             b"data" => {
                 if self.data.len() + value.len() + 1 > MAX_EVENT_BYTES {
                     self.overflow = true;
+                    let sep: &[u8] = if self.has_data { b"\n" } else { b"" };
+                    self.clip = Clip::start(&[&self.data, sep, value], false);
+                    if let Some(c) = &mut self.clip {
+                        c.done = true;
+                    }
                     return;
                 }
                 if self.has_data {
@@ -192,7 +292,8 @@ mod tests {
         let mut d = SseDecoder::default();
         let mut out = Vec::new();
         for chunk in input.chunks(split.max(1)) {
-            d.feed(chunk, &mut |e, data| {
+            d.feed(chunk, &mut |e, data, clipped| {
+                assert!(clipped.is_none());
                 out.push((
                     String::from_utf8(e.to_vec()).unwrap(),
                     String::from_utf8(data.to_vec()).unwrap(),
@@ -243,16 +344,92 @@ mod tests {
     #[test]
     fn oversized_events_are_dropped_not_buffered() {
         let mut big = b"data: ".to_vec();
-        big.extend(std::iter::repeat_n(b'x', MAX_EVENT_BYTES + 10));
+        big.extend(std::iter::repeat_n(b'x', MAX_EVENT_BYTES + (5 << 20)));
         big.extend_from_slice(b"\n\ndata: ok\n\n");
         let mut d = SseDecoder::default();
         let mut seen = Vec::new();
         for chunk in big.chunks(64 * 1024) {
-            d.feed(chunk, &mut |_, data| seen.push(data.to_vec()));
+            d.feed(chunk, &mut |_, data, clipped| {
+                if clipped.is_none() {
+                    seen.push(data.to_vec())
+                }
+            });
             assert!(d.line.capacity() <= MAX_EVENT_BYTES + 64 * 1024);
+            let kept = d.clip.as_ref().map_or(0, |c| c.tail.capacity());
+            assert!(kept <= 2 * CLIP_TAIL_BYTES, "{kept}");
         }
         assert_eq!(seen, vec![b"ok".to_vec()]);
         assert_eq!(d.overflowed_events, 1);
+    }
+
+    /// An event past the cap still hands over its data's first and last
+    /// bytes, however it is framed: one line whole or split at any size,
+    /// CRLF, or data over many lines.
+    #[test]
+    fn oversized_events_keep_their_head_and_tail() {
+        let body: Vec<u8> = (0..MAX_EVENT_BYTES + 300_000)
+            .map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789"[i % 36])
+            .collect();
+        let want_head = &body[..CLIP_HEAD_BYTES];
+        let want_tail = &body[body.len() - CLIP_TAIL_BYTES..];
+        let one_line = |eol: &[u8]| {
+            let mut v = b"event: big".to_vec();
+            v.extend_from_slice(eol);
+            v.extend_from_slice(b"data: ");
+            v.extend_from_slice(&body);
+            v.extend_from_slice(eol);
+            v.extend_from_slice(eol);
+            v.extend_from_slice(b"data: after");
+            v.extend_from_slice(eol);
+            v.extend_from_slice(eol);
+            v
+        };
+        for (input, splits) in [
+            (one_line(b"\n"), &[usize::MAX, 64 * 1024, 1_000_003][..]),
+            (one_line(b"\r\n"), &[usize::MAX, 16 * 1024 + 1][..]),
+        ] {
+            for &split in splits {
+                let mut d = SseDecoder::default();
+                let mut got = Vec::new();
+                for chunk in input.chunks(split.min(input.len())) {
+                    d.feed(chunk, &mut |name, data, clipped| {
+                        got.push((name.to_vec(), data.to_vec(), clipped.map(<[u8]>::to_vec)))
+                    });
+                }
+                assert_eq!(got.len(), 2, "split {split}");
+                let (name, head, tail) = &got[0];
+                assert_eq!(&name[..], b"big");
+                assert!(head[..] == *want_head, "split {split}");
+                assert!(tail.as_deref() == Some(want_tail), "split {split}");
+                assert_eq!(got[1], (Vec::new(), b"after".to_vec(), None));
+                assert_eq!(d.overflowed_events, 1);
+            }
+        }
+        // Data over many lines, past the cap on a later one: joined by
+        // `\n` as a whole event's would be.
+        let half = MAX_EVENT_BYTES / 2 + 1;
+        let mut input = b"data: ".to_vec();
+        input.extend_from_slice(&body[..half]);
+        input.extend_from_slice(b"\ndata: ");
+        input.extend_from_slice(&body[half..]);
+        input.extend_from_slice(b"\n\n");
+        let mut d = SseDecoder::default();
+        let mut got = Vec::new();
+        d.feed(&input, &mut |_, data, clipped| {
+            got.push((data.to_vec(), clipped.map(<[u8]>::to_vec)))
+        });
+        let mut joined = body[..half].to_vec();
+        joined.push(b'\n');
+        joined.extend_from_slice(&body[half..]);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].0[..] == joined[..CLIP_HEAD_BYTES]);
+        assert!(got[0].1.as_deref() == Some(&joined[joined.len() - CLIP_TAIL_BYTES..]));
+        // A comment line past the cap is no event.
+        let mut input = b": ".to_vec();
+        input.extend_from_slice(&body);
+        input.extend_from_slice(b"\n\n");
+        let mut d = SseDecoder::default();
+        d.feed(&input, &mut |_, _, _| panic!("a comment is not an event"));
     }
 
     #[test]

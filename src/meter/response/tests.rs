@@ -591,3 +591,79 @@ fn an_empty_model_is_no_model() {
     assert_eq!(m.response_model.as_deref(), Some("gpt-4o-2024-08-06"));
     assert!(m.complete);
 }
+
+/// A Responses stream whose final event is past the SSE size cap (an
+/// image generated inline, base64 in `output`) still gives the provider's
+/// usage and model: read from the event's kept head and tail, member by
+/// member (decoys in the image's text and in the echoed `metadata` are
+/// not taken). Before, the event was dropped and the call estimated from
+/// its deltas.
+#[test]
+fn a_final_responses_event_past_the_cap_is_read_from_its_ends() {
+    let image = "iVBORw0KGgo".repeat(super::super::sse::MAX_EVENT_BYTES / 11 + 1000);
+    let completed = |order_last: bool| {
+        let response = format!(
+            r#"{{"id":"resp_1","object":"response","status":"completed","instructions":"say \"usage\"","model":"gpt-4.1-2025-04-14","output":[{{"type":"image_generation_call","id":"ig_1","status":"completed","result":"{image}","note":"\"usage\":{{\"input_tokens\":1}}"}}],"tools":[{{"type":"image_generation"}}],"usage":{{"input_tokens":2048,"input_tokens_details":{{"cached_tokens":1024}},"output_tokens":4160,"output_tokens_details":{{"reasoning_tokens":64}},"total_tokens":6208}},"user":null,"metadata":{{"usage":"{{}}","model":"decoy"}}}}"#
+        );
+        if order_last {
+            format!(r#"{{"type":"response.completed","sequence_number":9,"response":{response}}}"#)
+        } else {
+            format!(r#"{{"type":"response.completed","response":{response},"sequence_number":9}}"#)
+        }
+    };
+    for (order_last, named, eol) in [
+        (true, true, "\n"),
+        (false, true, "\r\n"),
+        (false, false, "\n"),
+    ] {
+        let event = if named {
+            "event: response.completed"
+        } else {
+            ""
+        };
+        let mut body = format!(
+            "event: response.created{eol}data: {{\"type\":\"response.created\",\"response\":{{\"model\":\"gpt-4.1-2025-04-14\",\"usage\":null}}}}{eol}{eol}event: response.output_text.delta{eol}data: {{\"type\":\"response.output_text.delta\",\"delta\":\"Here\"}}{eol}{eol}"
+        );
+        if named {
+            body.push_str(event);
+            body.push_str(eol);
+        }
+        body.push_str("data: ");
+        body.push_str(&completed(order_last));
+        body.push_str(eol);
+        body.push_str(eol);
+        assert!(body.len() > super::super::sse::MAX_EVENT_BYTES);
+        for split in [64 << 10, 1 << 20, body.len()] {
+            let mut m =
+                ResponseMeter::new(Provider::OpenAi, Operation::Responses, Format::Sse, false);
+            for c in body.as_bytes().chunks(split) {
+                m.feed(Bytes::copy_from_slice(c));
+            }
+            m.finish();
+            let how = format!("last {order_last}, named {named}, split {split}");
+            let u = m.usage().expect(&how);
+            assert_eq!(
+                (
+                    u.input_tokens,
+                    u.cache_read_input_tokens,
+                    u.output_tokens,
+                    u.reasoning_output_tokens
+                ),
+                (2048, 1024, 4160, 64),
+                "{how}"
+            );
+            assert_eq!(m.response_model.as_deref(), Some("gpt-4.1-2025-04-14"));
+            assert!(m.complete, "{how}");
+            assert!(!m.stream_cut(), "{how}");
+        }
+    }
+    // A final event that is not the Responses shape (no open `response`):
+    // nothing is taken from it.
+    let body = format!(
+        "event: response.completed\ndata: {{\"type\":\"response.completed\",\"x\":\"{image}\",\"usage\":{{\"input_tokens\":1,\"output_tokens\":1}}}}\n\n"
+    );
+    let mut m = ResponseMeter::new(Provider::OpenAi, Operation::Responses, Format::Sse, false);
+    m.feed(Bytes::from(body));
+    m.finish();
+    assert!(m.usage().is_none());
+}
