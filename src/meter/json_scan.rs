@@ -363,7 +363,8 @@ mod tests {
     /// (after the whole members that follow it) in the tail.
     #[test]
     fn the_open_member_from_both_ends() {
-        let body = br#"{"type":"t","response":{"model":"m","output":["xxxxxxxx"],"usage":{"a":1}},"n":7}"#;
+        let body =
+            br#"{"type":"t","response":{"model":"m","output":["xxxxxxxx"],"usage":{"a":1}},"n":7}"#;
         let head = &body[..50];
         let at = open_member(head, b"response").unwrap();
         assert!(head[at..].starts_with(br#"{"model""#));

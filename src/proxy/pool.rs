@@ -1,8 +1,9 @@
 //! Upstream connections of the proxy path: one pool per worker thread, per
 //! origin (scheme and authority). HTTP/1.1 connections are reused last-in,
-//! first-out; an HTTP/2 connection (negotiated by ALPN) is shared by all
-//! calls, and calls that arrive while it is being made wait for it
-//! (`claim_connect`). Connections are made by [`super::client::connector`].
+//! first-out; an HTTP/2 connection (negotiated by ALPN) is shared by calls,
+//! up to `MAX_STREAMS` at once (past that a call opens another), and calls
+//! that arrive while one is being made wait for it (`claim_connect`).
+//! Connections are made by [`super::client::connector`].
 //!
 //! hyper-util's legacy client did this behind a mutex and a hash of the
 //! origin on every checkout, built a connect future for every request (used
@@ -19,6 +20,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +44,12 @@ pub type Error = Box<dyn std::error::Error + Send + Sync>;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle HTTP/1.1 connections kept per origin and thread.
 const MAX_IDLE: usize = 256;
+/// Streams an HTTP/2 connection carries at once before a call opens
+/// another. hyper does not tell the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`
+/// and queues requests past it without bound, so calls past it waited for
+/// others to end (a long stream's minutes) on one connection. RFC 9113
+/// (6.5.2) recommends servers allow at least 100.
+const MAX_STREAMS: usize = 100;
 
 struct Origin {
     scheme: Scheme,
@@ -50,7 +58,8 @@ struct Origin {
     host: http::HeaderValue,
     /// Idle HTTP/1.1 connections, most recently used last.
     idle: VecDeque<(http1::SendRequest<Body>, Instant)>,
-    h2: Option<http2::SendRequest<Body>>,
+    /// Open HTTP/2 connections, each with its count of open streams.
+    h2: Vec<H2Conn>,
     /// A connect in progress that may bring an HTTP/2 connection: calls that
     /// find no connection wait for it instead of each opening their own.
     connecting: Option<Arc<Notify>>,
@@ -81,7 +90,7 @@ fn with_origin<T>(scheme: &Scheme, authority: &Authority, f: impl FnOnce(&mut Or
                     authority: authority.clone(),
                     host: host_header(scheme, authority),
                     idle: VecDeque::new(),
-                    h2: None,
+                    h2: Vec::new(),
                     connecting: None,
                     h1_only: false,
                 });
@@ -94,7 +103,30 @@ fn with_origin<T>(scheme: &Scheme, authority: &Authority, f: impl FnOnce(&mut Or
 
 enum Sender {
     H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
+    H2(http2::SendRequest<Body>, StreamSlot),
+}
+
+struct H2Conn {
+    tx: http2::SendRequest<Body>,
+    /// Streams open on it (shared with their [`StreamSlot`]s).
+    open: Arc<AtomicUsize>,
+}
+
+impl H2Conn {
+    fn sender(&self) -> Sender {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Sender::H2(self.tx.clone(), StreamSlot(self.open.clone()))
+    }
+}
+
+/// A call's place among its HTTP/2 connection's streams, given back when
+/// dropped (the response body read or dropped, or the call failed).
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What a call that found no pooled connection does.
@@ -106,13 +138,14 @@ enum Claim {
 }
 
 /// Decides who connects. Over https the first connection's ALPN may pick
-/// HTTP/2, which every call shares: while it is being made, the others
-/// wait for it (a burst of first calls opens one connection, not one each).
-/// Plain http, an origin that last negotiated HTTP/1.1, or a call that has
-/// already waited once, connects at once.
+/// HTTP/2, which calls share: while it is being made, the others wait for
+/// it (a burst of first calls opens one connection, not one each; a burst
+/// past a full connection's streams opens one more). Plain http, an origin
+/// that last negotiated HTTP/1.1, or a call that waited once and found no
+/// HTTP/2 connection after all (the connect failed), connects at once.
 fn claim_connect(scheme: &Scheme, authority: &Authority, waited: bool) -> Claim {
     with_origin(scheme, authority, |o| {
-        if waited || o.h1_only || *scheme != Scheme::HTTPS {
+        if (waited && o.h2.is_empty()) || o.h1_only || *scheme != Scheme::HTTPS {
             return Claim::Connect(None);
         }
         match &o.connecting {
@@ -163,15 +196,18 @@ impl Drop for Connecting {
     }
 }
 
-/// A pooled connection, if this thread has one open to the origin, and the
-/// origin's `Host`.
+/// A pooled connection, if this thread has one open to the origin with room
+/// for the call, and the origin's `Host`.
 fn checkout(scheme: &Scheme, authority: &Authority) -> (Option<Sender>, http::HeaderValue) {
     with_origin(scheme, authority, |o| {
-        if let Some(h2) = &o.h2 {
-            if !h2.is_closed() {
-                return (Some(Sender::H2(h2.clone())), o.host.clone());
+        if !o.h2.is_empty() {
+            o.h2.retain(|c| !c.tx.is_closed());
+            if let Some(c) =
+                o.h2.iter()
+                    .find(|c| c.open.load(Ordering::Relaxed) < MAX_STREAMS)
+            {
+                return (Some(c.sender()), o.host.clone());
             }
-            o.h2 = None;
         }
         while let Some((tx, since)) = o.idle.pop_back() {
             if !tx.is_closed() && since.elapsed() < IDLE_TIMEOUT {
@@ -219,7 +255,11 @@ async fn connect(origin: Uri, connect_timeout: Duration) -> Result<Sender, Error
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(Sender::H2(tx))
+        Ok(H2Conn {
+            tx,
+            open: Arc::new(AtomicUsize::new(0)),
+        }
+        .sender())
     } else {
         let (tx, conn) = http1::handshake(io).await?;
         tokio::spawn(async move {
@@ -231,22 +271,33 @@ async fn connect(origin: Uri, connect_timeout: Duration) -> Result<Sender, Error
     }
 }
 
-/// Hands an HTTP/1.1 connection back to its pool once the response body has
-/// been read to its end. Dropped without [`Returner::release`] (the body
-/// broke off or the client went away), the connection is closed.
-pub struct Returner {
-    tx: http1::SendRequest<Body>,
-    scheme: Scheme,
-    authority: Authority,
+/// Goes with a response body. Over HTTP/1.1 it hands the connection back
+/// to its pool once the body has been read to its end; dropped without
+/// [`Returner::release`] (the body broke off or the client went away), the
+/// connection is closed. Over HTTP/2 it holds the call's stream place on
+/// its connection until released or dropped.
+pub struct Returner(Held);
+
+enum Held {
+    H1 {
+        tx: http1::SendRequest<Body>,
+        scheme: Scheme,
+        authority: Authority,
+    },
+    /// Held only to be dropped.
+    H2(#[allow(dead_code)] StreamSlot),
 }
 
 impl Returner {
     pub fn release(self) {
-        let Returner {
+        let Held::H1 {
             tx,
             scheme,
             authority,
-        } = self;
+        } = self.0
+        else {
+            return;
+        };
         if tx.is_closed() {
             return;
         }
@@ -305,7 +356,9 @@ pub async fn send_to(
                 let connecting = match claim_connect(scheme, authority, waited) {
                     Claim::Connect(guard) => guard,
                     Claim::Wait(made) => {
-                        let _ = tokio::time::timeout_at(deadline, made).await;
+                        if tokio::time::timeout_at(deadline, made).await.is_err() {
+                            return Err("upstream connect timed out".into());
+                        }
                         waited = true;
                         continue;
                     }
@@ -324,14 +377,14 @@ pub async fn send_to(
                         .await
                         .map_err(|_| "upstream connect timed out")??;
                 with_origin(scheme, authority, |o| match &s {
-                    Sender::H2(tx) => {
+                    Sender::H2(tx, slot) => {
                         o.h1_only = false;
-                        // Calls that connected at the same time (after a wait
-                        // timed out) each got one; the first stays shared,
-                        // the others close when done.
-                        if o.h2.as_ref().is_none_or(|h| h.is_closed()) {
-                            o.h2 = Some(tx.clone());
-                        }
+                        // Shared from now on (with those made at the same
+                        // time: each carries calls until it is full).
+                        o.h2.push(H2Conn {
+                            tx: tx.clone(),
+                            open: slot.0.clone(),
+                        });
                     }
                     Sender::H1(_) => o.h1_only = true,
                 });
@@ -358,11 +411,11 @@ pub async fn send_to(
                 *dispatched = true;
                 match tx.try_send_request(req).await {
                     Ok(resp) => {
-                        let returner = Returner {
+                        let returner = Returner(Held::H1 {
                             tx,
                             scheme: scheme.clone(),
                             authority: authority.clone(),
-                        };
+                        });
                         return Ok((resp, Some(returner)));
                     }
                     Err(mut e) => match e.take_message() {
@@ -374,7 +427,7 @@ pub async fn send_to(
                     },
                 }
             }
-            Sender::H2(mut tx) => {
+            Sender::H2(mut tx, slot) => {
                 if tx.ready().await.is_err() {
                     forget_closed_h2(scheme, authority);
                     if reused {
@@ -391,7 +444,7 @@ pub async fn send_to(
                 req.headers_mut().remove(http::header::HOST);
                 *dispatched = true;
                 match tx.try_send_request(req).await {
-                    Ok(resp) => return Ok((resp, None)),
+                    Ok(resp) => return Ok((resp, Some(Returner(Held::H2(slot))))),
                     Err(mut e) => match e.take_message() {
                         Some(r) if reused => {
                             forget_closed_h2(scheme, authority);
@@ -406,14 +459,9 @@ pub async fn send_to(
     }
 }
 
-/// Drops the shared HTTP/2 connection if it is closed (another call may
-/// have stored a healthy one meanwhile).
+/// Drops the origin's closed HTTP/2 connections.
 fn forget_closed_h2(scheme: &Scheme, authority: &Authority) {
-    with_origin(scheme, authority, |o| {
-        if o.h2.as_ref().is_some_and(|h| h.is_closed()) {
-            o.h2 = None;
-        }
-    });
+    with_origin(scheme, authority, |o| o.h2.retain(|c| !c.tx.is_closed()));
 }
 
 /// `Host` as the legacy client wrote it: the host, and the port unless it

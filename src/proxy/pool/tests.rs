@@ -208,6 +208,17 @@ mod tls {
     /// it answers with the HTTP version and the request's path, and counts
     /// the TCP connections it accepted.
     async fn upstream(cert: &[u8], alpn: &[&[u8]]) -> (String, Arc<AtomicUsize>) {
+        upstream_with(cert, alpn, None).await
+    }
+
+    /// As [`upstream`]; with `gate`, its HTTP/2 allows `gate.0` streams at
+    /// once and every request waits at the barrier `gate.1` before it is
+    /// answered.
+    async fn upstream_with(
+        cert: &[u8],
+        alpn: &[&[u8]],
+        gate: Option<(u32, Arc<tokio::sync::Barrier>)>,
+    ) -> (String, Arc<AtomicUsize>) {
         let chain = vec![CertificateDer::from_pem_slice(cert).unwrap()];
         let key = PrivateKeyDer::from_pem_slice(KEY).unwrap();
         let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -222,20 +233,30 @@ mod tls {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         counting_listener(move |tcp| {
             let acceptor = acceptor.clone();
+            let gate = gate.clone();
             async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
+                let barrier = gate.as_ref().map(|g| g.1.clone());
                 let service =
-                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                        let body = format!("{:?} {}", req.version(), req.uri().path());
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let barrier = barrier.clone();
+                        async move {
+                            if let Some(b) = barrier {
+                                b.wait().await;
+                            }
+                            let body = format!("{:?} {}", req.version(), req.uri().path());
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                        }
                     });
-                let _ = hyper_util::server::conn::auto::Builder::new(
+                let mut builder = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+                );
+                if let Some((max, _)) = gate {
+                    builder.http2().max_concurrent_streams(max);
+                }
+                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
             }
         })
         .await
@@ -275,8 +296,9 @@ mod tls {
         trust_test_ca();
         let (addr, accepted) = upstream(CERT, &[b"h2", b"http/1.1"]).await;
         for _ in 0..3 {
-            // HTTP/2 needs no hand-back: the connection stays shared.
-            assert_eq!(call(&addr).await, ("HTTP/2.0 /v1/x".to_string(), false));
+            // The hand-back gives the call's stream place back; the
+            // connection stays shared.
+            assert_eq!(call(&addr).await, ("HTTP/2.0 /v1/x".to_string(), true));
         }
         // Concurrent calls multiplex on it.
         burst(&addr, 8, "HTTP/2.0 /v1/x").await;
@@ -287,6 +309,32 @@ mod tls {
     async fn burst(addr: &str, n: usize, want: &str) {
         let answers = futures_util::future::join_all((0..n).map(|_| call(addr))).await;
         assert!(answers.iter().all(|a| a.0 == want), "{answers:?}");
+    }
+
+    /// Past `MAX_STREAMS` calls at once on a connection, a call opens
+    /// another: against a server that allows exactly that many streams,
+    /// 150 calls that are each answered only once all 150 have arrived
+    /// all get answers (on one connection, 50 waited behind the 100
+    /// forever). Their stream places come back when they end.
+    #[tokio::test]
+    async fn calls_past_the_stream_limit_open_another_http2_connection() {
+        trust_test_ca();
+        let n = super::super::MAX_STREAMS + 50;
+        let barrier = Arc::new(tokio::sync::Barrier::new(n));
+        let max = u32::try_from(super::super::MAX_STREAMS).unwrap();
+        let (addr, accepted) = upstream_with(CERT, &[b"h2"], Some((max, barrier))).await;
+        let calls = futures_util::future::join_all((0..n).map(|_| call(&addr)));
+        let answers = tokio::time::timeout(Duration::from_secs(20), calls)
+            .await
+            .expect("calls past the stream limit waited behind the others");
+        assert!(answers.iter().all(|a| a.0 == "HTTP/2.0 /v1/x"));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        let uri: http::Uri = format!("https://{addr}/").parse().unwrap();
+        let (scheme, authority) = super::super::origin_of(&uri).unwrap();
+        super::super::with_origin(scheme, authority, |o| {
+            assert_eq!(o.h2.len(), 2);
+            assert!(o.h2.iter().all(|c| c.open.load(Ordering::Relaxed) == 0));
+        });
     }
 
     #[tokio::test]
