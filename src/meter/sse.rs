@@ -35,6 +35,9 @@ pub struct SseDecoder {
     pub overflowed_events: u64,
     /// The event past the cap: its data's first and last bytes.
     clip: Option<Clip>,
+    /// In a line past the cap, whose bytes were not kept: its end is no
+    /// blank line, even when it comes first in a frame.
+    long_line: bool,
 }
 
 /// Bytes `from..to` (cut to what there is) of `pieces` laid end to end.
@@ -69,11 +72,9 @@ impl Clip {
         } else {
             0
         };
-        let mut tail = range(pieces, len.saturating_sub(CLIP_TAIL_BYTES).max(skip), len);
-        tail.reserve_exact(2 * CLIP_TAIL_BYTES - tail.len());
         Some(Clip {
             head: range(pieces, skip, skip + CLIP_HEAD_BYTES),
-            tail,
+            tail: range(pieces, len.saturating_sub(CLIP_TAIL_BYTES).max(skip), len),
             done: false,
         })
     }
@@ -86,6 +87,10 @@ impl Clip {
             return;
         }
         let bytes = &bytes[bytes.len().saturating_sub(CLIP_TAIL_BYTES)..];
+        if self.tail.capacity() < 2 * CLIP_TAIL_BYTES {
+            self.tail
+                .reserve_exact(2 * CLIP_TAIL_BYTES - self.tail.len());
+        }
         if self.tail.len() + bytes.len() > 2 * CLIP_TAIL_BYTES {
             let cut = self.tail.len() + bytes.len() - CLIP_TAIL_BYTES;
             self.tail.drain(..cut.min(self.tail.len()));
@@ -101,8 +106,10 @@ impl Clip {
 impl SseDecoder {
     /// Feeds one frame; calls `on_event(event_name, data, None)` for each
     /// complete event in it, and `on_event(event_name, head, Some(tail))`
-    /// for one past `MAX_EVENT_BYTES` (its data's first `CLIP_HEAD_BYTES`
-    /// and last `CLIP_TAIL_BYTES`).
+    /// for one past `MAX_EVENT_BYTES` (the first `CLIP_HEAD_BYTES` and last
+    /// `CLIP_TAIL_BYTES` of its data: of the one line that went past the
+    /// cap on its own, or else of the lines up to the one that took their
+    /// sum past it; later lines of the event are not kept).
     pub fn feed(&mut self, mut chunk: &[u8], on_event: &mut OnEvent<'_>) {
         if self.after_cr && chunk.first() == Some(&b'\n') {
             chunk = &chunk[1..];
@@ -167,11 +174,13 @@ impl SseDecoder {
 
     fn push_partial(&mut self, bytes: &[u8]) {
         if self.overflow {
+            self.long_line = true;
             if let Some(c) = &mut self.clip {
                 c.more(bytes);
             }
         } else if self.line.len() + bytes.len() > MAX_EVENT_BYTES {
             self.overflow = true;
+            self.long_line = true;
             self.clip = Clip::start(&[&self.line, bytes], true);
             self.line.clear();
         } else {
@@ -180,7 +189,13 @@ impl SseDecoder {
     }
 
     fn end_line(&mut self, tail: &[u8], on_event: &mut OnEvent<'_>) {
-        if self.line.is_empty() {
+        if std::mem::take(&mut self.long_line) {
+            // The end of a line past the cap (its start was not kept).
+            if let Some(c) = &mut self.clip {
+                c.more(tail);
+                c.done = true;
+            }
+        } else if self.line.is_empty() {
             self.process_line(tail, on_event);
         } else {
             let mut line = std::mem::take(&mut self.line);
@@ -405,6 +420,27 @@ mod tests {
                 assert_eq!(d.overflowed_events, 1);
             }
         }
+        // A frame that starts with the long line's end: no blank line (a
+        // later line of the event is no event of its own).
+        let mut input = b"data: ".to_vec();
+        input.extend_from_slice(&body);
+        let cut = input.len();
+        input.extend_from_slice(b"\ndata: more\n\ndata: after\n\n");
+        let mut d = SseDecoder::default();
+        let mut got = Vec::new();
+        for chunk in [&input[..cut], &input[cut..]] {
+            d.feed(chunk, &mut |_, data, clipped| {
+                got.push((data.len(), clipped.map(<[u8]>::to_vec)))
+            });
+        }
+        assert_eq!(
+            got.len(),
+            2,
+            "{:?}",
+            got.iter().map(|g| g.0).collect::<Vec<_>>()
+        );
+        assert!(got[0].1.as_deref() == Some(want_tail));
+        assert_eq!(got[1], (5, None));
         // Data over many lines, past the cap on a later one: joined by
         // `\n` as a whole event's would be.
         let half = MAX_EVENT_BYTES / 2 + 1;

@@ -42,6 +42,9 @@ impl RawUsage {
     /// `message_start`: fields present in `later` win.
     pub fn merge(&mut self, later: RawUsage) {
         macro_rules! take {
+            (@into $to:ident, $from:ident, $($f:ident),*) => {
+                $( if $from.$f.is_some() { $to.$f = $from.$f; } )*
+            };
             ($($f:ident),*) => { $( if later.$f.is_some() { self.$f = later.$f; } )* };
         }
         take!(
@@ -54,9 +57,14 @@ impl RawUsage {
             input_tokens_details,
             output_tokens_details,
             cache_creation_input_tokens,
-            cache_read_input_tokens,
-            cache_creation
+            cache_read_input_tokens
         );
+        // Field by field: a later object naming one lifetime keeps the
+        // other's count.
+        if let Some(c) = later.cache_creation {
+            let mine = self.cache_creation.get_or_insert_with(Default::default);
+            take!(@into mine, c, ephemeral_5m_input_tokens, ephemeral_1h_input_tokens);
+        }
     }
 
     /// Normalises to the GenAI rule: input includes cache reads and writes,
@@ -123,4 +131,41 @@ pub struct Envelope {
     pub response: Option<Box<Envelope>>,
     pub message: Option<Box<Envelope>>,
     pub choices: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A later `cache_creation` naming one lifetime keeps the other's
+    /// count (a whole-object merge lost the hour-long writes, billing them
+    /// at the five-minute rate).
+    #[test]
+    fn cache_lifetimes_merge_field_by_field() {
+        let parse = |s: &str| serde_json::from_str::<RawUsage>(s).unwrap();
+        let mut u = parse(
+            r#"{"input_tokens":3,"cache_creation_input_tokens":10,
+                "cache_creation":{"ephemeral_5m_input_tokens":4,"ephemeral_1h_input_tokens":6}}"#,
+        );
+        u.merge(parse(
+            r#"{"output_tokens":9,"cache_creation":{"ephemeral_5m_input_tokens":4}}"#,
+        ));
+        let n = u.normalize(Provider::Anthropic);
+        assert_eq!(
+            (
+                n.input_tokens,
+                n.cache_write_input_tokens,
+                n.cache_write_1h_input_tokens
+            ),
+            (13, 10, 6)
+        );
+        assert_eq!(n.output_tokens, 9);
+        u.merge(parse(
+            r#"{"cache_creation":{"ephemeral_1h_input_tokens":7}}"#,
+        ));
+        assert_eq!(
+            u.normalize(Provider::Anthropic).cache_write_1h_input_tokens,
+            7
+        );
+    }
 }
