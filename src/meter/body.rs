@@ -49,7 +49,8 @@ pub struct MeteredBody<B> {
     prefetching: bool,
     deadline: Pin<Box<tokio::time::Sleep>>,
     /// The upstream connection, handed back to its pool once the body has
-    /// been read to its end (dropped otherwise, which closes it).
+    /// been read to its end (dropped otherwise, which closes an HTTP/1.1
+    /// one); for HTTP/2, the call's stream place, given back either way.
     conn: Option<crate::proxy::pool::Returner>,
 }
 

@@ -45,10 +45,12 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle HTTP/1.1 connections kept per origin and thread.
 const MAX_IDLE: usize = 256;
 /// Streams an HTTP/2 connection carries at once before a call opens
-/// another. hyper does not tell the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`
-/// and queues requests past it without bound, so calls past it waited for
-/// others to end (a long stream's minutes) on one connection. RFC 9113
-/// (6.5.2) recommends servers allow at least 100.
+/// another. hyper queues requests past the peer's
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` without bound, so calls past it waited
+/// for others to end (a long stream's minutes) on one connection. hyper
+/// reports the peer's value only on the connection's driver, which is
+/// polled as requests come, so a burst sees a stale value: the pool uses
+/// RFC 9113's recommended minimum (6.5.2) instead.
 const MAX_STREAMS: usize = 100;
 
 struct Origin {
@@ -108,25 +110,45 @@ enum Sender {
 
 struct H2Conn {
     tx: http2::SendRequest<Body>,
-    /// Streams open on it (shared with their [`StreamSlot`]s).
-    open: Arc<AtomicUsize>,
+    counts: Arc<Streams>,
+}
+
+/// An HTTP/2 connection's open streams, each held by a [`StreamSlot`].
+struct Streams {
+    open: AtomicUsize,
 }
 
 impl H2Conn {
+    fn has_room(&self) -> bool {
+        self.counts.open.load(Ordering::Relaxed) < MAX_STREAMS
+    }
+
     fn sender(&self) -> Sender {
-        self.open.fetch_add(1, Ordering::Relaxed);
-        Sender::H2(self.tx.clone(), StreamSlot(self.open.clone()))
+        self.counts.open.fetch_add(1, Ordering::Relaxed);
+        Sender::H2(self.tx.clone(), StreamSlot(self.counts.clone()))
     }
 }
 
 /// A call's place among its HTTP/2 connection's streams, given back when
 /// dropped (the response body read or dropped, or the call failed).
-struct StreamSlot(Arc<AtomicUsize>);
+struct StreamSlot(Arc<Streams>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// The origin's open HTTP/2 connection with the fewest calls, full or not:
+/// where a call goes when no other connection can be made (hyper sends it
+/// when a stream ends), rather than failing.
+fn least_loaded_h2(scheme: &Scheme, authority: &Authority) -> Option<Sender> {
+    with_origin(scheme, authority, |o| {
+        o.h2.retain(|c| !c.tx.is_closed());
+        o.h2.iter()
+            .min_by_key(|c| c.counts.open.load(Ordering::Relaxed))
+            .map(H2Conn::sender)
+    })
 }
 
 /// What a call that found no pooled connection does.
@@ -202,10 +224,7 @@ fn checkout(scheme: &Scheme, authority: &Authority) -> (Option<Sender>, http::He
     with_origin(scheme, authority, |o| {
         if !o.h2.is_empty() {
             o.h2.retain(|c| !c.tx.is_closed());
-            if let Some(c) =
-                o.h2.iter()
-                    .find(|c| c.open.load(Ordering::Relaxed) < MAX_STREAMS)
-            {
+            if let Some(c) = o.h2.iter().find(|c| c.has_room()) {
                 return (Some(c.sender()), o.host.clone());
             }
         }
@@ -255,11 +274,10 @@ async fn connect(origin: Uri, connect_timeout: Duration) -> Result<Sender, Error
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(H2Conn {
-            tx,
-            open: Arc::new(AtomicUsize::new(0)),
-        }
-        .sender())
+        let counts = Arc::new(Streams {
+            open: AtomicUsize::new(0),
+        });
+        Ok(H2Conn { tx, counts }.sender())
     } else {
         let (tx, conn) = http1::handshake(io).await?;
         tokio::spawn(async move {
@@ -327,7 +345,8 @@ pub fn origin_of(url: &Uri) -> Option<(&Scheme, &Authority)> {
 /// Sends `req` to `scheme://authority` on a pooled or new connection; its
 /// URI's path and query are the request target (HTTP/1.1 sends them in
 /// origin form with `Host`, HTTP/2 as `:scheme`, `:authority`, `:path`).
-/// For HTTP/1.1 the returned [`Returner`] goes with the body. `dispatched`
+/// The returned [`Returner`] goes with the body (it hands an HTTP/1.1
+/// connection back, or gives an HTTP/2 call's stream place back). `dispatched`
 /// is set while the request is with a connection, that is from when it is
 /// handed to one until it comes back unsent (to be tried on another).
 pub async fn send_to(
@@ -346,52 +365,70 @@ pub async fn send_to(
     // Set when this call first needs a connection: waiting for another
     // call's connect and making its own share one connect timeout.
     let mut deadline = None;
-    loop {
+    'call: loop {
         let (pooled, host) = checkout(scheme, authority);
-        let (sender, reused) = match pooled {
-            Some(s) => (s, true),
-            None => {
-                let deadline =
-                    *deadline.get_or_insert_with(|| tokio::time::Instant::now() + connect_timeout);
-                let connecting = match claim_connect(scheme, authority, waited) {
-                    Claim::Connect(guard) => guard,
-                    Claim::Wait(made) => {
-                        if tokio::time::timeout_at(deadline, made).await.is_err() {
-                            return Err("upstream connect timed out".into());
+        let (sender, reused) = 'found: {
+            match pooled {
+                Some(s) => (s, true),
+                None => {
+                    let deadline = *deadline
+                        .get_or_insert_with(|| tokio::time::Instant::now() + connect_timeout);
+                    let connecting = match claim_connect(scheme, authority, waited) {
+                        Claim::Connect(guard) => guard,
+                        Claim::Wait(made) => {
+                            if tokio::time::timeout_at(deadline, made).await.is_ok() {
+                                waited = true;
+                                continue 'call;
+                            }
+                            // A full connection still takes it (queued).
+                            match least_loaded_h2(scheme, authority) {
+                                Some(s) => break 'found (s, true),
+                                None => return Err("upstream connect timed out".into()),
+                            }
                         }
-                        waited = true;
-                        continue;
-                    }
-                };
-                let origin = Uri::builder()
-                    .scheme(scheme.clone())
-                    .authority(authority.clone())
-                    .path_and_query("/")
-                    .build()?;
-                // Boxed: connecting is rare, and its future (TLS, handshakes)
-                // is large; inline it would be copied with every call's.
-                // The whole connect (TCP, TLS, handshake) within the
-                // deadline; the connector bounds only its TCP part.
-                let s =
-                    tokio::time::timeout_at(deadline, Box::pin(connect(origin, connect_timeout)))
-                        .await
-                        .map_err(|_| "upstream connect timed out")??;
-                with_origin(scheme, authority, |o| match &s {
-                    Sender::H2(tx, slot) => {
-                        o.h1_only = false;
-                        // Shared from now on (with those made at the same
-                        // time: each carries calls until it is full).
-                        o.h2.push(H2Conn {
-                            tx: tx.clone(),
-                            open: slot.0.clone(),
-                        });
-                    }
-                    Sender::H1(_) => o.h1_only = true,
-                });
-                // The waiting calls look again: they find the HTTP/2
-                // connection, or connect themselves.
-                drop(connecting);
-                (s, false)
+                    };
+                    let origin = Uri::builder()
+                        .scheme(scheme.clone())
+                        .authority(authority.clone())
+                        .path_and_query("/")
+                        .build()?;
+                    // Boxed: connecting is rare, and its future (TLS, handshakes)
+                    // is large; inline it would be copied with every call's.
+                    // The whole connect (TCP, TLS, handshake) within the
+                    // deadline; the connector bounds only its TCP part.
+                    let made = tokio::time::timeout_at(
+                        deadline,
+                        Box::pin(connect(origin, connect_timeout)),
+                    )
+                    .await
+                    .map_err(|_| Error::from("upstream connect timed out"))
+                    .and_then(|r| r);
+                    let s = match made {
+                        Ok(s) => s,
+                        // Another connection could not be made: a full one
+                        // still takes the call (queued until a stream ends).
+                        Err(e) => match least_loaded_h2(scheme, authority) {
+                            Some(s) => break 'found (s, true),
+                            None => return Err(e),
+                        },
+                    };
+                    with_origin(scheme, authority, |o| match &s {
+                        Sender::H2(tx, slot) => {
+                            o.h1_only = false;
+                            // Shared from now on (with those made at the same
+                            // time: each carries calls until it is full).
+                            o.h2.push(H2Conn {
+                                tx: tx.clone(),
+                                counts: slot.0.clone(),
+                            });
+                        }
+                        Sender::H1(_) => o.h1_only = true,
+                    });
+                    // The waiting calls look again: they find the HTTP/2
+                    // connection, or connect themselves.
+                    drop(connecting);
+                    (s, false)
+                }
             }
         };
         match sender {
@@ -399,7 +436,7 @@ pub async fn send_to(
                 if tx.ready().await.is_err() {
                     // Closed while idle; the request was not sent.
                     if reused {
-                        continue;
+                        continue 'call;
                     }
                     return Err("upstream closed the new connection".into());
                 }
@@ -431,7 +468,7 @@ pub async fn send_to(
                 if tx.ready().await.is_err() {
                     forget_closed_h2(scheme, authority);
                     if reused {
-                        continue;
+                        continue 'call;
                     }
                     return Err("upstream closed the new connection".into());
                 }

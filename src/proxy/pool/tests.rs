@@ -185,7 +185,8 @@ fn host_is_the_host_and_a_non_default_port_never_userinfo() {
 }
 
 /// HTTPS upstreams, as OpenAI and Anthropic are: TLS verified against the
-/// roots, HTTP/2 when ALPN picks it (one connection shared by all calls),
+/// roots, HTTP/2 when ALPN picks it (connections shared by up to
+/// `MAX_STREAMS` calls each),
 /// HTTP/1.1 otherwise. The test CA and certificates are in
 /// `tests/fixtures/tls`.
 mod tls {
@@ -208,17 +209,21 @@ mod tls {
     /// it answers with the HTTP version and the request's path, and counts
     /// the TCP connections it accepted.
     async fn upstream(cert: &[u8], alpn: &[&[u8]]) -> (String, Arc<AtomicUsize>) {
-        upstream_with(cert, alpn, None).await
+        upstream_with(cert, alpn, None, None, false).await
     }
 
-    /// As [`upstream`]; with `gate`, its HTTP/2 allows `gate.0` streams at
-    /// once and every request waits at the barrier `gate.1` before it is
-    /// answered.
+    /// As [`upstream`]; its HTTP/2 allows `max_streams` at once, each
+    /// request waits at `barrier` (or 50 ms, with `max_streams`) before it
+    /// is answered, and with `first_only` every connection after the first
+    /// is hung up on before TLS.
     async fn upstream_with(
         cert: &[u8],
         alpn: &[&[u8]],
-        gate: Option<(u32, Arc<tokio::sync::Barrier>)>,
+        max_streams: Option<u32>,
+        barrier: Option<Arc<tokio::sync::Barrier>>,
+        first_only: bool,
     ) -> (String, Arc<AtomicUsize>) {
+        let connections = Arc::new(AtomicUsize::new(0));
         let chain = vec![CertificateDer::from_pem_slice(cert).unwrap()];
         let key = PrivateKeyDer::from_pem_slice(KEY).unwrap();
         let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -233,18 +238,23 @@ mod tls {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         counting_listener(move |tcp| {
             let acceptor = acceptor.clone();
-            let gate = gate.clone();
+            let barrier = barrier.clone();
+            let nth = connections.fetch_add(1, Ordering::SeqCst);
             async move {
+                if first_only && nth > 0 {
+                    return;
+                }
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let barrier = gate.as_ref().map(|g| g.1.clone());
                 let service =
                     hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                         let barrier = barrier.clone();
                         async move {
                             if let Some(b) = barrier {
                                 b.wait().await;
+                            } else if max_streams.is_some() {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
                             }
                             let body = format!("{:?} {}", req.version(), req.uri().path());
                             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
@@ -253,7 +263,7 @@ mod tls {
                 let mut builder = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
                 );
-                if let Some((max, _)) = gate {
+                if let Some(max) = max_streams {
                     builder.http2().max_concurrent_streams(max);
                 }
                 let _ = builder.serve_connection(TokioIo::new(tls), service).await;
@@ -322,7 +332,7 @@ mod tls {
         let n = super::super::MAX_STREAMS + 50;
         let barrier = Arc::new(tokio::sync::Barrier::new(n));
         let max = u32::try_from(super::super::MAX_STREAMS).unwrap();
-        let (addr, accepted) = upstream_with(CERT, &[b"h2"], Some((max, barrier))).await;
+        let (addr, accepted) = upstream_with(CERT, &[b"h2"], Some(max), Some(barrier), false).await;
         let calls = futures_util::future::join_all((0..n).map(|_| call(&addr)));
         let answers = tokio::time::timeout(Duration::from_secs(20), calls)
             .await
@@ -333,8 +343,25 @@ mod tls {
         let (scheme, authority) = super::super::origin_of(&uri).unwrap();
         super::super::with_origin(scheme, authority, |o| {
             assert_eq!(o.h2.len(), 2);
-            assert!(o.h2.iter().all(|c| c.open.load(Ordering::Relaxed) == 0));
+            assert!(o
+                .h2
+                .iter()
+                .all(|c| c.counts.open.load(Ordering::Relaxed) == 0));
         });
+    }
+
+    /// When another connection cannot be made, a full one still takes the
+    /// call (queued until a stream ends) instead of failing it.
+    #[tokio::test]
+    async fn calls_past_a_full_connection_queue_on_it_when_no_other_can_be_made() {
+        trust_test_ca();
+        let max = u32::try_from(super::super::MAX_STREAMS).unwrap();
+        let (addr, accepted) = upstream_with(CERT, &[b"h2"], Some(max), None, true).await;
+        let n = super::super::MAX_STREAMS + 5;
+        let answers = futures_util::future::join_all((0..n).map(|_| call(&addr))).await;
+        assert!(answers.iter().all(|a| a.0 == "HTTP/2.0 /v1/x"));
+        // A second connection was tried (and hung up on).
+        assert!(accepted.load(Ordering::SeqCst) >= 2);
     }
 
     #[tokio::test]
