@@ -61,9 +61,9 @@ struct Clip {
 }
 
 impl Clip {
-    /// The line (or data) that went past the cap, in two pieces; `None`
-    /// when it is not event data.
-    fn start(pieces: &[&[u8]], line: bool) -> Option<Clip> {
+    /// The line (or data) that went past the cap, in pieces; `None` when it
+    /// is not event data. `ended`: nothing more of it is to come.
+    fn start(pieces: &[&[u8]], line: bool, ended: bool) -> Option<Clip> {
         let len: usize = pieces.iter().map(|p| p.len()).sum();
         let skip = if line {
             let field = range(pieces, 0, 6);
@@ -75,7 +75,7 @@ impl Clip {
         Some(Clip {
             head: range(pieces, skip, skip + CLIP_HEAD_BYTES),
             tail: range(pieces, len.saturating_sub(CLIP_TAIL_BYTES).max(skip), len),
-            done: false,
+            done: ended,
         })
     }
 
@@ -181,7 +181,7 @@ impl SseDecoder {
         } else if self.line.len() + bytes.len() > MAX_EVENT_BYTES {
             self.overflow = true;
             self.long_line = true;
-            self.clip = Clip::start(&[&self.line, bytes], true);
+            self.clip = Clip::start(&[&self.line, bytes], true, false);
             self.line.clear();
         } else {
             self.line.extend_from_slice(bytes);
@@ -201,10 +201,7 @@ impl SseDecoder {
             let mut line = std::mem::take(&mut self.line);
             if line.len() + tail.len() > MAX_EVENT_BYTES {
                 self.overflow = true;
-                self.clip = Clip::start(&[&line, tail], true);
-                if let Some(c) = &mut self.clip {
-                    c.done = true;
-                }
+                self.clip = Clip::start(&[&line, tail], true, true);
             } else {
                 line.extend_from_slice(tail);
                 self.process_line(&line, on_event);
@@ -230,15 +227,9 @@ impl SseDecoder {
             self.data.clear();
             return;
         }
-        if self.overflow {
-            // The end of the line that went past the cap.
-            if let Some(c) = &mut self.clip {
-                c.more(line);
-                c.done = true;
-            }
-            return;
-        }
-        if line[0] == b':' {
+        // A later line of an event past the cap (the one that crossed it
+        // ended in `end_line`), or a comment.
+        if self.overflow || line[0] == b':' {
             return;
         }
         let (field, value) = match memchr::memchr(b':', line) {
@@ -253,10 +244,7 @@ impl SseDecoder {
                 if self.data.len() + value.len() + 1 > MAX_EVENT_BYTES {
                     self.overflow = true;
                     let sep: &[u8] = if self.has_data { b"\n" } else { b"" };
-                    self.clip = Clip::start(&[&self.data, sep, value], false);
-                    if let Some(c) = &mut self.clip {
-                        c.done = true;
-                    }
+                    self.clip = Clip::start(&[&self.data, sep, value], false, true);
                     return;
                 }
                 if self.has_data {

@@ -42,12 +42,12 @@ impl RawUsage {
     /// `message_start`: fields present in `later` win.
     pub fn merge(&mut self, later: RawUsage) {
         macro_rules! take {
-            (@into $to:ident, $from:ident, $($f:ident),*) => {
+            ($to:expr, $from:expr; $($f:ident),*) => {
                 $( if $from.$f.is_some() { $to.$f = $from.$f; } )*
             };
-            ($($f:ident),*) => { $( if later.$f.is_some() { self.$f = later.$f; } )* };
         }
         take!(
+            self, later;
             prompt_tokens,
             completion_tokens,
             prompt_tokens_details,
@@ -63,7 +63,7 @@ impl RawUsage {
         // other's count.
         if let Some(c) = later.cache_creation {
             let mine = self.cache_creation.get_or_insert_with(Default::default);
-            take!(@into mine, c, ephemeral_5m_input_tokens, ephemeral_1h_input_tokens);
+            take!(mine, c; ephemeral_5m_input_tokens, ephemeral_1h_input_tokens);
         }
     }
 

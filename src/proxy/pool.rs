@@ -110,32 +110,28 @@ enum Sender {
 
 struct H2Conn {
     tx: http2::SendRequest<Body>,
-    counts: Arc<Streams>,
-}
-
-/// An HTTP/2 connection's open streams, each held by a [`StreamSlot`].
-struct Streams {
-    open: AtomicUsize,
+    /// Its open streams, each held by a [`StreamSlot`].
+    open: Arc<AtomicUsize>,
 }
 
 impl H2Conn {
     fn has_room(&self) -> bool {
-        self.counts.open.load(Ordering::Relaxed) < MAX_STREAMS
+        self.open.load(Ordering::Relaxed) < MAX_STREAMS
     }
 
     fn sender(&self) -> Sender {
-        self.counts.open.fetch_add(1, Ordering::Relaxed);
-        Sender::H2(self.tx.clone(), StreamSlot(self.counts.clone()))
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Sender::H2(self.tx.clone(), StreamSlot(self.open.clone()))
     }
 }
 
 /// A call's place among its HTTP/2 connection's streams, given back when
 /// dropped (the response body read or dropped, or the call failed).
-struct StreamSlot(Arc<Streams>);
+struct StreamSlot(Arc<AtomicUsize>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -146,7 +142,7 @@ fn least_loaded_h2(scheme: &Scheme, authority: &Authority) -> Option<Sender> {
     with_origin(scheme, authority, |o| {
         o.h2.retain(|c| !c.tx.is_closed());
         o.h2.iter()
-            .min_by_key(|c| c.counts.open.load(Ordering::Relaxed))
+            .min_by_key(|c| c.open.load(Ordering::Relaxed))
             .map(H2Conn::sender)
     })
 }
@@ -274,10 +270,8 @@ async fn connect(origin: Uri, connect_timeout: Duration) -> Result<Sender, Error
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        let counts = Arc::new(Streams {
-            open: AtomicUsize::new(0),
-        });
-        Ok(H2Conn { tx, counts }.sender())
+        let open = Arc::new(AtomicUsize::new(0));
+        Ok(H2Conn { tx, open }.sender())
     } else {
         let (tx, conn) = http1::handshake(io).await?;
         tokio::spawn(async move {
@@ -365,69 +359,20 @@ pub async fn send_to(
     // Set when this call first needs a connection: waiting for another
     // call's connect and making its own share one connect timeout.
     let mut deadline = None;
-    'call: loop {
+    loop {
         let (pooled, host) = checkout(scheme, authority);
-        let (sender, reused) = 'found: {
-            match pooled {
-                Some(s) => (s, true),
-                None => {
-                    let deadline = *deadline
-                        .get_or_insert_with(|| tokio::time::Instant::now() + connect_timeout);
-                    let connecting = match claim_connect(scheme, authority, waited) {
-                        Claim::Connect(guard) => guard,
-                        Claim::Wait(made) => {
-                            if tokio::time::timeout_at(deadline, made).await.is_ok() {
-                                waited = true;
-                                continue 'call;
-                            }
-                            // A full connection still takes it (queued).
-                            match least_loaded_h2(scheme, authority) {
-                                Some(s) => break 'found (s, true),
-                                None => return Err("upstream connect timed out".into()),
-                            }
-                        }
-                    };
-                    let origin = Uri::builder()
-                        .scheme(scheme.clone())
-                        .authority(authority.clone())
-                        .path_and_query("/")
-                        .build()?;
-                    // Boxed: connecting is rare, and its future (TLS, handshakes)
-                    // is large; inline it would be copied with every call's.
-                    // The whole connect (TCP, TLS, handshake) within the
-                    // deadline; the connector bounds only its TCP part.
-                    let made = tokio::time::timeout_at(
-                        deadline,
-                        Box::pin(connect(origin, connect_timeout)),
-                    )
-                    .await
-                    .map_err(|_| Error::from("upstream connect timed out"))
-                    .and_then(|r| r);
-                    let s = match made {
-                        Ok(s) => s,
-                        // Another connection could not be made: a full one
-                        // still takes the call (queued until a stream ends).
-                        Err(e) => match least_loaded_h2(scheme, authority) {
-                            Some(s) => break 'found (s, true),
-                            None => return Err(e),
-                        },
-                    };
-                    with_origin(scheme, authority, |o| match &s {
-                        Sender::H2(tx, slot) => {
-                            o.h1_only = false;
-                            // Shared from now on (with those made at the same
-                            // time: each carries calls until it is full).
-                            o.h2.push(H2Conn {
-                                tx: tx.clone(),
-                                counts: slot.0.clone(),
-                            });
-                        }
-                        Sender::H1(_) => o.h1_only = true,
-                    });
-                    // The waiting calls look again: they find the HTTP/2
-                    // connection, or connect themselves.
-                    drop(connecting);
-                    (s, false)
+        let (sender, reused) = match pooled {
+            Some(s) => (s, true),
+            None => {
+                let deadline =
+                    *deadline.get_or_insert_with(|| tokio::time::Instant::now() + connect_timeout);
+                match new_connection(scheme, authority, connect_timeout, deadline, waited).await? {
+                    Some(found) => found,
+                    // Woken by another call's connect: look again.
+                    None => {
+                        waited = true;
+                        continue;
+                    }
                 }
             }
         };
@@ -436,7 +381,7 @@ pub async fn send_to(
                 if tx.ready().await.is_err() {
                     // Closed while idle; the request was not sent.
                     if reused {
-                        continue 'call;
+                        continue;
                     }
                     return Err("upstream closed the new connection".into());
                 }
@@ -468,7 +413,7 @@ pub async fn send_to(
                 if tx.ready().await.is_err() {
                     forget_closed_h2(scheme, authority);
                     if reused {
-                        continue 'call;
+                        continue;
                     }
                     return Err("upstream closed the new connection".into());
                 }
@@ -494,6 +439,67 @@ pub async fn send_to(
             }
         }
     }
+}
+
+/// A connection for a call that found none with room: one it makes, or,
+/// when another call is making one, `None` once that ends (to look again).
+/// When none can be made (the connect fails or times out, or so does the
+/// wait), a full HTTP/2 connection still takes the call, queued by hyper
+/// until a stream ends; only an origin with none open fails it. The second
+/// value says whether the connection was pooled (a call it hands back
+/// unsent may be tried on another).
+async fn new_connection(
+    scheme: &Scheme,
+    authority: &Authority,
+    connect_timeout: Duration,
+    deadline: tokio::time::Instant,
+    waited: bool,
+) -> Result<Option<(Sender, bool)>, Error> {
+    let full_or = |e: Error| {
+        least_loaded_h2(scheme, authority)
+            .map(|s| Some((s, true)))
+            .ok_or(e)
+    };
+    let connecting = match claim_connect(scheme, authority, waited) {
+        Claim::Connect(guard) => guard,
+        Claim::Wait(made) => {
+            return match tokio::time::timeout_at(deadline, made).await {
+                Ok(()) => Ok(None),
+                Err(_) => full_or("upstream connect timed out".into()),
+            };
+        }
+    };
+    let origin = Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query("/")
+        .build()?;
+    // Boxed: connecting is rare, and its future (TLS, handshakes) is large;
+    // inline it would be copied with every call's. The whole connect (TCP,
+    // TLS, handshake) within the deadline; the connector bounds only its
+    // TCP part.
+    let s =
+        match tokio::time::timeout_at(deadline, Box::pin(connect(origin, connect_timeout))).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return full_or(e),
+            Err(_) => return full_or("upstream connect timed out".into()),
+        };
+    with_origin(scheme, authority, |o| match &s {
+        Sender::H2(tx, slot) => {
+            o.h1_only = false;
+            // Shared from now on (with those made at the same time: each
+            // carries calls until it is full).
+            o.h2.push(H2Conn {
+                tx: tx.clone(),
+                open: slot.0.clone(),
+            });
+        }
+        Sender::H1(_) => o.h1_only = true,
+    });
+    // The waiting calls look again: they find the HTTP/2 connection, or
+    // connect themselves.
+    drop(connecting);
+    Ok(Some((s, false)))
 }
 
 /// Drops the origin's closed HTTP/2 connections.

@@ -343,10 +343,7 @@ mod tls {
         let (scheme, authority) = super::super::origin_of(&uri).unwrap();
         super::super::with_origin(scheme, authority, |o| {
             assert_eq!(o.h2.len(), 2);
-            assert!(o
-                .h2
-                .iter()
-                .all(|c| c.counts.open.load(Ordering::Relaxed) == 0));
+            assert!(o.h2.iter().all(|c| c.open.load(Ordering::Relaxed) == 0));
         });
     }
 
