@@ -20,8 +20,8 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -40,8 +40,30 @@ use tower_service::Service;
 type Body = Full<Bytes>;
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// An idle connection older than this is closed rather than reused.
+/// A connection idle this long (HTTP/1.1: back in the pool; HTTP/2: no
+/// call open on it) is closed rather than reused. For HTTP/2 this is also
+/// what closes the extra connections a burst past `MAX_STREAMS` opened.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+#[cfg(test)]
+thread_local! {
+    /// This thread's idle timeout in tests, when set.
+    static TEST_IDLE_TIMEOUT: std::cell::Cell<Option<Duration>> = const { std::cell::Cell::new(None) };
+}
+
+fn idle_timeout() -> Duration {
+    #[cfg(test)]
+    if let Some(t) = TEST_IDLE_TIMEOUT.with(std::cell::Cell::get) {
+        return t;
+    }
+    IDLE_TIMEOUT
+}
+
+/// Milliseconds on a monotonic clock, for times kept in atomics.
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
 /// Idle HTTP/1.1 connections kept per origin and thread.
 const MAX_IDLE: usize = 256;
 /// Streams an HTTP/2 connection carries at once before a call opens
@@ -110,28 +132,60 @@ enum Sender {
 
 struct H2Conn {
     tx: http2::SendRequest<Body>,
-    /// Its open streams, each held by a [`StreamSlot`].
-    open: Arc<AtomicUsize>,
+    calls: Arc<Calls>,
+}
+
+/// The calls on an HTTP/2 connection.
+struct Calls {
+    /// Open streams, each held by a [`StreamSlot`].
+    open: AtomicUsize,
+    /// When the last stream ended (or the connection was made), in
+    /// [`clock_ms`].
+    last_end: AtomicU64,
 }
 
 impl H2Conn {
+    fn new(tx: http2::SendRequest<Body>) -> H2Conn {
+        let calls = Calls {
+            open: AtomicUsize::new(0),
+            last_end: AtomicU64::new(clock_ms()),
+        };
+        H2Conn {
+            tx,
+            calls: Arc::new(calls),
+        }
+    }
+
+    fn open(&self) -> usize {
+        self.calls.open.load(Ordering::Acquire)
+    }
+
     fn has_room(&self) -> bool {
-        self.open.load(Ordering::Relaxed) < MAX_STREAMS
+        self.open() < MAX_STREAMS
+    }
+
+    /// No call on it for the idle timeout (`now`: [`clock_ms`]).
+    fn idle_too_long(&self, now: u64) -> bool {
+        let idle = now.saturating_sub(self.calls.last_end.load(Ordering::Relaxed));
+        self.open() == 0 && Duration::from_millis(idle) >= idle_timeout()
     }
 
     fn sender(&self) -> Sender {
-        self.open.fetch_add(1, Ordering::Relaxed);
-        Sender::H2(self.tx.clone(), StreamSlot(self.open.clone()))
+        self.calls.open.fetch_add(1, Ordering::AcqRel);
+        Sender::H2(self.tx.clone(), StreamSlot(self.calls.clone()))
     }
 }
 
 /// A call's place among its HTTP/2 connection's streams, given back when
 /// dropped (the response body read or dropped, or the call failed).
-struct StreamSlot(Arc<AtomicUsize>);
+struct StreamSlot(Arc<Calls>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        // The time first: a connection seen with no call open has its
+        // last call's end.
+        self.0.last_end.store(clock_ms(), Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -141,9 +195,7 @@ impl Drop for StreamSlot {
 fn least_loaded_h2(scheme: &Scheme, authority: &Authority) -> Option<Sender> {
     with_origin(scheme, authority, |o| {
         o.h2.retain(|c| !c.tx.is_closed());
-        o.h2.iter()
-            .min_by_key(|c| c.open.load(Ordering::Relaxed))
-            .map(H2Conn::sender)
+        o.h2.iter().min_by_key(|c| c.open()).map(H2Conn::sender)
     })
 }
 
@@ -219,13 +271,16 @@ impl Drop for Connecting {
 fn checkout(scheme: &Scheme, authority: &Authority) -> (Option<Sender>, http::HeaderValue) {
     with_origin(scheme, authority, |o| {
         if !o.h2.is_empty() {
-            o.h2.retain(|c| !c.tx.is_closed());
+            // Dropping a connection's last sender closes it (its calls
+            // ended: nothing is cut off).
+            let now = clock_ms();
+            o.h2.retain(|c| !c.tx.is_closed() && !c.idle_too_long(now));
             if let Some(c) = o.h2.iter().find(|c| c.has_room()) {
                 return (Some(c.sender()), o.host.clone());
             }
         }
         while let Some((tx, since)) = o.idle.pop_back() {
-            if !tx.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+            if !tx.is_closed() && since.elapsed() < idle_timeout() {
                 return (Some(Sender::H1(tx)), o.host.clone());
             }
         }
@@ -270,8 +325,7 @@ async fn connect(origin: Uri, connect_timeout: Duration) -> Result<Sender, Error
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        let open = Arc::new(AtomicUsize::new(0));
-        Ok(H2Conn { tx, open }.sender())
+        Ok(H2Conn::new(tx).sender())
     } else {
         let (tx, conn) = http1::handshake(io).await?;
         tokio::spawn(async move {
@@ -318,7 +372,7 @@ impl Returner {
             while o
                 .idle
                 .front()
-                .is_some_and(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT)
+                .is_some_and(|(_, since)| now.duration_since(*since) >= idle_timeout())
             {
                 o.idle.pop_front();
             }
@@ -491,7 +545,7 @@ async fn new_connection(
             // carries calls until it is full).
             o.h2.push(H2Conn {
                 tx: tx.clone(),
-                open: slot.0.clone(),
+                calls: slot.0.clone(),
             });
         }
         Sender::H1(_) => o.h1_only = true,

@@ -209,19 +209,21 @@ mod tls {
     /// it answers with the HTTP version and the request's path, and counts
     /// the TCP connections it accepted.
     async fn upstream(cert: &[u8], alpn: &[&[u8]]) -> (String, Arc<AtomicUsize>) {
-        upstream_with(cert, alpn, None, None, false).await
+        upstream_with(cert, alpn, None, None, false, None).await
     }
 
     /// As [`upstream`]; its HTTP/2 allows `max_streams` at once, each
     /// request waits at `barrier` (or 50 ms, with `max_streams`) before it
     /// is answered, and with `first_only` every connection after the first
-    /// is hung up on before TLS.
+    /// is hung up on before TLS; `live` counts the connections it is
+    /// serving.
     async fn upstream_with(
         cert: &[u8],
         alpn: &[&[u8]],
         max_streams: Option<u32>,
         barrier: Option<Arc<tokio::sync::Barrier>>,
         first_only: bool,
+        live: Option<Arc<AtomicUsize>>,
     ) -> (String, Arc<AtomicUsize>) {
         let connections = Arc::new(AtomicUsize::new(0));
         let chain = vec![CertificateDer::from_pem_slice(cert).unwrap()];
@@ -239,10 +241,14 @@ mod tls {
         counting_listener(move |tcp| {
             let acceptor = acceptor.clone();
             let barrier = barrier.clone();
+            let live = live.clone();
             let nth = connections.fetch_add(1, Ordering::SeqCst);
             async move {
                 if first_only && nth > 0 {
                     return;
+                }
+                if let Some(l) = &live {
+                    l.fetch_add(1, Ordering::SeqCst);
                 }
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -267,6 +273,9 @@ mod tls {
                     builder.http2().max_concurrent_streams(max);
                 }
                 let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                if let Some(l) = &live {
+                    l.fetch_sub(1, Ordering::SeqCst);
+                }
             }
         })
         .await
@@ -325,14 +334,24 @@ mod tls {
     /// another: against a server that allows exactly that many streams,
     /// 150 calls that are each answered only once all 150 have arrived
     /// all get answers (on one connection, 50 waited behind the 100
-    /// forever). Their stream places come back when they end.
+    /// forever). Their stream places come back when they end, and
+    /// connections left with no call for the idle timeout are closed.
     #[tokio::test]
     async fn calls_past_the_stream_limit_open_another_http2_connection() {
         trust_test_ca();
         let n = super::super::MAX_STREAMS + 50;
         let barrier = Arc::new(tokio::sync::Barrier::new(n));
         let max = u32::try_from(super::super::MAX_STREAMS).unwrap();
-        let (addr, accepted) = upstream_with(CERT, &[b"h2"], Some(max), Some(barrier), false).await;
+        let live = Arc::new(AtomicUsize::new(0));
+        let (addr, accepted) = upstream_with(
+            CERT,
+            &[b"h2"],
+            Some(max),
+            Some(barrier),
+            false,
+            Some(live.clone()),
+        )
+        .await;
         let calls = futures_util::future::join_all((0..n).map(|_| call(&addr)));
         let answers = tokio::time::timeout(Duration::from_secs(20), calls)
             .await
@@ -343,8 +362,28 @@ mod tls {
         let (scheme, authority) = super::super::origin_of(&uri).unwrap();
         super::super::with_origin(scheme, authority, |o| {
             assert_eq!(o.h2.len(), 2);
-            assert!(o.h2.iter().all(|c| c.open.load(Ordering::Relaxed) == 0));
+            assert!(o.h2.iter().all(|c| c.open() == 0));
         });
+        assert_eq!(live.load(Ordering::SeqCst), 2);
+        // Idle past the timeout, both are closed: the next burst makes new
+        // ones, and the upstream sees the old ones go.
+        super::super::TEST_IDLE_TIMEOUT.set(Some(Duration::from_millis(200)));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let calls = futures_util::future::join_all((0..n).map(|_| call(&addr)));
+        let answers = tokio::time::timeout(Duration::from_secs(20), calls)
+            .await
+            .expect("the second burst got answers");
+        super::super::TEST_IDLE_TIMEOUT.set(None);
+        assert!(answers.iter().all(|a| a.0 == "HTTP/2.0 /v1/x"));
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while live.load(Ordering::SeqCst) != 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "idle connections left open"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// When another connection cannot be made, a full one still takes the
@@ -353,7 +392,7 @@ mod tls {
     async fn calls_past_a_full_connection_queue_on_it_when_no_other_can_be_made() {
         trust_test_ca();
         let max = u32::try_from(super::super::MAX_STREAMS).unwrap();
-        let (addr, accepted) = upstream_with(CERT, &[b"h2"], Some(max), None, true).await;
+        let (addr, accepted) = upstream_with(CERT, &[b"h2"], Some(max), None, true, None).await;
         let n = super::super::MAX_STREAMS + 5;
         let answers = futures_util::future::join_all((0..n).map(|_| call(&addr))).await;
         assert!(answers.iter().all(|a| a.0 == "HTTP/2.0 /v1/x"));
