@@ -1028,6 +1028,16 @@ async fn header_tenancy_names_the_tenant() {
         let r = send("POST", &url, &[h], CHAT).await;
         assert_eq!(r.status, 401, "{h:?}: {}", r.text());
     }
+    // Two lines (a client's own, and the one a gateway that appends rather
+    // than replaces added): which is the gateway's cannot be told, so
+    // neither is taken, in either order.
+    for two in [
+        [("x-team", "globex"), ("x-team", "acme")],
+        [("x-team", "acme"), ("x-team", "globex")],
+    ] {
+        let r = send("POST", &url, &two, CHAT).await;
+        assert_eq!(r.status, 401, "{two:?}: {}", r.text());
+    }
     let log = mock_log(&e.mock.addr).await;
     assert_eq!(log.len(), 1, "{log:#?}");
     let names = log[0]["headers"].as_array().unwrap();

@@ -324,7 +324,17 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
 /// The tenant of a request, or `None` (401).
 fn authenticate<'p>(policy: &'p Policy, h: &HeaderMap) -> Option<&'p Arc<Tenant>> {
     let id = match &policy.tenancy {
-        Tenancy::Header(name) => h.get(name)?.to_str().ok()?,
+        // Exactly one line: a gateway that appends its line to one the
+        // client sent (Envoy's default) would otherwise bill whichever
+        // came first, the client's choice.
+        Tenancy::Header(name) => {
+            let mut lines = h.get_all(name).iter();
+            let line = lines.next()?;
+            if lines.next().is_some() {
+                return None;
+            }
+            line.to_str().ok()?
+        }
         Tenancy::Key => {
             let key = h
                 .get(http::header::AUTHORIZATION)
