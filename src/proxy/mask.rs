@@ -21,6 +21,7 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame};
 
 use crate::config::{Upstream, MIN_SEARCHED_KEY};
+use crate::meter::response::Coding;
 
 pub struct MaskKey<B> {
     inner: B,
@@ -47,8 +48,10 @@ impl<B> MaskKey<B> {
         if upstream.key_finder.is_none() {
             return Err(inner);
         }
-        let coding = headers.get(http::header::CONTENT_ENCODING);
-        if coding.is_some_and(|v| v != "identity") {
+        // Read as the meter reads it: codings are case-insensitive, and
+        // `Identity`, an empty value or `identity, identity` are all plain.
+        let coding = Coding::from_headers(headers.get_all(http::header::CONTENT_ENCODING));
+        if coding != Coding::Identity {
             tracing::warn!(upstream = %upstream.name, "upstream answered compressed though asked for identity: its body is not searched for the upstream key");
             return Err(inner);
         }
@@ -327,8 +330,15 @@ mod tests {
         let mut gzip = http::HeaderMap::new();
         gzip.insert(http::header::CONTENT_ENCODING, "gzip".parse().unwrap());
         assert!(MaskKey::new(body(vec![], None), upstream(true), &gzip).is_err());
-        let mut identity = http::HeaderMap::new();
-        identity.insert(http::header::CONTENT_ENCODING, "identity".parse().unwrap());
-        assert!(MaskKey::new(body(vec![], None), upstream(true), &identity).is_ok());
+        // Plain however it is spelled (codings are case-insensitive): the
+        // key is looked for.
+        for plain in ["identity", "Identity", "IDENTITY", "", "identity, identity"] {
+            let mut identity = http::HeaderMap::new();
+            identity.insert(http::header::CONTENT_ENCODING, plain.parse().unwrap());
+            assert!(
+                MaskKey::new(body(vec![], None), upstream(true), &identity).is_ok(),
+                "{plain:?}"
+            );
+        }
     }
 }
