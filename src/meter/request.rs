@@ -249,31 +249,34 @@ impl RequestInfo {
 }
 
 /// For an OpenAI chat or completions stream that did not ask for usage,
-/// returns the body with `stream_options.include_usage = true`. The common
-/// case (no `stream_options` at all) splices bytes instead of re-serialising.
+/// returns the body with `stream_options.include_usage = true`. Spliced
+/// into the bytes as sent: every other byte, key order included, stays
+/// (OpenAI's structured outputs generate a schema's properties in the
+/// order written, so a re-serialised body, its keys sorted, changed what
+/// the model wrote).
 pub fn inject_include_usage(body: &Bytes) -> Result<Bytes, MalformedJson> {
-    if super::needles::STREAM_OPTIONS.find(body).is_none() {
-        return Ok(append_member(
-            body,
-            br#""stream_options":{"include_usage":true}"#,
-        ));
+    const INCLUDE: &[u8] = br#"{"include_usage":true}"#;
+    // The usual case, the name nowhere in the body, needs no scan.
+    let [options] = match super::needles::STREAM_OPTIONS.find(body) {
+        None => [None],
+        Some(_) => top_level(body, [b"stream_options"])?,
+    };
+    let Some(options) = options else {
+        return Ok(append_member(body, br#""stream_options":"#, INCLUDE));
+    };
+    let at = span(body, options);
+    if options.first() != Some(&b'{') {
+        // `null`, or not an object: replaced.
+        return Ok(splice(body, at, INCLUDE));
     }
-    let mut v: serde_json::Value = serde_json::from_slice(body)?;
-    if let Some(obj) = v.as_object_mut() {
-        match obj.get_mut("stream_options") {
-            Some(serde_json::Value::Object(o)) => {
-                o.insert("include_usage".into(), true.into());
-            }
-            Some(other) => *other = serde_json::json!({"include_usage": true}),
-            None => {
-                obj.insert(
-                    "stream_options".into(),
-                    serde_json::json!({"include_usage": true}),
-                );
-            }
+    let [include] = top_level(options, [b"include_usage"])?;
+    Ok(match include {
+        Some(v) => splice(body, span(body, v), b"true"),
+        None => {
+            let with = append_member(options, br#""include_usage":"#, b"true");
+            splice(body, at, &with)
         }
-    }
-    Ok(Bytes::from(serde_json::to_vec(&v)?))
+    })
 }
 
 /// The request's output cap field on an OpenAI route, quoted, as a finder:
@@ -292,49 +295,78 @@ pub fn output_cap_field(op: Operation) -> Option<&'static Finder<'static>> {
 
 /// Returns the body with `field: cap` added (`field`: from
 /// [`output_cap_field`]): a request that named no output cap gets the one
-/// its budget reservation assumed. Spliced when the field's name is nowhere
-/// in the body (the usual case); otherwise (say `"max_tokens": null`) set
-/// on the parsed object, so it is never a duplicate key.
+/// its budget reservation assumed. A member the body has (say
+/// `"max_tokens": null`) gets the value, so the key is never doubled;
+/// either way the rest of the body stays byte for byte.
 pub fn add_output_cap(
     body: &Bytes,
     field: &Finder<'static>,
     cap: u64,
 ) -> Result<Bytes, MalformedJson> {
     let quoted = field.needle();
-    if field.find(body).is_none() {
-        let mut member = Vec::with_capacity(quoted.len() + 21);
-        member.extend_from_slice(quoted);
-        member.push(b':');
-        member.extend_from_slice(itoa::Buffer::new().format(cap).as_bytes());
-        return Ok(append_member(body, &member));
-    }
-    let name = std::str::from_utf8(&quoted[1..quoted.len() - 1]).expect("an ASCII name");
-    let mut v: serde_json::Value = serde_json::from_slice(body)?;
-    if let Some(obj) = v.as_object_mut() {
-        obj.insert(name.into(), cap.into());
-    }
-    Ok(Bytes::from(serde_json::to_vec(&v)?))
+    let mut digits = itoa::Buffer::new();
+    let cap = digits.format(cap).as_bytes();
+    let [member] = match field.find(body) {
+        None => [None],
+        Some(_) => top_level(body, [&quoted[1..quoted.len() - 1]])?,
+    };
+    Ok(match member {
+        Some(v) => splice(body, span(body, v), cap),
+        None => {
+            let mut name = Vec::with_capacity(quoted.len() + 1);
+            name.extend_from_slice(quoted);
+            name.push(b':');
+            append_member(body, &name, cap)
+        }
+    })
 }
 
-/// Adds `member` (`"name":value`) as the last member of the body's object.
-/// `RequestInfo::parse` accepted the body, so it is one JSON object.
-fn append_member(body: &Bytes, member: &[u8]) -> Bytes {
-    let close = body
+/// The top-level members `keys` of a body that [`RequestInfo::parse`]
+/// accepted (so one JSON object, which the scan, more lenient, reads too).
+fn top_level<'a, const N: usize>(
+    body: &'a [u8],
+    keys: [&[u8]; N],
+) -> Result<[Option<&'a [u8]>; N], MalformedJson> {
+    super::json_scan::top_level(body, keys)
+        .ok_or_else(|| MalformedJson(serde::de::Error::custom("expected a JSON object")))
+}
+
+/// Where `part`, a slice of `whole`, lies in it.
+fn span(whole: &[u8], part: &[u8]) -> std::ops::Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// `body` with the bytes at `at` replaced by `with`.
+fn splice(body: &[u8], at: std::ops::Range<usize>, with: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(body.len() - at.len() + with.len());
+    out.extend_from_slice(&body[..at.start]);
+    out.extend_from_slice(with);
+    out.extend_from_slice(&body[at.end..]);
+    Bytes::from(out)
+}
+
+/// `object` (the bytes of one JSON object, nothing after its closing
+/// brace but whitespace) with the member `name` (quoted, with its colon)
+/// `value` added last.
+fn append_member(object: &[u8], name: &[u8], value: &[u8]) -> Bytes {
+    let close = object
         .iter()
         .rposition(|&b| b == b'}')
         .expect("a JSON object ends in '}'");
-    let empty = body[..close]
+    let empty = object[..close]
         .iter()
         .rev()
         .find(|b| !b.is_ascii_whitespace())
         == Some(&b'{');
-    let mut out = Vec::with_capacity(body.len() + member.len() + 1);
-    out.extend_from_slice(&body[..close]);
+    let mut out = Vec::with_capacity(object.len() + name.len() + value.len() + 1);
+    out.extend_from_slice(&object[..close]);
     if !empty {
         out.push(b',');
     }
-    out.extend_from_slice(member);
-    out.extend_from_slice(&body[close..]);
+    out.extend_from_slice(name);
+    out.extend_from_slice(value);
+    out.extend_from_slice(&object[close..]);
     Bytes::from(out)
 }
 
@@ -659,6 +691,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(&out[..], br#"{ "max_tokens":1}"#);
+        // A member the body has gets the value in place; the rest of the
+        // body stays byte for byte, key order included.
+        let b = Bytes::from_static(br#"{"z":1,"max_completion_tokens": null ,"a":{"y":1,"b":2}}"#);
+        let out = add_output_cap(&b, field(Operation::Chat), 5).unwrap();
+        assert_eq!(
+            &out[..],
+            br#"{"z":1,"max_completion_tokens": 5 ,"a":{"y":1,"b":2}}"#
+        );
     }
 
     #[test]
@@ -678,6 +718,45 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_slice(&inject_include_usage(&b).unwrap()).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
+    }
+
+    /// Spliced into the body as sent, whatever `stream_options` holds:
+    /// every other byte stays, key order included (structured outputs
+    /// generate a schema's properties in the order written; a
+    /// re-serialised body had its keys sorted).
+    #[test]
+    fn include_usage_is_spliced_in_keeping_every_other_byte() {
+        let schema = r#""response_format":{"type":"json_schema","json_schema":{"schema":{"properties":{"reasoning":{"type":"string"},"answer":{"type":"string"}}}}}"#;
+        for (options, want) in [
+            (
+                r#""stream_options":{"include_obfuscation":false}"#,
+                r#""stream_options":{"include_obfuscation":false,"include_usage":true}"#,
+            ),
+            (
+                r#""stream_options": { }"#,
+                r#""stream_options": { "include_usage":true}"#,
+            ),
+            (
+                r#""stream_options":null"#,
+                r#""stream_options":{"include_usage":true}"#,
+            ),
+            (
+                r#""stream_options":{"include_usage":false, "x":1}"#,
+                r#""stream_options":{"include_usage":true, "x":1}"#,
+            ),
+        ] {
+            let body = format!(r#"{{"model":"m", "stream":true,{schema},{options},"z":[1.50,2]}}"#);
+            let out = inject_include_usage(&Bytes::from(body)).unwrap();
+            let want = format!(r#"{{"model":"m", "stream":true,{schema},{want},"z":[1.50,2]}}"#);
+            assert_eq!(std::str::from_utf8(&out).unwrap(), want);
+        }
+        // The name only inside a string: a member added at the end.
+        let b = Bytes::from_static(br#"{"z":2,"a":"\"stream_options\""}"#);
+        let out = inject_include_usage(&b).unwrap();
+        assert_eq!(
+            &out[..],
+            br#"{"z":2,"a":"\"stream_options\"","stream_options":{"include_usage":true}}"#
+        );
     }
 
     #[test]
