@@ -28,13 +28,17 @@ fn policy(limit: &str) -> Policy {
 }
 
 fn with_ask<T>(p: &Policy, body: &str, f: impl FnOnce(&Ask<'_>) -> T) -> T {
+    with_op_ask(p, Operation::Chat, body, f)
+}
+
+fn with_op_ask<T>(p: &Policy, op: Operation, body: &str, f: impl FnOnce(&Ask<'_>) -> T) -> T {
     let body = Bytes::from(body.to_string());
-    let info = RequestInfo::parse(&body).unwrap();
+    let info = RequestInfo::parse(&body, op).unwrap();
     let ask = Ask {
         policy: p,
         tenant: &p.tenants["acme"],
         upstream: &p.upstreams[0],
-        op: Operation::Chat,
+        op,
         info: &info,
         body: &body,
     };
@@ -74,6 +78,29 @@ fn output_is_the_request_cap_else_the_model_default_times_the_choices() {
     ] {
         let got = with_ask(&p, body, |a| worst_case(a, 0));
         assert_eq!(got, usd(0, output), "{body}");
+    }
+}
+
+/// A cap in a field the route's API does not read (`max_output_tokens` on
+/// chat) caps nothing at an upstream that ignores unknown fields: the
+/// call reserves the model's own cap, and that cap is sent.
+#[test]
+fn a_cap_in_another_routes_field_is_not_trusted() {
+    let p = policy("1");
+    for (op, body) in [
+        (
+            Operation::Chat,
+            r#"{"model":"gpt-4o-mini","max_output_tokens":1,"messages":[]}"#,
+        ),
+        (
+            Operation::Responses,
+            r#"{"model":"gpt-4o-mini","max_tokens":1,"input":"x"}"#,
+        ),
+    ] {
+        let (got, cap) = with_op_ask(&p, op, body, |a| {
+            (worst_case(a, 0), output_cap(a, request_price(a)))
+        });
+        assert_eq!((got, cap), (usd(0, 1000), Some(1000)), "{op:?}");
     }
 }
 
@@ -243,7 +270,7 @@ async fn a_call_the_byte_bound_refuses_is_admitted_on_its_token_count() {
     let p = policy(&limit);
     let limits = Limits::new(MemoryStore::default());
     let body = Bytes::from(body);
-    let info = RequestInfo::parse(&body).unwrap();
+    let info = RequestInfo::parse(&body, Operation::Chat).unwrap();
     let ask = |info| Ask {
         policy: &p,
         tenant: &p.tenants["acme"],

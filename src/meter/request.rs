@@ -220,7 +220,8 @@ pub struct RequestInfo {
 pub struct MalformedJson(#[from] serde_json::Error);
 
 impl RequestInfo {
-    pub fn parse(body: &[u8]) -> Result<RequestInfo, MalformedJson> {
+    /// `op`: the route, which names the output cap's field.
+    pub fn parse(body: &[u8], op: Operation) -> Result<RequestInfo, MalformedJson> {
         // serde would also take a struct from an array of its fields.
         if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(MalformedJson(serde::de::Error::custom(
@@ -228,10 +229,16 @@ impl RequestInfo {
             )));
         }
         let f: Fields = serde_json::from_slice(body)?;
-        let cap = f
-            .max_completion_tokens
-            .or(f.max_tokens)
-            .or(f.max_output_tokens);
+        // Only the field the route's API reads: another (`max_output_tokens`
+        // on chat) is ignored by upstreams that take unknown fields, which
+        // then write up to their own default, so it caps nothing and the
+        // reservation must not trust it. Chat reads both of its names.
+        let cap = match op {
+            Operation::Chat => f.max_completion_tokens.max(f.max_tokens),
+            Operation::Completions | Operation::Messages => f.max_tokens,
+            Operation::Responses => f.max_output_tokens,
+            Operation::Embeddings | Operation::Other | Operation::ToolCall => None,
+        };
         Ok(RequestInfo {
             model: f.model,
             stream: f.stream.unwrap_or(false),
@@ -641,22 +648,60 @@ mod tests {
 
     #[test]
     fn reads_fields() {
+        let chat = Operation::Chat;
         let r = RequestInfo::parse(
             br#"{"model":"gpt-4o","stream":true,"max_tokens":10,"n":3,"stream_options":{"include_usage":true}}"#,
+            chat,
         )
         .unwrap();
         assert_eq!(r.model.as_deref(), Some("gpt-4o"));
         assert!(r.stream && r.client_wants_usage);
         assert_eq!((r.max_output_tokens, r.choices), (Some(10), 3));
-        let r = RequestInfo::parse(br#"{"prompt":"x","n":2,"best_of":5}"#).unwrap();
+        let r = RequestInfo::parse(br#"{"prompt":"x","n":2,"best_of":5}"#, chat).unwrap();
         assert_eq!((r.max_output_tokens, r.choices), (None, 5));
-        assert!(RequestInfo::parse(b"{\"model\":").is_err());
-        assert!(RequestInfo::parse(b"[1]").is_err());
+        assert!(RequestInfo::parse(b"{\"model\":", chat).is_err());
+        assert!(RequestInfo::parse(b"[1]", chat).is_err());
         // An array of the fields' values is not an object (serde takes it
         // for a struct; injecting usage into it panicked).
-        assert!(
-            RequestInfo::parse(br#" ["gpt-4o-mini",true,null,null,null,null,null,null]"#).is_err()
-        );
+        assert!(RequestInfo::parse(
+            br#" ["gpt-4o-mini",true,null,null,null,null,null,null]"#,
+            chat
+        )
+        .is_err());
+    }
+
+    /// The output cap is read only from the field the route's API reads:
+    /// an upstream that ignores unknown fields writes up to its own
+    /// default past any other, so another caps nothing.
+    #[test]
+    fn the_output_cap_is_the_routes_own_field() {
+        use Operation::*;
+        let body = br#"{"max_completion_tokens":5,"max_tokens":7,"max_output_tokens":9}"#;
+        for (op, want) in [
+            (Chat, Some(7)),
+            (Completions, Some(7)),
+            (Messages, Some(7)),
+            (Responses, Some(9)),
+            (Embeddings, None),
+        ] {
+            let got = RequestInfo::parse(body, op).unwrap().max_output_tokens;
+            assert_eq!(got, want, "{op:?}");
+        }
+        for (op, body) in [
+            (Chat, &br#"{"max_output_tokens":1}"#[..]),
+            (
+                Completions,
+                br#"{"max_completion_tokens":1,"max_output_tokens":1}"#,
+            ),
+            (Messages, br#"{"max_output_tokens":1}"#),
+            (Responses, br#"{"max_tokens":1,"max_completion_tokens":1}"#),
+        ] {
+            let got = RequestInfo::parse(body, op).unwrap().max_output_tokens;
+            assert_eq!(got, None, "{op:?}");
+        }
+        let chat = |b: &[u8]| RequestInfo::parse(b, Chat).unwrap().max_output_tokens;
+        assert_eq!(chat(br#"{"max_completion_tokens":5}"#), Some(5));
+        assert_eq!(chat(br#"{"max_tokens":5}"#), Some(5));
     }
 
     #[test]
@@ -670,7 +715,9 @@ mod tests {
             br#"{"model":"m","messages":[],"max_completion_tokens":16384}"#
         );
         assert_eq!(
-            RequestInfo::parse(&out).unwrap().max_output_tokens,
+            RequestInfo::parse(&out, Operation::Chat)
+                .unwrap()
+                .max_output_tokens,
             Some(16384)
         );
         // Present as null: set, not added a second time.

@@ -126,7 +126,7 @@ async fn phases(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let mut strip_usage = false;
     let mut body = body;
     if op.is_metered() {
-        let info = match RequestInfo::parse(&body) {
+        let info = match RequestInfo::parse(&body, op) {
             Ok(i) => i,
             Err(e) => {
                 return reject(
