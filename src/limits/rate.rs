@@ -23,8 +23,11 @@ struct TenantLimits<C: Clock> {
     config: RateLimit,
     requests: Option<Limiter<C>>,
     tokens: Option<Limiter<C>>,
-    /// Tokens used but not yet charged (positive), or charged ahead
-    /// (negative: an admission charges at least 1).
+    /// Tokens used but not yet charged. Never negative: what an admission
+    /// charges past its call's use (at least 1 is charged, and an estimate
+    /// above the use is not refunded) is not banked as credit, which the
+    /// bucket's own refill would pay twice (a tenant of many zero-token
+    /// tool calls banked one each and could then burst past the limit).
     token_balance: i64,
 }
 
@@ -124,13 +127,13 @@ impl<C: Clock + Clone> RateLimits<C> {
                     // balance owed, down to nothing; it is not banked as
                     // credit (retries refused for requests would bank the
                     // token bucket, minute after minute).
-                    t.token_balance = (t.token_balance - charged).max(t.token_balance.min(0));
+                    t.token_balance = (t.token_balance - charged).max(0);
                     return Err(limited(LimitKind::Requests, until));
                 }
             }
         }
         if t.tokens.is_some() {
-            t.token_balance = total - charged;
+            t.token_balance = (total - charged).max(0);
         }
         Ok((
             TokenCharge {
@@ -270,9 +273,25 @@ mod tests {
             limits.admit("t", &cfg, 0).unwrap_err();
         }
         clock.advance(Duration::from_secs(60));
-        // 1 left: the first call's minimum charge of 1 was paid ahead (the
-        // refused ones' 100 were not banked).
+        // A full bucket, and no more: the refused ones' 100 were not banked.
         let (_, rem) = limits.admit("t", &cfg, 1000).unwrap();
-        assert_eq!(rem.tokens, Some(1));
+        assert_eq!(rem.tokens, Some(0));
+    }
+
+    /// Calls that use no tokens (tool calls, unmetered routes) are charged
+    /// the minimum of 1 each; that is not banked as credit: after thousands
+    /// of them a minute's quota is still all a burst gets.
+    #[test]
+    fn zero_token_calls_do_not_bank_token_credit() {
+        let (clock, limits, cfg) = setup(None, Some(1000));
+        for _ in 0..5000 {
+            let (charge, _) = limits.admit("t", &cfg, 0).unwrap();
+            limits.correct("t", charge, 0, 0);
+            clock.advance(Duration::from_millis(60));
+        }
+        clock.advance(Duration::from_secs(60));
+        limits.admit("t", &cfg, 1000).unwrap();
+        let e = limits.admit("t", &cfg, 1000).unwrap_err();
+        assert_eq!(e.kind, LimitKind::Tokens);
     }
 }
