@@ -146,11 +146,25 @@ fn input_bound(ask: &Ask<'_>) -> u64 {
     if !ask.op.is_metered() {
         return 0;
     }
-    use crate::meter::needles::{positions, FILE_ID_KEY, FILE_URL_KEY, IMAGE_URL_KEY, URL_KEY};
+    use crate::meter::needles::{
+        positions, BASE64_STRING, FILE_DATA_KEY, FILE_ID_KEY, FILE_URL_KEY, IMAGE_URL_KEY, URL_KEY,
+    };
+    // Inline files are billed by what they hold (an image's pixels, a
+    // PDF's pages as text and image), not by their base64 text, which can
+    // be far shorter: each is an item too. OpenAI's `file_data`, and
+    // Anthropic's `"type": "base64"` sources (only there: an embeddings
+    // request's `"encoding_format": "base64"` is no file).
+    let inline = positions(&FILE_DATA_KEY, ask.body).count() as u64
+        + if ask.op == Operation::Messages {
+            positions(&BASE64_STRING, ask.body).count() as u64
+        } else {
+            0
+        };
     let by_reference = [&URL_KEY, &FILE_ID_KEY, &FILE_URL_KEY]
         .iter()
         .map(|f| positions(f, ask.body).count() as u64)
         .sum::<u64>()
+        + inline
         // The Responses API's `"image_url": "<url>"` (chat's `image_url` is
         // an object whose `url` is counted above).
         + positions(&IMAGE_URL_KEY, ask.body)

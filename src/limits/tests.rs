@@ -214,6 +214,35 @@ fn input_is_the_body_bytes_plus_an_allowance_per_item_by_reference() {
         let got = with_ask(&p, body, input_bound);
         assert_eq!(got, body.len() as u64 + items * 500, "{body}");
     }
+    // Inline files are items too: billed by pixels or pages, not by their
+    // base64 text, which can be far shorter (a 1092x1092 one-bit PNG is
+    // about 270 characters and some 1,590 tokens).
+    for (op, body, items) in [
+        (
+            Operation::Messages,
+            r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"image","source":{"type":"base64","media_type":"image/png","data":"iVBORw0KGgo"}},{"type":"document","source":{"type": "base64","media_type":"application/pdf","data":"JVBERi0"}}]}]}"#,
+            2,
+        ),
+        (
+            Operation::Chat,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"file","file":{"filename":"a.pdf","file_data":"data:application/pdf;base64,JVBERi0"}}]}]}"#,
+            1,
+        ),
+        (
+            Operation::Responses,
+            r#"{"model":"m","input":[{"role":"user","content":[{"type":"input_file","filename":"a.pdf","file_data":"data:application/pdf;base64,JVBERi0"}]}]}"#,
+            1,
+        ),
+        // Not a file: an embedding's encoding, and the word in text.
+        (
+            Operation::Embeddings,
+            r#"{"model":"m","input":"say \"base64\"","encoding_format":"base64"}"#,
+            0,
+        ),
+    ] {
+        let got = with_op_ask(&p, op, body, input_bound);
+        assert_eq!(got, body.len() as u64 + items * 500, "{body}");
+    }
 }
 
 /// The token count that refines a refused byte bound counts what the model
@@ -243,6 +272,12 @@ fn the_refining_count_counts_token_ids_schema_keys_and_inline_images() {
         ),
         format!(
             r#"{{"model":"claude-sonnet-4-5","max_tokens":5,"messages":[{{"role":"user","content":[{{"type":"image","source":{{"type":"base64","media_type":"image/png","data":"{b64}"}}}}]}}]}}"#
+        ),
+        format!(
+            r#"{{"model":"claude-sonnet-4-5","max_tokens":5,"messages":[{{"role":"user","content":[{{"type":"document","source":{{"type":"base64","media_type":"application/pdf","data":"{b64}"}}}}]}}]}}"#
+        ),
+        format!(
+            r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":[{{"type":"file","file":{{"filename":"a.pdf","file_data":"data:application/pdf;base64,{b64}"}}}}]}}]}}"#
         ),
     ] {
         let t = input_text(body.as_bytes());

@@ -21,6 +21,8 @@ needles! {
     FILE_ID_KEY = b"\"file_id\"";
     FILE_URL_KEY = b"\"file_url\"";
     IMAGE_URL_KEY = b"\"image_url\"";
+    FILE_DATA_KEY = b"\"file_data\"";
+    BASE64_STRING = b"\"base64\"";
     MAX_COMPLETION_TOKENS_KEY = b"\"max_completion_tokens\"";
     MAX_TOKENS_KEY = b"\"max_tokens\"";
     MAX_OUTPUT_TOKENS_KEY = b"\"max_output_tokens\"";
