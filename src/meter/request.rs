@@ -465,8 +465,6 @@ fn walk(v: &serde_json::Value, key: Option<&str>, schema: bool, out: &mut InputT
             Some("url" | "image_url" | "file_data" | "image") if s.starts_with("data:image/") => {
                 out.by_reference += 1
             }
-            // An inline file (a PDF): billed by its pages, as an item.
-            Some("file_data") if s.starts_with("data:") => out.by_reference += 1,
             Some("url" | "image_url" | "file_id" | "file_url") if !s.starts_with("data:") => {
                 out.by_reference += 1
             }
@@ -478,13 +476,15 @@ fn walk(v: &serde_json::Value, key: Option<&str>, schema: bool, out: &mut InputT
         },
         serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, key, schema, out)),
         serde_json::Value::Object(o) => {
-            // Anthropic's inline image or document: `{"type": "base64",
-            // "media_type": "image/png", "data": "…"}` (or a PDF).
-            let inline = |o: &serde_json::Map<String, serde_json::Value>| {
+            // Anthropic's inline image: `{"type": "base64", "media_type":
+            // "image/png", "data": "…"}`.
+            let image = |o: &serde_json::Map<String, serde_json::Value>| {
                 o.get("type").and_then(|t| t.as_str()) == Some("base64")
-                    && o.get("media_type").is_some_and(|t| t.is_string())
+                    && o.get("media_type")
+                        .and_then(|t| t.as_str())
+                        .is_some_and(|t| t.starts_with("image/"))
             };
-            if !schema && inline(o) {
+            if !schema && image(o) {
                 out.by_reference += 1;
                 return;
             }
