@@ -131,8 +131,8 @@ pub struct SpoolStats {
     pub lost_events: prometheus_client::metrics::counter::Counter,
 }
 
-/// After a failed write, new calls are refused this long; then one is let
-/// through to probe (a circuit breaker that closes on the next good write).
+/// After a failed write, new calls are refused this long; then the spool
+/// probes whether the disk takes a write (see [`Spool::write_failing`]).
 const FAILED_HOLD_MS: u64 = 1000;
 
 /// ENOLCK and EOPNOTSUPP: the filesystem has no locks to take.
@@ -161,13 +161,6 @@ pub(crate) fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-impl SpoolStats {
-    fn failing(&self) -> bool {
-        let at = self.failed_at_ms.load(Ordering::Relaxed);
-        at != 0 && unix_ms().saturating_sub(at) < FAILED_HOLD_MS
-    }
 }
 
 pub struct Spool {
@@ -499,7 +492,40 @@ impl Spool {
     /// calls and probes arriving are what ends it: a spool that refuses
     /// calls gets no writes to retry it with).
     fn failing(&self) -> bool {
-        self.stats.failing() || !self.log.cut_done()
+        self.write_failing() || !self.log.cut_done()
+    }
+
+    /// A circuit breaker on failed writes. After one, calls are refused for
+    /// [`FAILED_HOLD_MS`]; then one caller probes the disk (the others are
+    /// refused meanwhile, the hold starting again for them) and the
+    /// breaker closes only if the probe's write succeeds (as it does on
+    /// the next good write). Before, every call was let through once the
+    /// hold was over: with the disk still full, all the calls admitted
+    /// before one of them failed its write again lost their events.
+    fn write_failing(&self) -> bool {
+        let failed = &self.stats.failed_at_ms;
+        let at = failed.load(Ordering::Relaxed);
+        if at == 0 {
+            return false;
+        }
+        let now = unix_ms().max(1);
+        if now.saturating_sub(at) < FAILED_HOLD_MS
+            || failed
+                .compare_exchange(at, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return true;
+        }
+        match self.log.probe() {
+            Ok(()) => {
+                let _ = failed.compare_exchange(now, 0, Ordering::Relaxed, Ordering::Relaxed);
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "spool: the disk still refuses writes; metered calls stay refused");
+                true
+            }
+        }
     }
 
     /// `fsync = "always"` on a disk slower than the calls: the appends

@@ -526,6 +526,41 @@ fn appends_waiting_when_the_runtime_shuts_down_are_counted_lost() {
     );
 }
 
+/// After a failed write calls are refused; past the hold the spool probes
+/// the disk, and admits calls again only once it takes a write. Before,
+/// the hold's end alone let every call through: with the disk still full,
+/// all those admitted until one failed its write again lost their events.
+#[tokio::test(flavor = "current_thread")]
+async fn calls_stay_refused_until_the_disk_takes_a_write_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = vec!["a".to_string()];
+    let spool = open(dir.path(), &sinks);
+    let past_hold = |spool: &Spool| {
+        let at = unix_ms() - FAILED_HOLD_MS - 1;
+        spool.stats.failed_at_ms.store(at, Ordering::Relaxed);
+    };
+    spool.log.fail_writes.store(true, Ordering::Relaxed);
+    assert!(spool.append(line(0), Flush::Batch).await.is_err());
+    assert!(spool.check_capacity().is_err());
+    // The hold is over, the disk still refuses: refused, and held again.
+    past_hold(&spool);
+    assert!(spool.check_capacity().is_err());
+    assert!(spool.refuses_calls());
+    spool.log.fail_writes.store(false, Ordering::Relaxed);
+    assert!(
+        spool.check_capacity().is_err(),
+        "held again after the failed probe"
+    );
+    // Past the hold, the probe's write succeeds: admitted.
+    past_hold(&spool);
+    assert!(spool.check_capacity().is_ok());
+    assert!(!spool.refuses_calls());
+    spool.append(line(1), Flush::Batch).await.unwrap();
+    assert_eq!(written_lines(dir.path()), [line(1)]);
+    // The probe leaves no file behind.
+    assert!(!dir.path().join("probe").exists());
+}
+
 /// A failed write whose bytes cannot be cut back stops appends until the
 /// cut succeeds: a line written after the leftover would sit at a file
 /// offset other than its log position (readers would read from the wrong
