@@ -425,12 +425,16 @@ async fn kill9_after_64_calls_every_sink_gets_every_event() {
     drop(proxy);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn receiver_refusing_with_400_dead_letters_the_batch_and_delivery_goes_on() {
+/// A proxy whose HTTP sink `meter` posts to a receiver answering every
+/// batch with `status`, after `n` calls (and their events, returned).
+async fn meter_receiver_answering(
+    status: u16,
+    n: usize,
+) -> (tempfile::TempDir, Mock, HttpReceiver, Proxy, Vec<Value>) {
     let dir = tempfile::tempdir().unwrap();
     let mock = start_mock();
     let rx = HttpReceiver::start().await;
-    rx.always(Some(400));
+    rx.always(Some(status));
     let cfg = config(
         dir.path(),
         &mock.addr,
@@ -438,8 +442,14 @@ async fn receiver_refusing_with_400_dead_letters_the_batch_and_delivery_goes_on(
         &http_sink("meter", &rx.url(), ""),
     );
     let proxy = start(&cfg);
-    serve(&proxy.addr, 3).await;
-    let first = wait_events(dir.path(), "3 events", |ev| ev.len() >= 3).await;
+    serve(&proxy.addr, n).await;
+    let events = wait_events(dir.path(), &format!("{n} events"), |ev| ev.len() >= n).await;
+    (dir, mock, rx, proxy, events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_refusing_with_400_dead_letters_the_batch_and_delivery_goes_on() {
+    let (dir, _mock, rx, proxy, first) = meter_receiver_answering(400, 3).await;
     let dead = wait_dead_letters(dir.path(), "meter", 3).await;
     for d in &dead {
         assert_eq!(d["sink"], "meter", "{d}");
@@ -489,6 +499,33 @@ async fn receiver_refusing_with_400_dead_letters_the_batch_and_delivery_goes_on(
         proxy.proc.log_text().contains("dead-letter"),
         "the refusal is logged"
     );
+}
+
+/// A receiver that refuses a batch as too large (413: a body size limit,
+/// which a backlog's full batches hit) gets it again in halves, down to
+/// single events: every event is delivered, none set aside; only an event
+/// refused alone goes to the dead-letter file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_refusing_a_batch_as_too_large_gets_it_in_halves() {
+    let (dir, _mock, rx, proxy, file) = meter_receiver_answering(503, 7).await;
+    // The backlog goes out as one batch of 7, past the receiver's limit.
+    rx.max_events(Some(2));
+    rx.always(None);
+    let acc = wait_accepted(&rx, 7, Duration::from_secs(20)).await;
+    assert_same_events(&file, &acc, "http sink through 413s");
+    assert_no_duplicates(&acc, "http sink through 413s");
+    let posts = rx.posts();
+    assert!(posts.iter().any(|p| p.status == 413), "{posts:?}");
+    assert!(posts.iter().all(|p| p.status != 413 || p.events.len() > 2));
+    // An event too large alone is set aside, and delivery goes on.
+    rx.max_events(Some(0));
+    serve(&proxy.addr, 1).await;
+    let dead = wait_dead_letters(dir.path(), "meter", 1).await;
+    let reason = dead[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("413"), "{reason}");
+    rx.max_events(None);
+    serve(&proxy.addr, 1).await;
+    wait_accepted(&rx, 8, Duration::from_secs(20)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

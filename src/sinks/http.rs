@@ -1,8 +1,9 @@
 //! The HTTP sink: batches POSTed as a JSON array of the events, unchanged
 //! (`application/cloudevents-batch+json`, as OpenMeter ingests them, or
 //! `application/json`). Retries with backoff on connection errors, 408, 429
-//! (honouring `retry-after`) and 5xx; any other 4xx would fail forever, so
-//! that batch goes to a dead-letter file with the reason and delivery goes on.
+//! (honouring `retry-after`) and 5xx; a batch refused as too large (413) is
+//! sent again in halves; any other 4xx would fail forever, so that batch
+//! goes to a dead-letter file with the reason and delivery goes on.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -58,8 +59,59 @@ fn retry_after(h: &http::HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+/// What a receiver said to one POST that is not to be retried.
+enum Answer {
+    Taken,
+    /// 413: the batch is too large; its halves may not be.
+    TooLarge(String),
+    /// Any other answer about the batch.
+    Refused(String),
+}
+
 impl HttpSink {
-    async fn post(&self, batch: &Batch) -> Result<Delivered, SinkError> {
+    /// Posts the batch. A receiver that refuses it as too large (413, say
+    /// past nginx's `client_max_body_size`; a batch can pass
+    /// `batch_max_bytes` by up to one event, and a backlog fills every
+    /// batch) gets it in halves, down to single events; only what it
+    /// refuses otherwise, or alone, is set aside in the dead-letter file.
+    /// A retry after some halves were taken sends them again (the events'
+    /// ids let the receiver drop them).
+    async fn deliver_all(&self, batch: &Batch) -> Result<Delivered, SinkError> {
+        let mut dead_lettered = 0;
+        let mut set_aside = |part: &Batch, reason: &str| {
+            dead_letter(&self.dead_letter, &self.name, part, reason)?;
+            dead_lettered += part.lines.len();
+            Ok::<_, SinkError>(())
+        };
+        let mut halves = Vec::new();
+        match self.post(batch).await? {
+            Answer::Taken => {}
+            Answer::TooLarge(_) if batch.lines.len() > 1 => halves.push(batch.lines.clone()),
+            Answer::TooLarge(reason) | Answer::Refused(reason) => set_aside(batch, &reason)?,
+        }
+        while let Some(mut first) = halves.pop() {
+            let second = first.split_off(first.len() / 2);
+            for lines in [first, second] {
+                let part = Batch {
+                    lines,
+                    end: batch.end,
+                };
+                match self.post(&part).await? {
+                    Answer::Taken => {}
+                    Answer::TooLarge(_) if part.lines.len() > 1 => halves.push(part.lines),
+                    Answer::TooLarge(reason) | Answer::Refused(reason) => {
+                        set_aside(&part, &reason)?
+                    }
+                }
+            }
+        }
+        Ok(Delivered {
+            sink_offset: None,
+            dead_lettered,
+        })
+    }
+
+    async fn post(&self, batch: &Batch) -> Result<Answer, SinkError> {
         let mut body = json_array(batch);
         let mut req = http::Request::post(self.url.clone());
         let ct = match self.format {
@@ -106,20 +158,15 @@ impl HttpSink {
                     after: None,
                 })??;
         let snippet = String::from_utf8_lossy(&text[..text.len().min(500)]).into_owned();
+        let reason = || format!("HTTP {status}: {snippet}");
         match status.as_u16() {
-            200..=299 => Ok(Delivered::default()),
+            200..=299 => Ok(Answer::Taken),
             s if super::retry_http_status(s) => Err(SinkError::Retry {
-                reason: format!("HTTP {status}: {snippet}"),
+                reason: reason(),
                 after,
             }),
-            _ => {
-                let reason = format!("HTTP {status}: {snippet}");
-                dead_letter(&self.dead_letter, &self.name, batch, &reason)?;
-                Ok(Delivered {
-                    sink_offset: None,
-                    dead_lettered: batch.lines.len(),
-                })
-            }
+            413 => Ok(Answer::TooLarge(reason())),
+            _ => Ok(Answer::Refused(reason())),
         }
     }
 }
@@ -130,7 +177,7 @@ impl Sink for HttpSink {
     }
 
     fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<Delivered, SinkError>> {
-        Box::pin(self.post(batch))
+        Box::pin(self.deliver_all(batch))
     }
 }
 

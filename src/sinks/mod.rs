@@ -48,12 +48,15 @@ impl SinkError {
 
 /// An HTTP answer to retry: the receiver is busy or failing (408, 425,
 /// 429, 5xx), or refuses the sender rather than the batch: a credential
-/// rotated or expired (401, 403), a URL not there yet (404). Billing data is
-/// not set aside for a fixable setting; the spool holds it meanwhile, and
-/// the sink's lag and retries show it. Anything else (400, 413, 422…) is
-/// about the batch: it goes to the dead-letter file.
+/// rotated or expired (401, 403), a URL not there yet (404) or moved (3xx:
+/// redirects are not followed, so the URL needs fixing), a coding or
+/// content type it does not take (415: `gzip` against a receiver without
+/// it). Billing data is not set aside for a fixable setting; the spool
+/// holds it meanwhile, and the sink's lag and retries show it. Anything
+/// else (400, 422…) is about the batch: it goes to the dead-letter file
+/// (413 first has the HTTP sink send it in halves).
 pub(crate) fn retry_http_status(status: u16) -> bool {
-    matches!(status, 401 | 403 | 404 | 408 | 425 | 429 | 500..=599)
+    matches!(status, 300..=399 | 401 | 403 | 404 | 408 | 415 | 425 | 429 | 500..=599)
 }
 
 /// A gRPC status to retry: OTLP's retryable ones (CANCELLED,
@@ -385,10 +388,12 @@ mod tests {
 
     #[test]
     fn sender_refusals_are_retried_batch_refusals_are_not() {
-        for s in [401, 403, 404, 408, 425, 429, 500, 503, 599] {
+        for s in [
+            301, 302, 307, 308, 401, 403, 404, 408, 415, 425, 429, 500, 503, 599,
+        ] {
             assert!(retry_http_status(s), "{s}");
         }
-        for s in [400, 405, 409, 413, 415, 422] {
+        for s in [400, 405, 409, 413, 422] {
             assert!(!retry_http_status(s), "{s}");
         }
         // UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE…

@@ -137,6 +137,8 @@ struct HttpState {
     always: Option<u16>,
     /// Wait this long before answering.
     delay: Duration,
+    /// Answer 413 to a batch of more events than this.
+    max_events: Option<usize>,
 }
 
 pub struct HttpReceiver {
@@ -187,6 +189,12 @@ impl HttpReceiver {
         self.state.lock().unwrap().always = status;
     }
 
+    /// Answers 413 to any batch of more than `n` events from now on (a
+    /// body size limit; `None`: no limit).
+    pub fn max_events(&self, n: Option<usize>) {
+        self.state.lock().unwrap().max_events = n;
+    }
+
     /// Answers every request only after `delay` (a slow receiver).
     pub fn delay(&self, delay: Duration) {
         self.state.lock().unwrap().delay = delay;
@@ -233,8 +241,11 @@ impl HttpReceiver {
         let valid = parsed.is_some() && parts.method == http::Method::POST;
         let (status, retry_after, delay) = {
             let mut s = state.lock().unwrap();
+            let events = parsed.as_ref().map_or(0, Vec::len);
             let (status, retry_after) = if !valid {
                 (400, None)
+            } else if s.max_events.is_some_and(|m| events > m) {
+                (413, None)
             } else if let Some(next) = s.script.pop_front() {
                 next
             } else if let Some(st) = s.always {
