@@ -508,12 +508,17 @@ async fn receiver_refusing_with_400_dead_letters_the_batch_and_delivery_goes_on(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_refusing_a_batch_as_too_large_gets_it_in_halves() {
     let (dir, _mock, rx, proxy, file) = meter_receiver_answering(503, 7).await;
-    // The backlog goes out as one batch of 7, past the receiver's limit.
+    // The backlog goes out in batches (at most two: the one retried
+    // through the 503s, and the rest), one of them past the receiver's
+    // limit.
     rx.max_events(Some(2));
     rx.always(None);
     let acc = wait_accepted(&rx, 7, Duration::from_secs(20)).await;
     assert_same_events(&file, &acc, "http sink through 413s");
     assert_no_duplicates(&acc, "http sink through 413s");
+    // The halves go out in the batch's order.
+    let order = |evs: &[Value]| evs.iter().map(id).collect::<Vec<_>>();
+    assert_eq!(order(&acc), order(&file));
     let posts = rx.posts();
     assert!(posts.iter().any(|p| p.status == 413), "{posts:?}");
     assert!(posts.iter().all(|p| p.status != 413 || p.events.len() > 2));

@@ -109,7 +109,11 @@ impl<C: Clock + Clone> RateLimits<C> {
         let mut remaining = Remaining::default();
         let total = t.token_balance.saturating_add(tokens_i64(input_tokens));
         let mut charged = 0;
-        if let (Some(limiter), Some(tpm)) = (&t.tokens, config.tokens_per_minute) {
+        // A call that brings no tokens and owes none (a tool call, an
+        // unmetered route) is not charged: governor charges at least 1,
+        // which such calls paid for good (500 tool calls a minute took half
+        // of a 1,000-token quota) or, banked as credit, without bound.
+        if let (Some(limiter), Some(tpm), true) = (&t.tokens, config.tokens_per_minute, total > 0) {
             // At most the bucket's size now; the rest stays owed.
             let n = total.clamp(1, i64::from(tpm)) as u32;
             match limiter.check_n(NonZeroU32::new(n).expect("at least 1")) {
@@ -278,11 +282,12 @@ mod tests {
         assert_eq!(rem.tokens, Some(0));
     }
 
-    /// Calls that use no tokens (tool calls, unmetered routes) are charged
-    /// the minimum of 1 each; that is not banked as credit: after thousands
-    /// of them a minute's quota is still all a burst gets.
+    /// Calls that bring no tokens and owe none (tool calls, unmetered
+    /// routes) are not charged: they neither bank credit (after thousands
+    /// of them a minute's quota is still all a burst gets) nor use the
+    /// quota up (before, each paid 1 for good).
     #[test]
-    fn zero_token_calls_do_not_bank_token_credit() {
+    fn zero_token_calls_neither_bank_nor_use_token_quota() {
         let (clock, limits, cfg) = setup(None, Some(1000));
         for _ in 0..5000 {
             let (charge, _) = limits.admit("t", &cfg, 0).unwrap();
@@ -293,5 +298,11 @@ mod tests {
         limits.admit("t", &cfg, 1000).unwrap();
         let e = limits.admit("t", &cfg, 1000).unwrap_err();
         assert_eq!(e.kind, LimitKind::Tokens);
+        clock.advance(Duration::from_secs(60));
+        for _ in 0..500 {
+            limits.admit("t", &cfg, 0).unwrap();
+        }
+        let (_, rem) = limits.admit("t", &cfg, 1000).unwrap();
+        assert_eq!(rem.tokens, Some(0));
     }
 }

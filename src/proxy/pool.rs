@@ -166,8 +166,12 @@ impl H2Conn {
 
     /// No call on it for the idle timeout (`now`: [`clock_ms`]).
     fn idle_too_long(&self, now: u64) -> bool {
-        let idle = now.saturating_sub(self.calls.last_end.load(Ordering::Relaxed));
-        self.open() == 0 && Duration::from_millis(idle) >= idle_timeout()
+        // `open` first: a count seen at 0 (Acquire) comes with the time its
+        // last call stored before leaving (Release).
+        self.open() == 0 && {
+            let last = self.calls.last_end.load(Ordering::Relaxed);
+            Duration::from_millis(now.saturating_sub(last)) >= idle_timeout()
+        }
     }
 
     fn sender(&self) -> Sender {

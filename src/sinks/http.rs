@@ -72,38 +72,49 @@ impl HttpSink {
     /// Posts the batch. A receiver that refuses it as too large (413, say
     /// past nginx's `client_max_body_size`; a batch can pass
     /// `batch_max_bytes` by up to one event, and a backlog fills every
-    /// batch) gets it in halves, down to single events; only what it
-    /// refuses otherwise, or alone, is set aside in the dead-letter file.
-    /// A retry after some halves were taken sends them again (the events'
-    /// ids let the receiver drop them).
+    /// batch) gets it in halves, in order, down to single events; only what
+    /// it refuses otherwise, or alone, is set aside in the dead-letter
+    /// file, once every part has an answer: a retry (a later part's 503)
+    /// sends the whole batch again, so parts set aside earlier would be
+    /// written twice. Parts already taken are sent again then too (the
+    /// events' ids let the receiver drop them).
     async fn deliver_all(&self, batch: &Batch) -> Result<Delivered, SinkError> {
+        // The parts still to post, in the batch's order.
+        let mut parts = std::collections::VecDeque::new();
+        let halve = |lines: &[Bytes]| {
+            let (first, second) = lines.split_at(lines.len() / 2);
+            [first, second].map(|lines| Batch {
+                lines: lines.to_vec(),
+                end: batch.end,
+            })
+        };
+        match self.post(batch).await? {
+            Answer::Taken => return Ok(Delivered::default()),
+            Answer::TooLarge(_) if batch.lines.len() > 1 => parts.extend(halve(&batch.lines)),
+            Answer::TooLarge(reason) | Answer::Refused(reason) => {
+                dead_letter(&self.dead_letter, &self.name, batch, &reason)?;
+                return Ok(Delivered {
+                    sink_offset: None,
+                    dead_lettered: batch.lines.len(),
+                });
+            }
+        }
+        let mut refused: Vec<(Batch, String)> = Vec::new();
+        while let Some(part) = parts.pop_front() {
+            match self.post(&part).await? {
+                Answer::Taken => {}
+                Answer::TooLarge(_) if part.lines.len() > 1 => {
+                    let [first, second] = halve(&part.lines);
+                    parts.push_front(second);
+                    parts.push_front(first);
+                }
+                Answer::TooLarge(reason) | Answer::Refused(reason) => refused.push((part, reason)),
+            }
+        }
         let mut dead_lettered = 0;
-        let mut set_aside = |part: &Batch, reason: &str| {
+        for (part, reason) in &refused {
             dead_letter(&self.dead_letter, &self.name, part, reason)?;
             dead_lettered += part.lines.len();
-            Ok::<_, SinkError>(())
-        };
-        let mut halves = Vec::new();
-        match self.post(batch).await? {
-            Answer::Taken => {}
-            Answer::TooLarge(_) if batch.lines.len() > 1 => halves.push(batch.lines.clone()),
-            Answer::TooLarge(reason) | Answer::Refused(reason) => set_aside(batch, &reason)?,
-        }
-        while let Some(mut first) = halves.pop() {
-            let second = first.split_off(first.len() / 2);
-            for lines in [first, second] {
-                let part = Batch {
-                    lines,
-                    end: batch.end,
-                };
-                match self.post(&part).await? {
-                    Answer::Taken => {}
-                    Answer::TooLarge(_) if part.lines.len() > 1 => halves.push(part.lines),
-                    Answer::TooLarge(reason) | Answer::Refused(reason) => {
-                        set_aside(&part, &reason)?
-                    }
-                }
-            }
         }
         Ok(Delivered {
             sink_offset: None,

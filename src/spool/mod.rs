@@ -496,12 +496,13 @@ impl Spool {
     }
 
     /// A circuit breaker on failed writes. After one, calls are refused for
-    /// [`FAILED_HOLD_MS`]; then one caller probes the disk (the others are
-    /// refused meanwhile, the hold starting again for them) and the
-    /// breaker closes only if the probe's write succeeds (as it does on
-    /// the next good write). Before, every call was let through once the
-    /// hold was over: with the disk still full, all the calls admitted
-    /// before one of them failed its write again lost their events.
+    /// [`FAILED_HOLD_MS`]; then the first caller starts a probe of the disk
+    /// on a thread of its own (a stalled disk must not stall a worker) and
+    /// calls stay refused, the hold starting again, until it closes the
+    /// breaker, which it does only if its write succeeds (as the next good
+    /// write does). Before, every call was let through once the hold was
+    /// over: with the disk still full, all the calls admitted before one
+    /// of them failed its write again lost their events.
     fn write_failing(&self) -> bool {
         let failed = &self.stats.failed_at_ms;
         let at = failed.load(Ordering::Relaxed);
@@ -516,16 +517,28 @@ impl Spool {
         {
             return true;
         }
-        match self.log.probe() {
-            Ok(()) => {
-                let _ = failed.compare_exchange(now, 0, Ordering::Relaxed, Ordering::Relaxed);
-                false
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "spool: the disk still refuses writes; metered calls stay refused");
-                true
-            }
+        let log = self.log.clone();
+        let stats = self.stats.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tollgate-probe".into())
+            .spawn(move || match log.probe() {
+                Ok(()) => {
+                    // Unless a write failed meanwhile.
+                    let _ = stats.failed_at_ms.compare_exchange(
+                        now,
+                        0,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "spool: the disk still refuses writes; metered calls stay refused");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "spool: cannot start the disk probe; trying again in a second");
         }
+        true
     }
 
     /// `fsync = "always"` on a disk slower than the calls: the appends
@@ -537,7 +550,8 @@ impl Spool {
     }
 
     /// Whether new metered calls would be refused now (for `/readyz`;
-    /// nothing changes but a retried cut, see [`Spool::failing`]): the last
+    /// nothing is dropped; a failed write's cut is retried and, past the
+    /// hold, the disk probe started, see [`Spool::failing`]): the last
     /// write failed, the write queue is behind (see [`Spool::behind`]), or
     /// the spool is full under `when_full = "reject"`.
     pub fn refuses_calls(&self) -> bool {
@@ -552,7 +566,8 @@ impl Spool {
     /// other half is kept for billed calls, whatever `when_full` says, so a
     /// flood of refusals during a sink outage can neither fill the spool
     /// (`reject`: every call refused) nor push many billed calls' events out
-    /// (`drop_oldest`). Read-only: nothing is dropped to make room.
+    /// (`drop_oldest`). Nothing is dropped to make room (a failing spool's
+    /// cut and probe are retried, as by [`Spool::refuses_calls`]).
     pub fn has_room_for_refusals(&self) -> bool {
         !self.failing()
             && self.behind().is_none()

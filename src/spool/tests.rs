@@ -539,13 +539,25 @@ async fn calls_stay_refused_until_the_disk_takes_a_write_again() {
         let at = unix_ms() - FAILED_HOLD_MS - 1;
         spool.stats.failed_at_ms.store(at, Ordering::Relaxed);
     };
+    // The probe runs on a thread of its own: refused until it succeeds.
+    let admitted_within = |spool: &Spool, limit: Duration| {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if spool.check_capacity().is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    };
     spool.log.fail_writes.store(true, Ordering::Relaxed);
     assert!(spool.append(line(0), Flush::Batch).await.is_err());
     assert!(spool.check_capacity().is_err());
-    // The hold is over, the disk still refuses: refused, and held again.
+    // The hold is over, the disk still refuses: the probe fails, and
+    // calls stay refused.
     past_hold(&spool);
-    assert!(spool.check_capacity().is_err());
     assert!(spool.refuses_calls());
+    assert!(!admitted_within(&spool, Duration::from_millis(300)));
     spool.log.fail_writes.store(false, Ordering::Relaxed);
     assert!(
         spool.check_capacity().is_err(),
@@ -553,12 +565,31 @@ async fn calls_stay_refused_until_the_disk_takes_a_write_again() {
     );
     // Past the hold, the probe's write succeeds: admitted.
     past_hold(&spool);
-    assert!(spool.check_capacity().is_ok());
+    assert!(admitted_within(&spool, Duration::from_secs(5)));
     assert!(!spool.refuses_calls());
     spool.append(line(1), Flush::Batch).await.unwrap();
     assert_eq!(written_lines(dir.path()), [line(1)]);
     // The probe leaves no file behind.
     assert!(!dir.path().join("probe").exists());
+}
+
+/// Under `fsync = "always"` a failed sync fails writes, so the probe syncs
+/// its block too: a disk whose syncs fail is not taken for a good one.
+#[tokio::test(flavor = "current_thread")]
+async fn the_probe_syncs_under_always() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = policy(1 << 20, 1 << 20, WhenFull::Reject);
+    p.fsync = Fsync::Always;
+    let spool = Spool::open(dir.path(), p, &["a".to_string()]).unwrap();
+    spool.log.fail_syncs.store(true, Ordering::Relaxed);
+    assert!(spool.log.probe().is_err());
+    spool.log.fail_syncs.store(false, Ordering::Relaxed);
+    assert!(spool.log.probe().is_ok());
+    // Under "never" the probe does not sync.
+    let other = tempfile::tempdir().unwrap();
+    let spool = open(other.path(), &["a".to_string()]);
+    spool.log.fail_syncs.store(true, Ordering::Relaxed);
+    assert!(spool.log.probe().is_ok());
 }
 
 /// A failed write whose bytes cannot be cut back stops appends until the

@@ -306,24 +306,33 @@ impl Log {
         f.sync_data()
     }
 
-    /// Marks the spool failed now: calls are refused for a moment (see
-    /// `FAILED_HOLD_MS`), as after a failed write.
     /// Whether the disk takes a write again, after a failed one: a block
     /// written to a file of its own (never a segment: readers would see
     /// it), then removed. Filesystems refuse a write that finds no free
     /// block at `write` time (ext4 and XFS reserve on write, tmpfs has no
-    /// other time), so no sync is needed to see a full disk.
+    /// other time), so a full disk shows without a sync; under `fsync =
+    /// "always"`, where a failed sync fails writes, the block is synced
+    /// too. Blocking: run off the workers.
     pub fn probe(&self) -> std::io::Result<()> {
         #[cfg(test)]
         if self.fail_writes.load(Ordering::Relaxed) {
             return Err(std::io::Error::other("injected write failure"));
         }
         let path = self.dir.join("probe");
-        let written = std::fs::write(&path, [0u8; 4096]);
+        let written = (|| {
+            let mut f = File::create(&path)?;
+            f.write_all(&[0u8; 4096])?;
+            if self.policy.fsync == Fsync::Always {
+                self.sync_data(&f)?;
+            }
+            Ok(())
+        })();
         let _ = std::fs::remove_file(&path);
         written
     }
 
+    /// Marks the spool failed now: calls are refused for a moment (see
+    /// `FAILED_HOLD_MS`), as after a failed write.
     fn mark_failed(&self) {
         self.stats
             .failed_at_ms
