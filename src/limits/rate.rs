@@ -23,11 +23,8 @@ struct TenantLimits<C: Clock> {
     config: RateLimit,
     requests: Option<Limiter<C>>,
     tokens: Option<Limiter<C>>,
-    /// Tokens used but not yet charged. Never negative: what an admission
-    /// charges past its call's use (at least 1 is charged, and an estimate
-    /// above the use is not refunded) is not banked as credit, which the
-    /// bucket's own refill would pay twice (a tenant of many zero-token
-    /// tool calls banked one each and could then burst past the limit).
+    /// Tokens used but not yet charged. Never negative: nothing is banked
+    /// as credit, which the bucket's own refill would pay twice.
     token_balance: i64,
 }
 
@@ -137,7 +134,8 @@ impl<C: Clock + Clone> RateLimits<C> {
             }
         }
         if t.tokens.is_some() {
-            t.token_balance = (total - charged).max(0);
+            // At most `total` was charged.
+            t.token_balance = total - charged;
         }
         Ok((
             TokenCharge {

@@ -17,6 +17,7 @@ needles! {
     USAGE_NULL = b"\"usage\":null";
     TYPE_MEMBER = b"\"type\":";
     STREAM_OPTIONS = b"\"stream_options\"";
+    INCLUDE_USAGE_KEY = b"\"include_usage\"";
     URL_KEY = b"\"url\"";
     FILE_ID_KEY = b"\"file_id\"";
     FILE_URL_KEY = b"\"file_url\"";

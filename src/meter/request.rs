@@ -262,27 +262,21 @@ impl RequestInfo {
 /// order written, so a re-serialised body, its keys sorted, changed what
 /// the model wrote).
 pub fn inject_include_usage(body: &Bytes) -> Result<Bytes, MalformedJson> {
-    const INCLUDE: &[u8] = br#"{"include_usage":true}"#;
-    // The usual case, the name nowhere in the body, needs no scan.
-    let [options] = match super::needles::STREAM_OPTIONS.find(body) {
-        None => [None],
-        Some(_) => top_level(body, [b"stream_options"])?,
-    };
-    let Some(options) = options else {
-        return Ok(append_member(body, br#""stream_options":"#, INCLUDE));
-    };
-    let at = span(body, options);
-    if options.first() != Some(&b'{') {
-        // `null`, or not an object: replaced.
-        return Ok(splice(body, at, INCLUDE));
-    }
-    let [include] = top_level(options, [b"include_usage"])?;
-    Ok(match include {
-        Some(v) => splice(body, span(body, v), b"true"),
-        None => {
-            let with = append_member(options, br#""include_usage":"#, b"true");
-            splice(body, at, &with)
+    use super::needles::{INCLUDE_USAGE_KEY, STREAM_OPTIONS};
+    let options = member(body, &STREAM_OPTIONS)?;
+    Ok(match options {
+        Some(o) if o.first() == Some(&b'{') => {
+            let include = member(o, &INCLUDE_USAGE_KEY)?;
+            let o_set = set_member(o, include, INCLUDE_USAGE_KEY.needle(), b"true");
+            splice(body, span(body, o), &o_set)
         }
+        // Absent, `null` or not an object.
+        _ => set_member(
+            body,
+            options,
+            STREAM_OPTIONS.needle(),
+            br#"{"include_usage":true}"#,
+        ),
     })
 }
 
@@ -310,32 +304,38 @@ pub fn add_output_cap(
     field: &Finder<'static>,
     cap: u64,
 ) -> Result<Bytes, MalformedJson> {
-    let quoted = field.needle();
+    let found = member(body, field)?;
     let mut digits = itoa::Buffer::new();
-    let cap = digits.format(cap).as_bytes();
-    let [member] = match field.find(body) {
-        None => [None],
-        Some(_) => top_level(body, [&quoted[1..quoted.len() - 1]])?,
-    };
-    Ok(match member {
-        Some(v) => splice(body, span(body, v), cap),
-        None => {
-            let mut name = Vec::with_capacity(quoted.len() + 1);
-            name.extend_from_slice(quoted);
-            name.push(b':');
-            append_member(body, &name, cap)
-        }
-    })
+    Ok(set_member(
+        body,
+        found,
+        field.needle(),
+        digits.format(cap).as_bytes(),
+    ))
 }
 
-/// The top-level members `keys` of a body that [`RequestInfo::parse`]
-/// accepted (so one JSON object, which the scan, more lenient, reads too).
-fn top_level<'a, const N: usize>(
-    body: &'a [u8],
-    keys: [&[u8]; N],
-) -> Result<[Option<&'a [u8]>; N], MalformedJson> {
-    super::json_scan::top_level(body, keys)
-        .ok_or_else(|| MalformedJson(serde::de::Error::custom("expected a JSON object")))
+/// The value of the top-level member of `object` (a body that
+/// [`RequestInfo::parse`] accepted, or a member of one: a JSON object,
+/// which the scan, more lenient, reads too) named by `key` (quoted, as the
+/// finder finds it). An object whose bytes hold the name nowhere (the usual
+/// case) is not scanned.
+fn member<'a>(object: &'a [u8], key: &Finder<'_>) -> Result<Option<&'a [u8]>, MalformedJson> {
+    if key.find(object).is_none() {
+        return Ok(None);
+    }
+    let quoted = key.needle();
+    let [value] = super::json_scan::top_level(object, [&quoted[1..quoted.len() - 1]])
+        .ok_or_else(|| MalformedJson(serde::de::Error::custom("expected a JSON object")))?;
+    Ok(value)
+}
+
+/// `object` with its member `key` (quoted) set to `value`: `found`, its
+/// value from [`member`], replaced in place, or else the member added last.
+fn set_member(object: &[u8], found: Option<&[u8]>, key: &[u8], value: &[u8]) -> Bytes {
+    match found {
+        Some(v) => splice(object, span(object, v), value),
+        None => append_member(object, key, value),
+    }
 }
 
 /// Where `part`, a slice of `whole`, lies in it.
@@ -354,9 +354,9 @@ fn splice(body: &[u8], at: std::ops::Range<usize>, with: &[u8]) -> Bytes {
 }
 
 /// `object` (the bytes of one JSON object, nothing after its closing
-/// brace but whitespace) with the member `name` (quoted, with its colon)
-/// `value` added last.
-fn append_member(object: &[u8], name: &[u8], value: &[u8]) -> Bytes {
+/// brace but whitespace) with the member `key` (quoted): `value` added
+/// last.
+fn append_member(object: &[u8], key: &[u8], value: &[u8]) -> Bytes {
     let close = object
         .iter()
         .rposition(|&b| b == b'}')
@@ -366,12 +366,13 @@ fn append_member(object: &[u8], name: &[u8], value: &[u8]) -> Bytes {
         .rev()
         .find(|b| !b.is_ascii_whitespace())
         == Some(&b'{');
-    let mut out = Vec::with_capacity(object.len() + name.len() + value.len() + 1);
+    let mut out = Vec::with_capacity(object.len() + key.len() + value.len() + 2);
     out.extend_from_slice(&object[..close]);
     if !empty {
         out.push(b',');
     }
-    out.extend_from_slice(name);
+    out.extend_from_slice(key);
+    out.push(b':');
     out.extend_from_slice(value);
     out.extend_from_slice(&object[close..]);
     Bytes::from(out)

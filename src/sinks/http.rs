@@ -29,10 +29,11 @@ pub struct HttpSink {
 }
 
 /// `[` + the event lines joined by `,` + `]`: no re-serialising.
-pub fn json_array(batch: &Batch) -> Vec<u8> {
-    let mut body = Vec::with_capacity(batch.bytes() + 2);
+pub fn json_array(lines: &[Bytes]) -> Vec<u8> {
+    let bytes: usize = lines.iter().map(Bytes::len).sum();
+    let mut body = Vec::with_capacity(bytes + 2);
     body.push(b'[');
-    for (i, line) in batch.lines.iter().enumerate() {
+    for (i, line) in lines.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
@@ -79,42 +80,26 @@ impl HttpSink {
     /// written twice. Parts already taken are sent again then too (the
     /// events' ids let the receiver drop them).
     async fn deliver_all(&self, batch: &Batch) -> Result<Delivered, SinkError> {
-        // The parts still to post, in the batch's order.
+        let lines = &batch.lines[..];
+        // The parts still to post, as ranges of the batch, in its order.
         let mut parts = std::collections::VecDeque::new();
-        let halve = |lines: &[Bytes]| {
-            let (first, second) = lines.split_at(lines.len() / 2);
-            [first, second].map(|lines| Batch {
-                lines: lines.to_vec(),
-                end: batch.end,
-            })
-        };
-        match self.post(batch).await? {
-            Answer::Taken => return Ok(Delivered::default()),
-            Answer::TooLarge(_) if batch.lines.len() > 1 => parts.extend(halve(&batch.lines)),
-            Answer::TooLarge(reason) | Answer::Refused(reason) => {
-                dead_letter(&self.dead_letter, &self.name, batch, &reason)?;
-                return Ok(Delivered {
-                    sink_offset: None,
-                    dead_lettered: batch.lines.len(),
-                });
-            }
-        }
-        let mut refused: Vec<(Batch, String)> = Vec::new();
+        parts.push_back(0..lines.len());
+        let mut refused = Vec::new();
         while let Some(part) = parts.pop_front() {
-            match self.post(&part).await? {
+            match self.post(&lines[part.clone()]).await? {
                 Answer::Taken => {}
-                Answer::TooLarge(_) if part.lines.len() > 1 => {
-                    let [first, second] = halve(&part.lines);
-                    parts.push_front(second);
-                    parts.push_front(first);
+                Answer::TooLarge(_) if part.len() > 1 => {
+                    let mid = part.start + part.len() / 2;
+                    parts.push_front(mid..part.end);
+                    parts.push_front(part.start..mid);
                 }
                 Answer::TooLarge(reason) | Answer::Refused(reason) => refused.push((part, reason)),
             }
         }
         let mut dead_lettered = 0;
-        for (part, reason) in &refused {
-            dead_letter(&self.dead_letter, &self.name, part, reason)?;
-            dead_lettered += part.lines.len();
+        for (part, reason) in refused {
+            dead_letter(&self.dead_letter, &self.name, &lines[part.clone()], &reason)?;
+            dead_lettered += part.len();
         }
         Ok(Delivered {
             sink_offset: None,
@@ -122,8 +107,8 @@ impl HttpSink {
         })
     }
 
-    async fn post(&self, batch: &Batch) -> Result<Answer, SinkError> {
-        let mut body = json_array(batch);
+    async fn post(&self, lines: &[Bytes]) -> Result<Answer, SinkError> {
+        let mut body = json_array(lines);
         let mut req = http::Request::post(self.url.clone());
         let ct = match self.format {
             HttpFormat::CloudEvents => "application/cloudevents-batch+json",
@@ -205,7 +190,7 @@ mod tests {
             ],
             end: 0,
         };
-        assert_eq!(json_array(&b), b"[{\"a\":1},{\"b\":2}]");
+        assert_eq!(json_array(&b.lines), b"[{\"a\":1},{\"b\":2}]");
         let mut h = http::HeaderMap::new();
         h.insert("retry-after", "7".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));

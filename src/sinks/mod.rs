@@ -8,6 +8,7 @@ pub mod file;
 pub mod http;
 pub mod otlp;
 
+use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -306,18 +307,19 @@ async fn commit(
     false
 }
 
-/// Appends a refused batch to `path` (`data_dir/deadletter/<sink>.jsonl`),
-/// one line an event: `{"time","sink","reason","event"}`; logged at ERROR.
+/// Appends the lines of a refused batch (or part of one) to `path`
+/// (`data_dir/deadletter/<sink>.jsonl`), one line an event:
+/// `{"time","sink","reason","event"}`; logged at ERROR.
 pub fn dead_letter(
     path: &std::path::Path,
     sink: &str,
-    batch: &Batch,
+    lines: &[Bytes],
     reason: &str,
 ) -> Result<(), SinkError> {
     use std::io::Write;
     tracing::error!(
         sink,
-        events = batch.lines.len(),
+        events = lines.len(),
         reason,
         "receiver refused a batch; written to the dead-letter file"
     );
@@ -326,7 +328,7 @@ pub fn dead_letter(
     }
     let now = crate::event::format_time(time::OffsetDateTime::now_utc());
     let mut out = Vec::new();
-    for line in &batch.lines {
+    for line in lines {
         let event: serde_json::Value =
             serde_json::from_slice(line).unwrap_or(serde_json::Value::Null);
         let entry =

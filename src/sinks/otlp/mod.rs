@@ -237,7 +237,7 @@ impl OtlpSink {
                     dead_letter(
                         &self.dead_letter,
                         &self.name,
-                        batch,
+                        &batch.lines,
                         &format!(
                             "logs: partial success, the receiver rejected {rejected} of {} records \
                              ({message}); it accepted the others, so match by event id before replaying",
@@ -288,7 +288,7 @@ impl OtlpSink {
                     dead_letter(
                         &self.dead_letter,
                         &self.name,
-                        batch,
+                        &batch.lines,
                         &format!("{kind}: {reason}"),
                     )?;
                     return Ok(Delivered {
